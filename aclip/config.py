@@ -1,0 +1,223 @@
+"""Typed run configuration: one dataclass per component.
+
+Layers merge as defaults < YAML file < dotted command-line overrides (``model.image_size=64``).
+OmegaConf structured configs give the type checks: an unknown key or a value of the wrong type is
+refused, naming the key, before any heavy work starts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run: names the offending key and why."""
+
+
+@dataclass
+class ModelConfig:
+    """Vision tower (any timm ViT), CLIP text tower and the joint embedding."""
+
+    vision_model: str = "vit_base_patch16_224"
+    image_size: int = 224
+    vision_kwargs: dict[str, Any] = field(default_factory=dict)
+    freeze_patch_embed: bool = False
+    embed_dim: int = 512
+    context_length: int = 77
+    vocab_size: int = 49408
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+
+
+@dataclass
+class MaskConfig:
+    """Token selection for the online views: none (CLIP), random (FLIP), attentive (A-CLIP)."""
+
+    strategy: str = "attentive"
+    keep_ratio: float = 0.5
+    block_size: int = 1
+    num_views: int = 2
+
+
+@dataclass
+class LossConfig:
+    """Loss weights and self-supervised head sizes (DESIGN step 6)."""
+
+    w_simclr: float = 1.0
+    w_byol: float = 2.0
+    simclr_temperature: float = 0.1
+    simclr_hidden: int = 4096
+    simclr_out: int = 256
+    byol_hidden: int = 4096
+    byol_out: int = 256
+
+
+@dataclass
+class EMAConfig:
+    """Teacher momentum, cosine from ``momentum`` to ``final_momentum`` over training."""
+
+    momentum: float = 0.996
+    final_momentum: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    """Training shards (img2dataset layout) and the loader."""
+
+    train_shards: str = ""
+    weights: list[float] | None = None
+    samples_per_epoch: int | None = None
+    resampled: bool = True
+    shuffle_buffer: int = 2000
+    workers: int = 4
+    crop_scale_min: float = 0.5
+    color_aug: bool = True
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with per-step linear warm-up and cosine decay."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    weight_decay: float = 0.5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_epochs: float = 1.0
+    epochs: float = 25.0
+    grad_clip: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation sets run during and after training (CLIP_benchmark wds layout)."""
+
+    zeroshot_sets: list[str] = field(default_factory=list)
+    retrieval_sets: list[str] = field(default_factory=list)
+    every_steps: int = 0
+    batch_size: int = 256
+    use_ema: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Run-level settings: batch, precision, DeepSpeed, logging and checkpoints."""
+
+    output_dir: str = "runs/default"
+    global_batch_size: int = 4096
+    precision: str = "bf16"
+    zero_stage: int = 1
+    seed: int = 0
+    log_every: int = 10
+    image_log_every: int = 500
+    ckpt_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: str = ""
+    max_steps: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Merge defaults < YAML ``path`` < dotted ``overrides`` and validate the result.
+
+    Raises:
+        ConfigError: on an unknown key, a wrong type, a missing file or an invalid value.
+    """
+    layers = [OmegaConf.structured(Config)]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        layers.append(OmegaConf.load(path))
+    if overrides:
+        _check_override_syntax(overrides)
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        merged = OmegaConf.merge(*layers)
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _check_override_syntax(overrides: list[str]) -> None:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+
+
+def _describe(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0]
+    return f"config key '{key}': {msg}" if key else f"config: {msg}"
+
+
+def validate(cfg: Config) -> None:
+    """Refuse values that type checks cannot catch, naming the key."""
+    checks = [
+        (cfg.mask.strategy in ("none", "random", "attentive"), "mask.strategy",
+         f"must be one of none, random, attentive (got {cfg.mask.strategy!r})"),
+        (0.0 < cfg.mask.keep_ratio <= 1.0, "mask.keep_ratio",
+         f"must be in (0, 1] (got {cfg.mask.keep_ratio})"),
+        (cfg.mask.num_views >= 1, "mask.num_views", "must be >= 1"),
+        (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
+        (cfg.train.precision in ("fp32", "bf16", "fp16"), "train.precision",
+         f"must be fp32, bf16 or fp16 (got {cfg.train.precision!r})"),
+        (cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
+        (cfg.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1"),
+        (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]"),
+        (len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers"),
+        (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (cfg.loss.w_simclr >= 0 and cfg.loss.w_byol >= 0, "loss.w_simclr/w_byol", "must be >= 0"),
+        (0.0 <= cfg.ema.momentum <= cfg.ema.final_momentum <= 1.0, "ema.momentum",
+         "need 0 <= ema.momentum <= ema.final_momentum <= 1"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {why}")
+    if cfg.loss.w_simclr > 0 and cfg.mask.num_views < 2:
+        raise ConfigError("config key 'loss.w_simclr': SimCLR needs mask.num_views >= 2")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.train_shards.split("::")):
+        raise ConfigError("config key 'data.weights': needs one weight per '::'-joined source")
+
+
+def check_world_size(cfg: Config, world_size: int) -> int:
+    """Return the per-rank batch; refuse a global batch that does not divide over the ranks."""
+    if cfg.train.global_batch_size % world_size:
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not divide "
+            f"over {world_size} ranks"
+        )
+    return cfg.train.global_batch_size // world_size
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, as written next to a run's logs and checkpoints."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def steps_per_epoch(samples_per_epoch: int, global_batch_size: int) -> int:
+    """Optimizer steps in one epoch (at least one)."""
+    return max(1, math.ceil(samples_per_epoch / global_batch_size))
