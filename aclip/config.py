@@ -162,6 +162,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_yaml(text: str) -> Config:
+    """A :class:`Config` from the YAML text a run wrote (``config.yaml`` or a checkpoint)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_describe(err)) from None
+
+
 def _check_override_syntax(overrides: list[str]) -> None:
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -177,29 +186,43 @@ def _describe(err: OmegaConfBaseException) -> str:
 def validate(cfg: Config) -> None:
     """Refuse values that type checks cannot catch, naming the key."""
     checks = [
-        (cfg.mask.strategy in ("none", "random", "attentive"), "mask.strategy",
-         f"must be one of none, random, attentive (got {cfg.mask.strategy!r})"),
-        (0.0 < cfg.mask.keep_ratio <= 1.0, "mask.keep_ratio",
-         f"must be in (0, 1] (got {cfg.mask.keep_ratio})"),
+        (
+            cfg.mask.strategy in ("none", "random", "attentive"),
+            "mask.strategy",
+            f"must be one of none, random, attentive (got {cfg.mask.strategy!r})",
+        ),
+        (
+            0.0 < cfg.mask.keep_ratio <= 1.0,
+            "mask.keep_ratio",
+            f"must be in (0, 1] (got {cfg.mask.keep_ratio})",
+        ),
         (cfg.mask.num_views >= 1, "mask.num_views", "must be >= 1"),
         (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
-        (cfg.train.precision in ("fp32", "bf16", "fp16"), "train.precision",
-         f"must be fp32, bf16 or fp16 (got {cfg.train.precision!r})"),
-        (cfg.train.zero_stage in (0, 1, 2, 3), "train.zero_stage", "must be 0, 1, 2 or 3"),
+        (
+            cfg.train.precision in ("fp32", "bf16", "fp16"),
+            "train.precision",
+            f"must be fp32, bf16 or fp16 (got {cfg.train.precision!r})",
+        ),
+        (cfg.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2"),
         (cfg.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1"),
         (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
         (cfg.loss.w_simclr >= 0 and cfg.loss.w_byol >= 0, "loss.w_simclr/w_byol", "must be >= 0"),
-        (0.0 <= cfg.ema.momentum <= cfg.ema.final_momentum <= 1.0, "ema.momentum",
-         "need 0 <= ema.momentum <= ema.final_momentum <= 1"),
+        (
+            0.0 <= cfg.ema.momentum <= cfg.ema.final_momentum <= 1.0,
+            "ema.momentum",
+            "need 0 <= ema.momentum <= ema.final_momentum <= 1",
+        ),
     ]
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"config key '{key}': {why}")
     if cfg.loss.w_simclr > 0 and cfg.mask.num_views < 2:
         raise ConfigError("config key 'loss.w_simclr': SimCLR needs mask.num_views >= 2")
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.train_shards.split("::")):
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(
+        cfg.data.train_shards.split("::")
+    ):
         raise ConfigError("config key 'data.weights': needs one weight per '::'-joined source")
 
 

@@ -1,0 +1,208 @@
+"""Everything that knows about ranks: discovery, process groups, cross-rank BN, DeepSpeed.
+
+Model code is single-device; the only other distributed code is the loss's feature gather.
+Rank discovery accepts srun (SLURM_*), torchrun and the deepspeed launcher (RANK/WORLD_SIZE/
+LOCAL_RANK), and a plain ``python train.py`` (one rank on this machine).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: its rank, the world size, the local rank and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0, the rank that logs and writes files shared by all."""
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def discover_ranks(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in ``env`` and return it.
+
+    torchrun and the deepspeed launcher set RANK themselves; under ``srun`` the SLURM_PROCID /
+    SLURM_NTASKS / SLURM_LOCALID variables are mapped (``deepspeed.init_distributed`` reads no SLURM
+    variable); with neither, this is a single-rank run on a free local port.
+    """
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    if "RANK" not in env and "SLURM_PROCID" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env.setdefault("RANK", "0")
+    env.setdefault("WORLD_SIZE", "1")
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in env:
+        if int(env["WORLD_SIZE"]) > 1:
+            raise RuntimeError("MASTER_PORT must be set for a multi-rank run")
+        env["MASTER_PORT"] = str(_free_port())
+    return env  # type: ignore[return-value]
+
+
+def _prepare_deepspeed_for_cpu() -> None:
+    """Select DeepSpeed's CPU accelerator and skip its JIT-built shm op (minutes to build)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed() -> DistInfo:
+    """Discover ranks, pick the device and start the process group (NCCL on GPU, gloo on CPU)."""
+    env = discover_ranks()
+    local_rank = int(env["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        _prepare_deepspeed_for_cpu()
+        device, backend = torch.device("cpu"), "gloo"
+    import deepspeed
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def world_size() -> int:
+    """The number of ranks, 1 when no process group is up."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the ranks (a copy; no gradient)."""
+    values = values.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(values)
+        values /= world_size()
+    return values
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op on one rank)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with gradients flowing back to every rank's contribution."""
+    if world_size() == 1:
+        return values
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(values)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics cover the batch of every rank.
+
+    Works on any backend (gloo included, unlike ``nn.SyncBatchNorm``): per-feature sums are
+    all-reduced with gradients (two passes: mean, then centred squares, in fp32), so a 2-rank run
+    normalises as a 1-rank run over the concatenated batch; one rank takes the same code path.
+    Ranks must hold equal batch sizes. Eval mode uses the running statistics.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if not self.training:
+            return super().forward(x)
+        count = x.shape[0] * world_size()
+        mean = _sum_over_ranks(x.float().sum(0)) / count
+        var = _sum_over_ranks(((x.float() - mean) ** 2).sum(0)) / count
+        self._update_running(mean.detach(), var.detach() * count / max(count - 1, 1))
+        y = ((x.float() - mean) * torch.rsqrt(var + self.eps)).to(x.dtype)
+        return y * self.weight + self.bias if self.affine else y
+
+    @torch.no_grad()
+    def _update_running(self, mean: torch.Tensor, var_unbiased: torch.Tensor) -> None:
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked += 1
+        m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean, m)
+        self.running_var.lerp_(var_unbiased, m)
+
+
+def convert_global_bn(module: nn.Module) -> nn.Module:
+    """Replace each ``nn.BatchNorm1d`` in ``module`` by a :class:`GlobalBatchNorm1d`, same state."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            new = GlobalBatchNorm1d(
+                child.num_features,
+                child.eps,
+                child.momentum,
+                child.affine,
+                child.track_running_stats,
+            )
+            new.load_state_dict(child.state_dict())
+            setattr(module, name, new.to(next(child.buffers()).device))
+        else:
+            convert_global_bn(child)
+    return module
+
+
+def deepspeed_config(
+    global_batch: int, per_rank_batch: int, precision: str, zero_stage: int, grad_clip: float
+) -> dict[str, Any]:
+    """The DeepSpeed JSON config for one optimizer step per global batch."""
+    cfg: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": per_rank_batch,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    if grad_clip > 0:
+        cfg["gradient_clipping"] = grad_clip
+    return cfg
+
+
+def build_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ds_config: dict[str, Any],
+) -> Any:
+    """Wrap model, optimizer and per-step LR scheduler in a DeepSpeed engine."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
