@@ -1,0 +1,168 @@
+"""Vision tower: a timm VisionTransformer with token keep and CLS-row attention relevance."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import timm
+import torch
+from timm.layers import Attention, PatchDropout
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+
+def gather_tokens(tokens_BND: Tensor, keep_idx_BK: Tensor) -> Tensor:
+    """Rows ``keep_idx_BK`` of each sample's token sequence: [B, N, D] -> [B, K, D]."""
+    if keep_idx_BK.dim() != 2 or keep_idx_BK.shape[0] != tokens_BND.shape[0]:
+        raise ValueError(
+            f"keep_idx_BK must be [B, K] with B={tokens_BND.shape[0]}, "
+            f"got {tuple(keep_idx_BK.shape)}"
+        )
+    idx_BKD = keep_idx_BK.long().unsqueeze(-1).expand(-1, -1, tokens_BND.shape[-1])
+    return torch.gather(tokens_BND, 1, idx_BKD)
+
+
+class _ClsAttentionProbe:
+    """Accumulates the CLS query's softmax attention over the patch keys, block by block.
+
+    Mechanism: forward hooks on each block's ``attn.q_norm`` and ``attn.k_norm``. timm's
+    ``Attention.forward`` always calls them on q and k of shape [B, H, N, hd] right after the
+    qkv projection (they are ``nn.Identity`` without qk-norm, and hooks still fire), so the hooks
+    see exactly the q and k the block attends with, after any qk-norm. The q hook keeps only
+    the CLS row; the k hook computes softmax(q_cls · Kᵀ · scale) over all N keys, a
+    [B, H, 1, N] tensor, and adds its patch columns, averaged over heads, to a running sum. The
+    block itself is untouched and keeps its fused SDPA path, so no N×N map is ever built. The
+    hooks exist only inside the ``with`` block, work for the whole batch, with or without grad
+    (the sum stays in the graph when grad is on), and are removed even if the forward raises.
+    This is more robust than re-implementing timm's block forward: layer scale, drop path,
+    qk-norm, register tokens and fused/unfused attention all stay timm's own code.
+    """
+
+    def __init__(self, blocks: nn.Sequential, num_prefix_tokens: int) -> None:
+        for i, blk in enumerate(blocks):
+            if not isinstance(getattr(blk, "attn", None), Attention):
+                raise TypeError(
+                    f"block {i} has no timm.layers.Attention 'attn'; relevance needs one "
+                    f"(got {type(getattr(blk, 'attn', None)).__name__})"
+                )
+        self.blocks = blocks
+        self.num_prefix_tokens = num_prefix_tokens
+        self.sum_BN: Tensor | None = None
+        self.num_layers = 0
+        self._q_cls: dict[int, Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _ClsAttentionProbe:
+        for i, blk in enumerate(self.blocks):
+            attn = blk.attn
+            self._handles.append(attn.q_norm.register_forward_hook(partial(self._on_q, i)))
+            self._handles.append(
+                attn.k_norm.register_forward_hook(partial(self._on_k, i, float(attn.scale)))
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._q_cls.clear()
+
+    def _on_q(self, layer: int, _module: nn.Module, _args: tuple, q_BHNd: Tensor) -> None:
+        self._q_cls[layer] = q_BHNd[:, :, :1]
+
+    def _on_k(
+        self, layer: int, scale: float, _module: nn.Module, _args: tuple, k_BHNd: Tensor
+    ) -> None:
+        q_BH1d = self._q_cls.pop(layer).float()
+        logits_BH1N = torch.matmul(q_BH1d, k_BHNd.float().transpose(-2, -1)) * scale
+        probs_BHN = logits_BH1N.softmax(dim=-1)[:, :, 0]
+        patch_BN = probs_BHN[:, :, self.num_prefix_tokens :].mean(dim=1)
+        self.sum_BN = patch_BN if self.sum_BN is None else self.sum_BN + patch_BN
+        self.num_layers += 1
+
+    def relevance(self) -> Tensor:
+        """Mean over the recorded layers (and heads): [B, num_patches], float32."""
+        if self.sum_BN is None:
+            raise RuntimeError("no attention was recorded")
+        return self.sum_BN / self.num_layers
+
+
+class VisionTower(nn.Module):
+    """A timm ViT that can encode a subset of patch tokens and report CLS→patch relevance.
+
+    Token keep follows A-CLIP: patch-embed, add the positional embedding (timm's ``_pos_embed``
+    also prepends CLS/register tokens), then gather the kept patches, so each kept token keeps
+    its own position. The pooled output is timm's own head path (``norm``, ``pool``,
+    ``fc_norm``; the CLS token for the standard ``global_pool='token'``), without classifier.
+    timm's random PatchDropout is refused: token dropping is what ``keep_idx_BK`` is for.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        image_size: int,
+        model_kwargs: dict | None = None,
+        freeze_patch_embed: bool = False,
+    ) -> None:
+        super().__init__()
+        vit = timm.create_model(
+            model_name,
+            pretrained=False,
+            num_classes=0,
+            img_size=image_size,
+            **dict(model_kwargs or {}),
+        )
+        if not isinstance(vit, VisionTransformer):
+            raise TypeError(f"{model_name} is a {type(vit).__name__}, not a timm VisionTransformer")
+        if isinstance(vit.patch_drop, PatchDropout):
+            raise ValueError("patch_drop_rate > 0 is not supported: select tokens with keep_idx_BK")
+        self.vit = vit
+        self.width: int = int(vit.embed_dim)
+        grid = vit.patch_embed.grid_size
+        self.grid_hw: tuple[int, int] = (int(grid[0]), int(grid[1]))
+        self.num_patches: int = self.grid_hw[0] * self.grid_hw[1]
+        self.num_prefix_tokens: int = int(vit.num_prefix_tokens)
+        if freeze_patch_embed:
+            for param in vit.patch_embed.parameters():
+                param.requires_grad_(False)
+
+    def embed(self, images_BCHW: Tensor, keep_idx_BK: Tensor | None = None) -> Tensor:
+        """Token sequence entering the blocks: [B, prefix + K, width] (K = num_patches if None)."""
+        tokens_BND = self.vit._pos_embed(self.vit.patch_embed(images_BCHW))
+        if keep_idx_BK is not None:
+            prefix = self.num_prefix_tokens
+            kept_BKD = gather_tokens(tokens_BND[:, prefix:], keep_idx_BK)
+            tokens_BND = torch.cat([tokens_BND[:, :prefix], kept_BKD], dim=1)
+        return self.vit.norm_pre(tokens_BND)
+
+    def _run_blocks(self, tokens_BND: Tensor) -> Tensor:
+        if self.vit.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint_seq(self.vit.blocks, tokens_BND)
+        return self.vit.blocks(tokens_BND)
+
+    def _pool(self, tokens_BND: Tensor) -> Tensor:
+        return self.vit.forward_head(self.vit.norm(tokens_BND), pre_logits=True)
+
+    def forward(self, images_BCHW: Tensor, keep_idx_BK: Tensor | None = None) -> Tensor:
+        """Pooled features [B, width] of the images, encoding only ``keep_idx_BK`` patches.
+
+        ``keep_idx_BK`` holds patch indices in [0, num_patches), row-major over ``grid_hw``;
+        prefix (CLS/register) tokens are always kept, first. None encodes all patches.
+        """
+        return self._pool(self._run_blocks(self.embed(images_BCHW, keep_idx_BK)))
+
+    def forward_with_relevance(self, images_BCHW: Tensor) -> tuple[Tensor, Tensor]:
+        """Pooled features [B, width] with all tokens, and relevance [B, num_patches].
+
+        Relevance of a patch = softmax attention from the CLS query to that patch (softmax over
+        all keys, prefix tokens included), averaged over all layers and heads, in float32. See
+        ``_ClsAttentionProbe`` for how it is obtained without N×N attention maps.
+        """
+        if not self.vit.has_class_token:
+            raise ValueError("relevance needs a class token (class_token=False in this ViT)")
+        tokens_BND = self.embed(images_BCHW)
+        with _ClsAttentionProbe(self.vit.blocks, self.num_prefix_tokens) as probe:
+            tokens_BND = self.vit.blocks(tokens_BND)
+        return self._pool(tokens_BND), probe.relevance()

@@ -1,0 +1,237 @@
+"""VisionTower: token keep, pooled output vs timm, CLS-row relevance vs materialised attention."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from aclip.model.vision import VisionTower, gather_tokens
+
+TINY = {"patch_size": 8, "depth": 3, "embed_dim": 48, "num_heads": 3}
+IMAGE_SIZE = 32  # 4x4 grid, 16 patches
+
+VARIANTS = {
+    "plain": {},
+    "qknorm_reg": {"qk_norm": True, "reg_tokens": 2, "init_values": 0.1},
+    "no_embed_class_avg": {"no_embed_class": True, "global_pool": "avg", "pre_norm": True},
+}
+
+
+def make_tower(seed: int = 0, **extra) -> VisionTower:
+    torch.manual_seed(seed)
+    tower = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, {**TINY, **extra}).eval()
+    with torch.no_grad():  # random cls/reg tokens (timm inits them ~0) so prefixes matter
+        for name in ("cls_token", "reg_token"):
+            param = getattr(tower.vit, name)
+            if param is not None:
+                param.normal_(std=0.5)
+    return tower
+
+
+def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(
+        batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def reference_relevance(tower: VisionTower, x: torch.Tensor) -> torch.Tensor:
+    """CLS->patch attention from fully materialised [B, H, N, N] maps, mean over layers/heads."""
+    vit, prefix = tower.vit, tower.num_prefix_tokens
+    tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    maps = []
+    for blk in vit.blocks:
+        attn = blk.attn
+        b, n, c = tokens.shape
+        qkv = attn.qkv(blk.norm1(tokens)).reshape(b, n, 3, attn.num_heads, attn.head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        full_BHNN = torch.softmax((q @ k.transpose(-2, -1)) * attn.scale, dim=-1)
+        maps.append(full_BHNN[:, :, 0, prefix:])
+        tokens = blk(tokens)
+    return torch.stack(maps).mean(dim=(0, 2))
+
+
+def test_demo_geometry() -> None:
+    tower = VisionTower("vit_tiny_patch16_224", 64, {"patch_size": 8, "depth": 4})
+    assert tower.grid_hw == (8, 8)
+    assert tower.num_patches == 64
+    assert tower.num_prefix_tokens == 1
+    assert tower.width == 192
+    assert len(tower.vit.blocks) == 4
+    assert tower.vit.dynamic_img_size is False
+    out = tower(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 192)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_pooled_matches_timm(variant: str) -> None:
+    tower = make_tower(**VARIANTS[variant])
+    x = images()
+    with torch.no_grad():
+        ref = tower.vit.forward_head(tower.vit.forward_features(x), pre_logits=True)
+        pooled = tower(x)
+        pooled_rel, _ = tower.forward_with_relevance(x)
+    assert pooled.shape == (3, 48)
+    torch.testing.assert_close(pooled, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pooled_rel, ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(tower.vit(x), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_relevance_matches_materialised_attention(variant: str) -> None:
+    tower = make_tower(**VARIANTS[variant])
+    assert all(blk.attn.fused_attn for blk in tower.vit.blocks)  # the fused path is under test
+    x = images()
+    with torch.no_grad():
+        _, relevance = tower.forward_with_relevance(x)
+        ref = reference_relevance(tower, x)
+    assert relevance.shape == (3, tower.num_patches)
+    assert relevance.dtype == torch.float32
+    torch.testing.assert_close(relevance, ref, rtol=0, atol=1e-5)
+    row_sums = relevance.sum(dim=1)
+    assert (relevance > 0).all()
+    assert (row_sums <= 1).all() and (row_sums > 0).all()
+    # the samples differ, so must their relevance maps (batch handled per sample)
+    assert not torch.allclose(relevance[0], relevance[1])
+
+
+def test_relevance_per_sample_equals_batched() -> None:
+    tower = make_tower(qk_norm=True)
+    x = images(batch=4)
+    with torch.no_grad():
+        _, batched = tower.forward_with_relevance(x)
+        single = torch.cat([tower.forward_with_relevance(x[i : i + 1])[1] for i in range(4)])
+    torch.testing.assert_close(batched, single, rtol=0, atol=1e-6)
+
+
+def test_relevance_with_grad_and_hooks_removed() -> None:
+    tower = make_tower()
+    tower.train()
+    x = images()
+    pooled, relevance = tower.forward_with_relevance(x)
+    assert relevance.requires_grad
+    (pooled.sum() + relevance.sum()).backward()
+    assert tower.vit.blocks[0].attn.qkv.weight.grad is not None
+    for blk in tower.vit.blocks:
+        assert not blk.attn.q_norm._forward_hooks
+        assert not blk.attn.k_norm._forward_hooks
+
+
+def test_hooks_removed_on_error() -> None:
+    tower = make_tower()
+    with pytest.raises(RuntimeError):
+        tower.forward_with_relevance(torch.randn(2, 5, IMAGE_SIZE, IMAGE_SIZE))
+    for blk in tower.vit.blocks:
+        assert not blk.attn.q_norm._forward_hooks
+        assert not blk.attn.k_norm._forward_hooks
+
+
+class _ShapeRecorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_relevance_never_materialises_nxn() -> None:
+    tower = make_tower()
+    x = images(batch=2)
+    n = tower.num_prefix_tokens + tower.num_patches
+    with torch.no_grad(), _ShapeRecorder() as rec:
+        tower.forward_with_relevance(x)
+    nxn = [(op, s) for op, s in rec.shapes if len(s) >= 2 and s[-2:] == (n, n)]
+    assert not nxn, nxn
+    assert any(s == (2, 3, 1, n) for _, s in rec.shapes)  # the CLS-row logits are built
+
+
+def test_gather_tokens() -> None:
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    idx = torch.tensor([[4, 0], [1, 3]])
+    out = gather_tokens(tokens, idx)
+    assert torch.equal(out[0], tokens[0, [4, 0]])
+    assert torch.equal(out[1], tokens[1, [1, 3]])
+    with pytest.raises(ValueError):
+        gather_tokens(tokens, idx[0])
+
+
+def _random_keep(batch: int, num_patches: int, k: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [torch.randperm(num_patches, generator=gen)[:k].sort().values for _ in range(batch)]
+    )
+
+
+@pytest.mark.parametrize("variant", ["plain", "qknorm_reg"])
+def test_embed_keeps_right_tokens(variant: str) -> None:
+    tower = make_tower(**VARIANTS[variant])
+    vit, prefix = tower.vit, tower.num_prefix_tokens
+    x = images()
+    keep = _random_keep(3, tower.num_patches, 6)
+    with torch.no_grad():
+        full = vit._pos_embed(vit.patch_embed(x))
+        kept = tower.embed(x, keep)
+    assert kept.shape == (3, prefix + 6, 48)
+    for b in range(3):
+        rows = torch.cat([torch.arange(prefix), prefix + keep[b]])
+        torch.testing.assert_close(kept[b], full[b, rows], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_keep_all_equals_none(variant: str) -> None:
+    tower = make_tower(**VARIANTS[variant])
+    x = images()
+    all_idx = torch.arange(tower.num_patches).expand(3, -1)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x, all_idx), tower(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_subset_equals_manual_timm_blocks(variant: str) -> None:
+    tower = make_tower(**VARIANTS[variant])
+    vit, prefix = tower.vit, tower.num_prefix_tokens
+    x = images()
+    keep = _random_keep(3, tower.num_patches, 5, seed=3)
+    with torch.no_grad():
+        full = vit._pos_embed(vit.patch_embed(x))
+        manual = torch.stack(
+            [torch.cat([full[b, :prefix], full[b, prefix + keep[b]]]) for b in range(3)]
+        )
+        manual = vit.norm(vit.blocks(vit.norm_pre(manual)))
+        ref = vit.forward_head(manual, pre_logits=True)
+        out = tower(x, keep)
+        out_all = tower(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert not torch.allclose(out, out_all, atol=1e-3)  # dropping tokens changes the output
+
+
+def test_keep_order_matters_only_through_positions() -> None:
+    # permuting kept indices permutes tokens; with CLS pooling and no causal mask the pooled
+    # output is permutation invariant over patch tokens
+    tower = make_tower()
+    x = images()
+    keep = _random_keep(3, tower.num_patches, 7, seed=5)
+    with torch.no_grad():
+        a = tower(x, keep)
+        b = tower(x, keep.flip(1))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_freeze_patch_embed() -> None:
+    tower = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, TINY, freeze_patch_embed=True)
+    for name, param in tower.named_parameters():
+        assert param.requires_grad == (not name.startswith("vit.patch_embed.")), name
+    assert any(n.startswith("vit.patch_embed.") for n, _ in tower.named_parameters())
+    unfrozen = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, TINY)
+    assert all(p.requires_grad for p in unfrozen.parameters())
+
+
+def test_refuses_patch_dropout_and_non_vit() -> None:
+    with pytest.raises(ValueError):
+        VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, {**TINY, "patch_drop_rate": 0.5})
+    with pytest.raises(TypeError):
+        VisionTower("resnet18", IMAGE_SIZE)
