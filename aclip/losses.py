@@ -1,0 +1,159 @@
+"""A-CLIP losses: CLIP InfoNCE, SimCLR NT-Xent and BYOL, with cross-rank feature gathering.
+
+Why the local-loss form gives the exact global gradient
+-------------------------------------------------------
+Let W ranks each hold n rows (features x_r, r = 0..W-1) of a global batch of N = W*n rows, and let
+the global loss be a mean over the N rows, L = (1/N) sum_i l_i(x_0, ..., x_{W-1}) (for InfoNCE,
+row i's cross-entropy against all N columns, averaged over the two directions). Rank r computes
+the *local* loss L_r = (1/n) sum_{i in rows of r} l_i, using every rank's features gathered by
+``torch.distributed.nn.functional.all_gather``; so (1/W) sum_r L_r = L exactly (this is what the
+tests check in a 2-process gloo run).
+
+Gradients. The gathered copies of x_r on the other ranks are autograd nodes: the backward of that
+all_gather sums, over all ranks, the gradient that reached each rank's copy of x_r and returns it
+to rank r (a reduce-scatter with SUM). Hence after ``L_r.backward()`` on every rank, rank r holds
+
+    g_r = d(sum_s L_s) / d x_r = W * dL / d x_r,
+
+i.e. W times the global gradient for its own rows. The parameters θ are replicated; rank r
+back-propagates g_r through its own rows only, giving G_r = (dx_r/dθ)^T g_r, and DDP/DeepSpeed
+average the parameter gradients over ranks: (1/W) sum_r G_r = sum_r (dx_r/dθ)^T dL/dx_r = dL/dθ,
+the exact single-process gradient of the global loss. (Without gradients through the gather,
+each rank would only see its own rows' terms and the average would be missing the cross terms.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _upcast(x: Tensor) -> Tensor:
+    """Half-precision tensors to float32 (for stable normalisation/softmax); others unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
+    """Concatenate every rank's ``x`` (same shape on all ranks) along dim 0, keeping gradients.
+
+    Returns (gathered, offset) where ``offset`` is the index of this rank's first row in
+    ``gathered``. Identity and offset 0 when torch.distributed is not initialised or has a single
+    process.
+    """
+    rank, world_size = _world()
+    if world_size == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():
+        # torch marks this autograd all_gather deprecated; it is the one the design mandates.
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(x)
+    return torch.cat(parts, dim=0), rank * x.shape[0]
+
+
+def clip_infonce(image_emb: Tensor, text_emb: Tensor, logit_scale_exp: Tensor) -> Tensor:
+    """Symmetric CLIP InfoNCE on L2-normalised embeddings, gathered across ranks.
+
+    This rank's image rows are scored against all texts and its text rows against all images;
+    labels are ``offset + arange(n)``; the loss is (CE_image + CE_text) / 2. On one process this is
+    ``open_clip.loss.ClipLoss()``; the mean over ranks equals the 1-process loss on the whole batch.
+    """
+    all_image, offset = gather_with_grad(image_emb)
+    all_text, _ = gather_with_grad(text_emb)
+    labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+    logits_image = logit_scale_exp * image_emb @ all_text.t()
+    logits_text = logit_scale_exp * text_emb @ all_image.t()
+    return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
+    """SimCLR NT-Xent between two different views, gathered across ranks.
+
+    ``z1``/``z2`` are the projections of the same n local samples under two views (normalised
+    here). Over the global 2N rows, each row's positive is the same sample in the other view and
+    its negatives are all the other 2N - 2 rows; the self-similarity is masked out. The loss is the
+    mean cross-entropy over this rank's 2n rows (the mean over ranks is the global mean).
+    """
+    z1 = F.normalize(_upcast(z1), dim=-1)
+    z2 = F.normalize(_upcast(z2), dim=-1)
+    all_z1, offset = gather_with_grad(z1)
+    all_z2, _ = gather_with_grad(z2)
+    n, total = z1.shape[0], all_z1.shape[0]
+    queries = torch.cat([z1, z2], dim=0)  # [2n, d]
+    keys = torch.cat([all_z1, all_z2], dim=0)  # [2N, d]
+    logits = queries @ keys.t() / temperature
+    local = torch.arange(n, device=z1.device) + offset
+    self_idx = torch.cat([local, local + total])
+    positive_idx = torch.cat([local + total, local])
+    rows = torch.arange(2 * n, device=z1.device)
+    logits = logits.index_put((rows, self_idx), logits.new_tensor(float("-inf")))
+    return F.cross_entropy(logits, positive_idx)
+
+
+def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """BYOL regression loss: mean over the batch of 2 - 2 cos(pred, target); target detached."""
+    cos = F.cosine_similarity(_upcast(pred), _upcast(target.detach()), dim=-1)
+    return (2 - 2 * cos).mean()
+
+
+@dataclass
+class LossOutput:
+    """The weighted total and each unweighted term (zero tensors for disabled terms)."""
+
+    total: Tensor
+    clip: Tensor
+    simclr: Tensor
+    byol: Tensor
+
+
+def aclip_loss(
+    image_emb_views: list[Tensor],
+    text_emb: Tensor,
+    logit_scale_exp: Tensor,
+    simclr_z: list[Tensor] | None,
+    byol_pred: list[Tensor] | None,
+    byol_target: Tensor | None,
+    w_simclr: float,
+    w_byol: float,
+    simclr_temperature: float = 0.1,
+) -> LossOutput:
+    """A-CLIP objective (DESIGN step 6).
+
+    total = mean_v InfoNCE(image_emb_views[v], text) + w_simclr * NT-Xent(z_1, z_2)
+            + w_byol * mean_v BYOL(byol_pred[v], byol_target).
+
+    The SimCLR term needs at least two views (it is zero with one; with more than two it is the
+    mean over all view pairs). ``simclr_z``/``byol_pred`` = None disable those terms.
+    """
+    clip = torch.stack(
+        [clip_infonce(emb, text_emb, logit_scale_exp) for emb in image_emb_views]
+    ).mean()
+    zero = clip.new_zeros(())
+    simclr = zero
+    if simclr_z is not None and len(simclr_z) >= 2:
+        pairs = [
+            nt_xent(simclr_z[i], simclr_z[j], simclr_temperature)
+            for i in range(len(simclr_z))
+            for j in range(i + 1, len(simclr_z))
+        ]
+        simclr = torch.stack(pairs).mean()
+    byol = zero
+    if byol_pred is not None:
+        if byol_target is None:
+            raise ValueError("byol_pred given without byol_target")
+        byol = torch.stack([byol_loss(pred, byol_target) for pred in byol_pred]).mean()
+    total = clip + w_simclr * simclr + w_byol * byol
+    return LossOutput(total=total, clip=clip, simclr=simclr, byol=byol)
