@@ -1,0 +1,100 @@
+"""CLIP (two towers + projections + temperature) and the A-CLIP model with its SSL heads."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aclip.model.text import TextTransformer
+from aclip.model.vision import VisionTower
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def _maybe_normalize(x: Tensor, normalize: bool) -> Tensor:
+    return F.normalize(x, dim=-1) if normalize else x
+
+
+class CLIP(nn.Module):
+    """Vision and text towers projected into a joint ``embed_dim`` space.
+
+    ``logit_scale`` has shape (1,) (DeepSpeed refuses 0-dim parameters), initialised to
+    ln(1/0.07); ``logit_scale_exp`` clamps it at ln(100) before exponentiating.
+    """
+
+    def __init__(self, visual: VisionTower, text: TextTransformer, embed_dim: int) -> None:
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.embed_dim = embed_dim
+        self.image_proj = nn.Linear(visual.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=visual.width**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=text.width**-0.5)
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+
+    def project_image(self, pooled_BW: Tensor, normalize: bool = False) -> Tensor:
+        """Joint-space embedding [B, embed_dim] of a vision tower's pooled output."""
+        return _maybe_normalize(self.image_proj(pooled_BW), normalize)
+
+    def encode_image(
+        self, images: Tensor, keep_idx_BK: Tensor | None = None, normalize: bool = False
+    ) -> Tensor:
+        """Image embeddings [B, embed_dim], encoding only ``keep_idx_BK`` patches if given."""
+        return self.project_image(self.visual(images, keep_idx_BK), normalize)
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """Text embeddings [B, embed_dim] of token rows [B, L]."""
+        return _maybe_normalize(self.text_proj(self.text(tokens)), normalize)
+
+    def logit_scale_exp(self) -> Tensor:
+        """exp(min(logit_scale, ln 100)), shape (1,)."""
+        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+
+
+class ACLIPModel(nn.Module):
+    """CLIP plus the optional SSL heads, which take the vision tower's pooled output (width).
+
+    ``forward`` is the student pass of one training step (what the DeepSpeed engine calls).
+    """
+
+    def __init__(
+        self,
+        clip: CLIP,
+        simclr_head: nn.Module | None,
+        byol_projector: nn.Module | None,
+        byol_predictor: nn.Module | None,
+    ) -> None:
+        super().__init__()
+        if (byol_projector is None) != (byol_predictor is None):
+            raise ValueError("byol_projector and byol_predictor come together (both or neither)")
+        self.clip = clip
+        self.simclr_head = simclr_head
+        self.byol_projector = byol_projector
+        self.byol_predictor = byol_predictor
+
+    def forward(
+        self, images_BCHW: Tensor, tokens_BL: Tensor, keep_idx_BK: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Student outputs for the loss; images are all views flattened ([B*V, C, H, W]).
+
+        Returns ``image_emb`` [B*V, embed_dim] and ``text_emb`` [B, embed_dim] (both
+        L2-normalised), ``logit_scale_exp`` (1,), ``pooled`` [B*V, width], and when the heads
+        exist ``simclr_z`` [B*V, simclr_out] and ``byol_pred`` [B*V, byol_out] (raw).
+        """
+        pooled_BW = self.clip.visual(images_BCHW, keep_idx_BK)
+        out = {
+            "image_emb": self.clip.project_image(pooled_BW, normalize=True),
+            "text_emb": self.clip.encode_text(tokens_BL, normalize=True),
+            "logit_scale_exp": self.clip.logit_scale_exp(),
+            "pooled": pooled_BW,
+        }
+        if self.simclr_head is not None:
+            out["simclr_z"] = self.simclr_head(pooled_BW)
+        if self.byol_projector is not None and self.byol_predictor is not None:
+            out["byol_pred"] = self.byol_predictor(self.byol_projector(pooled_BW))
+        return out
