@@ -1,0 +1,170 @@
+"""A-CLIP view sampling: two (or more) online crops, their union EMA view, and the crop boxes.
+
+DESIGN step 1: each online crop box is drawn like RandomResizedCrop (scale 0.5-1.0); the EMA view
+is the smallest box holding all the crops, resized to the model's image size with no colour
+augmentation; each crop's box is kept in the EMA view's normalised coordinates so that the
+teacher's relevance map can be cropped onto each online view. No horizontal flip: it would break
+the box correspondence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
+
+OPENAI_CLIP_MEAN: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)
+OPENAI_CLIP_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)
+_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return `img` as an 8-bit RGB image (handles L, LA, P, RGBA, CMYK, I, I;16, F)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+class _Normalize:
+    """uint8 HWC PIL image -> normalised float CHW tensor (= ToTensor + Normalize)."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
+        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = np.asarray(img)  # read-only view, [H, W, 3] uint8
+        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
+        return t.sub_(self.shift).mul_(self.scale)
+
+
+class PILGaussianBlur:
+    """Gaussian blur with sigma ~ U(lo, hi) drawn from torch's RNG, done by Pillow.
+
+    Same blur as torchvision's GaussianBlur with a kernel wide enough not to truncate
+    (sigma <= 2 here), about 5x faster on PIL images.
+    """
+
+    def __init__(self, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        self.sigma = sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        lo, hi = self.sigma
+        sigma = lo + (hi - lo) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def colour_augment() -> T.Compose:
+    """Per-view colour augmentation on PIL images (DESIGN step 1)."""
+    return T.Compose(
+        [
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.1),
+            T.RandomSolarize(threshold=128, p=0.2),
+        ]
+    )
+
+
+def union_box(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """Smallest (x0, y0, x1, y1) box holding all the given (x0, y0, x1, y1) boxes."""
+    return (
+        min(b[0] for b in boxes),
+        min(b[1] for b in boxes),
+        max(b[2] for b in boxes),
+        max(b[3] for b in boxes),
+    )
+
+
+def boxes_in_union(
+    boxes: Sequence[tuple[int, int, int, int]], union: tuple[int, int, int, int]
+) -> torch.Tensor:
+    """Express pixel boxes in the union box's normalised [0, 1] coordinates -> [V, 4]."""
+    ux0, uy0, ux1, uy1 = union
+    w, h = float(ux1 - ux0), float(uy1 - uy0)
+    rows = [
+        ((x0 - ux0) / w, (y0 - uy0) / h, (x1 - ux0) / w, (y1 - uy0) / h) for x0, y0, x1, y1 in boxes
+    ]
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+class ACLIPViews:
+    """Sample the online views, the EMA (union) view and the crop boxes of one image.
+
+    Randomness comes from torch's global RNG only (box sampling and colour ops), so seeding
+    `torch.manual_seed` makes a call reproducible.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        num_views: int = 2,
+        scale: tuple[float, float] = (0.5, 1.0),
+        mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        std: Sequence[float] = OPENAI_CLIP_STD,
+        color_aug: bool = True,
+    ) -> None:
+        if num_views < 1:
+            raise ValueError(f"num_views must be >= 1, got {num_views}")
+        if not 0.0 < scale[0] <= scale[1] <= 1.0:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {scale}")
+        self.image_size = image_size
+        self.num_views = num_views
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.color = colour_augment() if color_aug else None
+        self.normalize = _Normalize(mean, std)
+
+    def sample_boxes(self, img: Image.Image) -> list[tuple[int, int, int, int]]:
+        """Draw `num_views` RandomResizedCrop boxes as pixel (x0, y0, x1, y1)."""
+        boxes = []
+        for _ in range(self.num_views):
+            top, left, h, w = T.RandomResizedCrop.get_params(img, list(self.scale), list(_RATIO))
+            boxes.append((left, top, left + w, top + h))
+        return boxes
+
+    def _crop(self, img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+        size = (self.image_size, self.image_size)
+        return img.resize(size, resample=Image.Resampling.BILINEAR, box=box)
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        """Return {"views": [V,3,S,S], "ema": [3,S,S], "boxes": [V,4]} for one PIL image."""
+        img = to_rgb(img)
+        boxes = self.sample_boxes(img)
+        union = union_box(boxes)
+        ema = self.normalize(self._crop(img, union))
+        views = []
+        for box in boxes:
+            view = self._crop(img, box)
+            if self.color is not None:
+                view = self.color(view)
+            views.append(self.normalize(view))
+        return {"views": torch.stack(views), "ema": ema, "boxes": boxes_in_union(boxes, union)}
+
+
+def eval_transform(
+    image_size: int,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+) -> T.Compose:
+    """Evaluation transform: RGB, resize shorter side (bicubic), centre crop, normalise."""
+    return T.Compose(
+        [
+            to_rgb,
+            T.Resize(image_size, interpolation=InterpolationMode.BICUBIC),
+            T.CenterCrop(image_size),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
