@@ -57,6 +57,7 @@ def test_demo_geometry() -> None:
     assert tower.num_prefix_tokens == 1
     assert tower.width == 192
     assert len(tower.vit.blocks) == 4
+    assert tower.blocks is tower.vit.blocks
     assert tower.vit.dynamic_img_size is False
     out = tower(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 192)

@@ -128,6 +128,11 @@ class VisionTower(nn.Module):
             for param in vit.patch_embed.parameters():
                 param.requires_grad_(False)
 
+    @property
+    def blocks(self) -> nn.Sequential:
+        """The timm ViT's transformer blocks (``self.vit.blocks``)."""
+        return self.vit.blocks
+
     def embed(self, images_BCHW: Tensor, keep_idx_BK: Tensor | None = None) -> Tensor:
         """Token sequence entering the blocks: [B, prefix + K, width] (K = num_patches if None)."""
         tokens_BND = self.vit._pos_embed(self.vit.patch_embed(images_BCHW))
