@@ -1,0 +1,361 @@
+"""Procedural image-text shards for the demo: small coloured shapes on cluttered backgrounds.
+
+Train shards follow img2dataset's layout (`train/00000.tar` with `key.jpg/.txt/.json`, plus
+`00000_stats.json` and `sizes.json`); evaluation sets follow CLIP_benchmark's webdataset layout
+(`eval_cls/` with `.cls` labels, `eval_ret/` with 5 newline-separated captions per image).
+Every sample is drawn from its own seeded RNG, so the output bytes depend only on the seed.
+
+    python -m aclip.data.synthetic --out DIR [--n-train N --n-eval-cls N --n-eval-ret N
+                                   --image-size S --samples-per-shard M --seed K --workers W]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES: tuple[str, ...] = (
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "diamond",
+    "hexagon",
+    "ring",
+    "arrow",
+    "heart",
+)
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 190, 40),
+    "blue": (30, 70, 230),
+    "yellow": (245, 220, 20),
+    "purple": (150, 40, 200),
+    "orange": (250, 130, 10),
+}
+CLS_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c}.",
+    "a {c} shape.",
+    "a drawing of a {c}.",
+    "a small {c} on a cluttered background.",
+    "there is a {c} in the picture.",
+)
+ONE_OBJECT = (
+    "a photo of {a}.",
+    "{a} on a cluttered background",
+    "a small {o}",
+    "there is {a} in the picture",
+    "an image showing {a}",
+    "{a}",
+    "a picture with {a} in it",
+    "{a} among clutter",
+)
+TWO_OBJECTS = (
+    "{a} and {b} on a cluttered background",
+    "a photo of {a} next to {b}",
+    "{a} and {b}",
+    "an image with {a} and {b}",
+    "there are {a} and {b} in the picture",
+    "{a} near {b}",
+)
+JPEG_QUALITY = 90
+_SALT = {"train": 0, "eval_cls": 1, "eval_ret": 2}
+
+
+# ----------------------------------------------------------------------------- drawing
+
+
+def _unit_outline(shape: str) -> np.ndarray:
+    """Polygon [P, 2] of `shape` in a unit box centred at 0 (radius ~1), before rotation."""
+    t = lambda n, off=0.0: np.linspace(0, 2 * np.pi, n, endpoint=False) + off
+    circ = lambda n, r=1.0, off=0.0: np.stack([r * np.cos(t(n, off)), r * np.sin(t(n, off))], 1)
+    if shape == "circle":
+        return circ(32)
+    if shape == "square":
+        return circ(4, 1.0, np.pi / 4)
+    if shape == "triangle":
+        return circ(3, 1.0, -np.pi / 2)
+    if shape == "hexagon":
+        return circ(6)
+    if shape == "diamond":
+        return np.array([[0, -1.0], [0.55, 0], [0, 1.0], [-0.55, 0]])
+    if shape == "star":
+        radii = np.tile([1.0, 0.42], 5)[:, None]
+        return circ(10, 1.0, -np.pi / 2) * radii
+    if shape == "cross":
+        a, b = 0.3, 0.95
+        return np.array(
+            [[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a]]
+            + [[-b, a], [-b, -a], [-a, -a]]
+        )
+    if shape == "arrow":
+        return np.array(
+            [[-1, -0.25], [0.2, -0.25], [0.2, -0.65], [1, 0], [0.2, 0.65], [0.2, 0.25], [-1, 0.25]]
+        )
+    if shape == "heart":
+        s = t(40)
+        x = 16 * np.sin(s) ** 3
+        y = -(13 * np.cos(s) - 5 * np.cos(2 * s) - 2 * np.cos(3 * s) - np.cos(4 * s))
+        pts = np.stack([x, y], 1)
+        pts -= (pts.min(0) + pts.max(0)) / 2
+        return pts / np.abs(pts).max()
+    if shape == "ring":
+        return circ(32)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, shape: str, colour, cx, cy, r, angle) -> None:
+    """Draw one filled shape of radius r (pixels) centred at (cx, cy), rotated by angle."""
+    if shape == "ring":
+        box = [cx - r, cy - r, cx + r, cy + r]
+        draw.ellipse(box, outline=colour, width=max(2, round(r * 0.38)))
+        return
+    pts = _unit_outline(shape)
+    rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+    pts = pts @ rot.T * r + np.array([cx, cy])
+    draw.polygon([tuple(p) for p in pts.tolist()], fill=colour)
+
+
+def _muted(rng: np.random.Generator) -> tuple[int, int, int]:
+    grey = rng.integers(70, 190)
+    return tuple(int(np.clip(grey + d, 0, 255)) for d in rng.integers(-25, 26, size=3))
+
+
+def _background(rng: np.random.Generator, size: int) -> Image.Image:
+    """Low-saturation clutter: noise texture plus random rectangles, ellipses and lines."""
+    base = np.array(_muted(rng), dtype=np.int16)
+    noise = rng.integers(-18, 19, size=(size // 4, size // 4, 3), dtype=np.int16)
+    small = np.clip(base + noise, 0, 255).astype(np.uint8)
+    img = Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(6, 14))):
+        x0, y0 = rng.integers(-size // 4, size, size=2)
+        w, h = rng.integers(size // 10, size // 2, size=2)
+        kind = int(rng.integers(3))
+        box = [int(x0), int(y0), int(x0 + w), int(y0 + h)]
+        if kind == 0:
+            draw.rectangle(box, fill=_muted(rng))
+        elif kind == 1:
+            draw.ellipse(box, fill=_muted(rng))
+        else:
+            draw.line(box, fill=_muted(rng), width=int(rng.integers(1, 4)))
+    return img
+
+
+def _place(rng: np.random.Generator, size: int, n: int) -> list[tuple[float, float, float]]:
+    """(cx, cy, r) for n objects, 15-30% of the side across, not overlapping if possible."""
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(n):
+        for _try in range(20):
+            r = rng.uniform(0.075, 0.15) * size
+            cx, cy = rng.uniform(r, size - r, size=2)
+            if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in placed):
+                break
+        placed.append((float(cx), float(cy), float(r)))
+    return placed
+
+
+def render_scene(
+    rng: np.random.Generator, size: int, objects: list[tuple[str, str]]
+) -> Image.Image:
+    """Render (shape, colour) objects on a cluttered background."""
+    img = _background(rng, size)
+    draw = ImageDraw.Draw(img)
+    for (shape, colour), (cx, cy, r) in zip(objects, _place(rng, size, len(objects)), strict=True):
+        angle = rng.uniform(-math.pi, math.pi)
+        _draw_object(draw, shape, COLOURS[colour], cx, cy, r, angle)
+    return img
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def _article(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def caption(rng: np.random.Generator, objects: list[tuple[str, str]]) -> str:
+    """A caption naming the objects with varied phrasing."""
+    names = [f"{colour} {shape}" for shape, colour in objects]
+    if len(names) == 1:
+        template = ONE_OBJECT[int(rng.integers(len(ONE_OBJECT)))]
+        return template.format(a=_article(names[0]), o=names[0])
+    template = TWO_OBJECTS[int(rng.integers(len(TWO_OBJECTS)))]
+    return template.format(a=_article(names[0]), b=_article(names[1]))
+
+
+def _sample_objects(rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+    shapes = rng.choice(len(SHAPES), size=n, replace=False)
+    colours = rng.integers(len(COLOURS), size=n)
+    names = list(COLOURS)
+    return [(SHAPES[int(s)], names[int(c)]) for s, c in zip(shapes, colours, strict=True)]
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def make_sample(seed: int, kind: str, index: int, size: int) -> dict:
+    """Draw sample `index` of `kind` ("train", "eval_cls", "eval_ret") deterministically."""
+    rng = np.random.default_rng([seed, _SALT[kind], index])
+    n_obj = 1 if kind == "eval_cls" else int(rng.integers(1, 3))
+    objects = _sample_objects(rng, n_obj)
+    out = {"jpg": _jpeg(render_scene(rng, size, objects)), "objects": objects}
+    if kind == "eval_ret":
+        out["captions"] = _distinct_captions(rng, objects, 5)
+    else:
+        out["caption"] = caption(rng, objects)
+    return out
+
+
+def _distinct_captions(rng: np.random.Generator, objects, k: int) -> list[str]:
+    caps: list[str] = []
+    for _ in range(50):
+        c = caption(rng, objects)
+        if c not in caps:
+            caps.append(c)
+        if len(caps) == k:
+            break
+    while len(caps) < k:  # templates exhausted: repeat (never happens with >= 5 templates)
+        caps.append(caps[len(caps) % len(caps)])
+    return caps
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_train_shard(path: Path, shard: int, start: int, n: int, size: int, seed: int) -> int:
+    """One img2dataset-style shard with samples start..start+n; returns the count written."""
+    width = max(4, len(str(n - 1)))
+    with tarfile.open(path / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            s = make_sample(seed, "train", start + i, size)
+            key = f"{shard:05d}{i:0{width}d}"
+            meta = {"key": key, "caption": s["caption"], "url": f"synthetic://{start + i}"}
+            meta.update(width=size, height=size, original_width=size, original_height=size)
+            meta.update(status="success", error_message=None)
+            _add(tar, f"{key}.jpg", s["jpg"])
+            _add(tar, f"{key}.txt", s["caption"].encode())
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+    stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}
+    stats["status_dict"] = {"success": n}
+    (path / f"{shard:05d}_stats.json").write_text(json.dumps(stats, indent=2))
+    return n
+
+
+def _write_eval_shard(path: Path, kind: str, shard: int, start: int, n: int, size: int, seed: int):
+    with tarfile.open(path / f"{shard}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(start, start + n):
+            s = make_sample(seed, kind, i, size)
+            key = f"s{i:07d}"
+            _add(tar, f"{key}.jpg", s["jpg"])
+            if kind == "eval_cls":
+                _add(tar, f"{key}.cls", str(SHAPES.index(s["objects"][0][0])).encode())
+            else:
+                _add(tar, f"{key}.txt", "\n".join(s["captions"]).encode())
+    return n
+
+
+def _shards(n: int, per_shard: int) -> list[tuple[int, int, int]]:
+    """(shard index, first sample, count) covering n samples."""
+    return [(k, s, min(per_shard, n - s)) for k, s in enumerate(range(0, n, per_shard))]
+
+
+def _run(jobs: list[tuple], workers: int) -> list:
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*args) for fn, *args in jobs]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, *args) for fn, *args in jobs]
+        return [f.result() for f in futures]
+
+
+def _eval_metadata(root: Path, kind: str, nshards: int) -> None:
+    (root / "test" / "nshards.txt").write_text(f"{nshards}\n")
+    if kind == "eval_cls":
+        (root / "dataset_type.txt").write_text("classification\n")
+        (root / "classnames.txt").write_text("\n".join(SHAPES) + "\n")
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(CLS_TEMPLATES) + "\n")
+    else:
+        (root / "dataset_type.txt").write_text("retrieval\n")
+
+
+def write_synthetic(
+    out: str | os.PathLike,
+    n_train: int = 6000,
+    n_eval_cls: int = 500,
+    n_eval_ret: int = 500,
+    image_size: int = 96,
+    samples_per_shard: int = 1000,
+    seed: int = 0,
+    workers: int = 1,
+) -> dict[str, int]:
+    """Write train shards (img2dataset layout) and CLIP_benchmark-style eval sets under `out`.
+
+    Returns the number of samples written per part. Output bytes depend only on the arguments
+    other than `workers`.
+    """
+    if min(n_train, n_eval_cls, n_eval_ret) < 0 or samples_per_shard < 1 or image_size < 16:
+        raise ValueError("counts must be >= 0, samples_per_shard >= 1 and image_size >= 16")
+    root = Path(out)
+    train = root / "train"
+    train.mkdir(parents=True, exist_ok=True)
+    jobs: list[tuple] = []
+    train_shards = _shards(n_train, samples_per_shard)
+    for k, s, n in train_shards:
+        jobs.append((_write_train_shard, train, k, s, n, image_size, seed))
+    for kind, count in (("eval_cls", n_eval_cls), ("eval_ret", n_eval_ret)):
+        (root / kind / "test").mkdir(parents=True, exist_ok=True)
+        shards = _shards(count, samples_per_shard)
+        _eval_metadata(root / kind, kind, len(shards))
+        for k, s, n in shards:
+            jobs.append((_write_eval_shard, root / kind / "test", kind, k, s, n, image_size, seed))
+    _run(jobs, workers)
+    sizes = {f"{k:05d}.tar": n for k, _, n in train_shards}
+    (train / "sizes.json").write_text(json.dumps(sizes, indent=2))
+    return {"train": n_train, "eval_cls": n_eval_cls, "eval_ret": n_eval_ret}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--n-train", type=int, default=6000)
+    p.add_argument("--n-eval-cls", type=int, default=500)
+    p.add_argument("--n-eval-ret", type=int, default=500)
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    a = p.parse_args(argv)
+    t0 = time.perf_counter()
+    counts = write_synthetic(
+        a.out, a.n_train, a.n_eval_cls, a.n_eval_ret, a.image_size, a.samples_per_shard,
+        a.seed, a.workers,
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    total = sum(counts.values())
+    print(f"wrote {counts} to {a.out} in {dt:.1f}s ({total / dt:.0f} images/s)")
+
+
+if __name__ == "__main__":
+    main()
