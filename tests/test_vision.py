@@ -95,6 +95,17 @@ def test_relevance_matches_materialised_attention(variant: str) -> None:
     assert not torch.allclose(relevance[0], relevance[1])
 
 
+def test_relevance_under_bf16_autocast_is_float32() -> None:
+    tower = make_tower()
+    x = images()
+    with torch.no_grad():
+        ref = reference_relevance(tower, x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pooled, relevance = tower.forward_with_relevance(x)
+    assert relevance.dtype == torch.float32
+    torch.testing.assert_close(relevance, ref, rtol=0, atol=1e-4)  # bf16 logits: ~3e-4 off
+
+
 def test_relevance_per_sample_equals_batched() -> None:
     tower = make_tower(qk_norm=True)
     x = images(batch=4)

@@ -76,8 +76,9 @@ class _ClsAttentionProbe:
         self, layer: int, scale: float, _module: nn.Module, _args: tuple, k_BHNd: Tensor
     ) -> None:
         q_BH1d = self._q_cls.pop(layer).float()
-        logits_BH1N = torch.matmul(q_BH1d, k_BHNd.float().transpose(-2, -1)) * scale
-        probs_BHN = logits_BH1N.softmax(dim=-1)[:, :, 0]
+        with torch.autocast(k_BHNd.device.type, enabled=False):  # float32 logits and softmax
+            logits_BH1N = torch.matmul(q_BH1d, k_BHNd.float().transpose(-2, -1)) * scale
+            probs_BHN = logits_BH1N.softmax(dim=-1)[:, :, 0]
         patch_BN = probs_BHN[:, :, self.num_prefix_tokens :].mean(dim=1)
         self.sum_BN = patch_BN if self.sum_BN is None else self.sum_BN + patch_BN
         self.num_layers += 1
