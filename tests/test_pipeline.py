@@ -1,0 +1,153 @@
+"""Tests for aclip.data.pipeline on tiny synthetic shards."""
+
+import io
+import json
+import tarfile
+from itertools import islice
+
+import pytest
+import torch
+
+from aclip.data import pipeline
+from aclip.data.pipeline import build_train_loader, expand_urls, samples_per_epoch
+from aclip.data.synthetic import write_synthetic
+from aclip.data.views import ACLIPViews
+from aclip.tokenizer import Tokenizer
+
+CTX = 24
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(context_length=CTX)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic(root / "a", n_train=20, n_eval_cls=0, n_eval_ret=0, image_size=48,
+                    samples_per_shard=10, seed=0)  # fmt: skip
+    write_synthetic(root / "b", n_train=10, n_eval_cls=0, n_eval_ret=0, image_size=48,
+                    samples_per_shard=10, seed=1)  # fmt: skip
+    return root
+
+
+def _captions(tar_paths):
+    caps = []
+    for p in tar_paths:
+        with tarfile.open(p) as tar:
+            caps += [tar.extractfile(m).read().decode() for m in tar if m.name.endswith(".txt")]
+    return caps
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.replace(".", " .").split())
+
+
+def _loader(spec, tok, **kw):
+    kw.setdefault("resampled", False)
+    kw.setdefault("shuffle_buffer", 8)
+    bs, nw = kw.pop("batch_size", 4), kw.pop("num_workers", 0)
+    return build_train_loader(spec, tok, ACLIPViews(32), bs, nw, **kw)
+
+
+def test_expand_urls():
+    got = expand_urls("/d/a-{0..2}.tar :: /e/b-{08..10}.tar")
+    assert got == [
+        ["/d/a-0.tar", "/d/a-1.tar", "/d/a-2.tar"],
+        ["/e/b-08.tar", "/e/b-09.tar", "/e/b-10.tar"],
+    ]
+    with pytest.raises(ValueError):
+        expand_urls(" :: ")
+
+
+def test_samples_per_epoch(shards, tmp_path):
+    spec_a = str(shards / "a" / "train" / "{00000..00001}.tar")
+    assert samples_per_epoch(spec_a) == 20
+    assert samples_per_epoch(spec_a + "::" + str(shards / "b" / "train" / "00000.tar")) == 30
+    # sizes.json alone is enough; neither -> None
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 7}))
+    assert samples_per_epoch(str(tmp_path / "00000.tar")) == 7
+    (tmp_path / "sizes.json").unlink()
+    assert samples_per_epoch(str(tmp_path / "00000.tar")) is None
+
+
+def test_batches_shapes_tokens_and_boxes(shards, tok):
+    tars = [shards / "a" / "train" / f"0000{i}.tar" for i in range(2)]
+    spec = str(shards / "a" / "train" / "{00000..00001}.tar")
+    batches = list(_loader(spec, tok, batch_size=4))
+    assert len(batches) == 5
+    b = batches[0]
+    assert b["views"].shape == (4, 2, 3, 32, 32) and b["views"].dtype == torch.float32
+    assert b["ema"].shape == (4, 3, 32, 32)
+    assert b["boxes"].shape == (4, 2, 4) and b["tokens"].shape == (4, CTX)
+    assert b["tokens"].dtype == torch.long
+    boxes = torch.cat([x["boxes"] for x in batches])
+    assert (boxes >= 0).all() and (boxes <= 1).all()
+    decoded = sorted(tok.decode(t) for x in batches for t in x["tokens"])
+    assert decoded == sorted(_norm(c) for c in _captions(tars))
+
+
+def test_deterministic_with_seed_and_epoch_changes_order(shards, tok):
+    spec = str(shards / "a" / "train" / "{00000..00001}.tar")
+    first = list(_loader(spec, tok, seed=5, epoch=0))
+    again = list(_loader(spec, tok, seed=5, epoch=0))
+    other = list(_loader(spec, tok, seed=5, epoch=1))
+    for x, y in zip(first, again, strict=True):
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+    tokens = lambda bs: torch.cat([x["tokens"] for x in bs])
+    assert not torch.equal(tokens(first), tokens(other))
+    # same samples, different order
+    assert sorted(map(tuple, tokens(first).tolist())) == sorted(map(tuple, tokens(other).tolist()))
+
+
+def test_resampled_stream_is_infinite_and_deterministic(shards, tok):
+    spec = str(shards / "a" / "train" / "{00000..00001}.tar")
+    a = list(islice(iter(_loader(spec, tok, resampled=True, seed=2)), 8))  # 32 > 20 samples
+    b = list(islice(iter(_loader(spec, tok, resampled=True, seed=2)), 8))
+    assert len(a) == 8
+    assert all(torch.equal(x["views"], y["views"]) for x, y in zip(a, b, strict=True))
+
+
+def test_mixing_weights_select_sources(shards, tok):
+    spec = (
+        str(shards / "a" / "train" / "00000.tar") + "::" + str(shards / "b" / "train" / "00000.tar")
+    )
+    caps_b = {_norm(c) for c in _captions([shards / "b" / "train" / "00000.tar"])}
+    for weights, want_b in (([1.0, 0.0], False), ([0.0, 1.0], True)):
+        batches = islice(iter(_loader(spec, tok, resampled=True, weights=weights)), 3)
+        got = [tok.decode(t) in caps_b for x in batches for t in x["tokens"]]
+        assert len(got) == 12 and all(g == want_b for g in got)
+    with pytest.raises(ValueError):
+        _loader(spec, tok, weights=[1.0])
+
+
+def _rewrite_with_bad_samples(src, dst):
+    """Copy a shard, corrupting one jpeg and emptying one caption."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for m in tin:
+            data = tin.extractfile(m).read()
+            if m.name == "000000001.jpg":
+                data = b"\xff\xd8\xff\xe0 this is not a jpeg" + data[40:60]
+            if m.name == "000000004.txt":
+                data = b"   "
+            m.size = len(data)
+            tout.addfile(m, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_and_counted(shards, tok, tmp_path):
+    _rewrite_with_bad_samples(shards / "a" / "train" / "00000.tar", tmp_path / "bad.tar")
+    before = pipeline.skipped_samples()
+    batches = list(_loader(str(tmp_path / "bad.tar"), tok, batch_size=1))
+    assert len(batches) == 8  # 10 samples, 2 bad
+    assert pipeline.skipped_samples() - before == 2
+
+
+def test_workers_split_shards(shards, tok):
+    spec = str(shards / "a" / "train" / "{00000..00001}.tar")
+    batches = list(_loader(spec, tok, batch_size=2, num_workers=2))
+    decoded = sorted(tok.decode(t) for x in batches for t in x["tokens"])
+    tars = [shards / "a" / "train" / f"0000{i}.tar" for i in range(2)]
+    assert decoded == sorted(_norm(c) for c in _captions(tars))
