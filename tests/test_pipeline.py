@@ -151,3 +151,36 @@ def test_workers_split_shards(shards, tok):
     decoded = sorted(tok.decode(t) for x in batches for t in x["tokens"])
     tars = [shards / "a" / "train" / f"0000{i}.tar" for i in range(2)]
     assert decoded == sorted(_norm(c) for c in _captions(tars))
+
+
+def test_loader_ignores_global_rng_and_reaugments_repeats(shards, tok):
+    spec = str(shards / "a" / "train" / "00000.tar")  # 10 samples, so 40 draws repeat samples
+    torch.manual_seed(0)
+    batches = list(islice(iter(_loader(spec, tok, resampled=True, batch_size=8)), 5))
+    torch.manual_seed(99)  # the loader's stream does not depend on the global RNG
+    again = list(islice(iter(_loader(spec, tok, resampled=True, batch_size=8)), 5))
+    assert all(torch.equal(x["views"], y["views"]) for x, y in zip(batches, again, strict=True))
+    tokens = torch.cat([b["tokens"] for b in batches])
+    boxes = torch.cat([b["boxes"] for b in batches])
+    first: dict[tuple, torch.Tensor] = {}
+    repeats = differing = 0
+    for t, bx in zip(map(tuple, tokens.tolist()), boxes, strict=True):
+        if t in first:
+            repeats += 1
+            differing += int(not torch.equal(first[t], bx))
+        first.setdefault(t, bx)
+    assert repeats >= 20 and differing == repeats
+
+
+def test_sample_transform_restores_global_rng(shards, tok):
+    with tarfile.open(shards / "a" / "train" / "00000.tar") as tar:
+        raw = {m.name: tar.extractfile(m).read() for m in tar}
+    sample = {"jpg": raw["000000000.jpg"], "txt": raw["000000000.txt"], "__key__": "000000000"}
+    transform = pipeline.SampleTransform(ACLIPViews(32), tok, seed=0, epoch=0)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    out = transform(sample)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert tok.decode(out["tokens"]) == _norm(raw["000000000.txt"].decode())
+    # the private stream advances: the same sample again gets a different crop
+    assert not torch.equal(transform(sample)["boxes"], out["boxes"])

@@ -4,8 +4,8 @@ A spec names one or more sources joined with `::`, each a brace pattern of tar s
 `/data/yfcc/{00000..01499}.tar::/data/cc3m/{00000..00331}.tar`. Sources are mixed with weights.
 
 Reproducibility: every random choice (shard order, sample shuffle, source mixing, views) is drawn
-from RNGs seeded by (seed, epoch, rank, worker) or, for the views, by (seed, epoch, shard, key),
-so with the same seed/epoch/world layout the batches are identical, and a new epoch reorders.
+from RNGs seeded by (seed, epoch, rank, worker), so with the same seed, epoch, world size and
+number of workers the batches are identical, and a new epoch reorders and re-augments.
 """
 
 from __future__ import annotations
@@ -157,20 +157,32 @@ def decode_sample(sample: dict) -> tuple[Image.Image, str, str]:
 
 
 class SampleTransform:
-    """Raw sample -> {"views", "ema", "boxes", "tokens"}, with view RNG seeded per sample."""
+    """Raw sample -> {"views", "ema", "boxes", "tokens"}.
+
+    The views draw from a private torch RNG stream seeded by (seed, epoch, rank, worker),
+    swapped in around each call so the process's global RNG is left untouched.
+    """
 
     def __init__(self, views: ACLIPViews, tokenizer: Tokenizer, seed: int, epoch: int) -> None:
         self.views, self.tokenizer, self.seed, self.epoch = views, tokenizer, seed, epoch
+        self._rng_state: torch.Tensor | None = None
+
+    def _views(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        cpu_rng = torch.default_generator
+        saved = cpu_rng.get_state()
+        if self._rng_state is None:
+            cpu_rng.manual_seed(_worker_seed(self.seed, self.epoch, "views"))
+        else:
+            cpu_rng.set_state(self._rng_state)
+        try:
+            return self.views(img)
+        finally:
+            self._rng_state = cpu_rng.get_state()
+            cpu_rng.set_state(saved)
 
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
-        img, caption, sample_id = decode_sample(sample)
-        cpu_rng = torch.default_generator
-        state = cpu_rng.get_state()
-        cpu_rng.manual_seed(_derive_seed(self.seed, self.epoch, sample_id))
-        try:
-            out = self.views(img)
-        finally:
-            cpu_rng.set_state(state)
+        img, caption, _ = decode_sample(sample)
+        out = self._views(img)
         out["tokens"] = self.tokenizer([caption])[0].long()
         return out
 
