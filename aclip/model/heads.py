@@ -6,11 +6,20 @@ from torch import nn
 
 
 def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
-    """Linear -> BatchNorm1d -> ReLU for each hidden width, then a final Linear (no BN after)."""
+    """Linear -> BatchNorm1d -> ReLU for each hidden width, then a final Linear (no BN after).
+
+    The Linear layers before a BatchNorm have no bias: BN removes it, so its true gradient is zero
+    and Adam would turn the rounding noise in that gradient into full-size random steps (which
+    then leak into the EMA teacher through the BN running mean).
+    """
     layers: list[nn.Module] = []
     dim = in_dim
     for hidden in hidden_dims:
-        layers += [nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Linear(dim, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+        ]
         dim = hidden
     layers.append(nn.Linear(dim, out_dim))
     return nn.Sequential(*layers)
