@@ -1,0 +1,392 @@
+"""The A-CLIP trainer: one DeepSpeed engine for the student, an EMA teacher beside it.
+
+Per step (DESIGN.md): the teacher encodes the EMA view with all tokens and returns the CLS
+relevance; the relevance is mapped onto each online view's box and the top-k patches kept; both
+views and the captions go through the student in one batch; InfoNCE + NT-Xent + BYOL; one
+optimizer step; one EMA update.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from aclip import distributed as dist_utils
+from aclip.config import Config, ConfigError, check_world_size, steps_per_epoch, to_yaml
+from aclip.distributed import DistInfo
+from aclip.ema import EMATeacher, ema_momentum
+from aclip.losses import LossOutput, aclip_loss
+from aclip.masking import TokenSelector, map_relevance_to_views
+from aclip.model import build_model
+from aclip.optim import build_optimizer, build_scheduler
+from aclip.tokenizer import Tokenizer
+from aclip.visualize import kept_tokens_grid
+
+LOSS_KEYS = ("loss", "loss_clip", "loss_simclr", "loss_byol")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every rank the same: identical initial weights)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states a resumed run needs to continue as the uninterrupted one."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Builds model, teacher, engine and loader from a :class:`Config`; runs and checkpoints."""
+
+    def __init__(self, cfg: Config, dist_info: DistInfo, samples_per_epoch: int | None = None):
+        self.cfg, self.dist = cfg, dist_info
+        self.device = dist_info.device
+        self.run_dir = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.per_rank_batch = check_world_size(cfg, dist_info.world_size)
+        self._init_schedule(samples_per_epoch)
+        seed_everything(cfg.train.seed)
+        self.tokenizer = Tokenizer(cfg.model.context_length)
+        self.model = dist_utils.convert_global_bn(build_model(cfg.model, cfg.loss)).to(self.device)
+        visual = self.model.clip.visual
+        self.selector = TokenSelector(
+            cfg.mask.strategy, cfg.mask.keep_ratio, visual.grid_hw, cfg.mask.block_size
+        )
+        self.teacher = self._build_teacher()
+        optimizer = build_optimizer(self.model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
+        ds_cfg = dist_utils.deepspeed_config(
+            cfg.train.global_batch_size,
+            self.per_rank_batch,
+            self._precision(),
+            cfg.train.zero_stage,
+            cfg.optim.grad_clip,
+        )
+        self.engine = dist_utils.build_engine(self.model, optimizer, scheduler, ds_cfg)
+        self.step = 0
+        self.samples_seen = 0
+        self.writer = None
+        self._sums: dict[str, torch.Tensor] = {}
+        self._timing = {"data": 0.0, "total": 0.0, "samples": 0}
+
+    # ----------------------------------------------------------------- set-up
+    def _init_schedule(self, samples_per_epoch: int | None) -> None:
+        n = self.cfg.data.samples_per_epoch or samples_per_epoch
+        if not n:
+            raise ConfigError(
+                "config key 'data.samples_per_epoch': not set and no _stats.json/sizes.json "
+                "found beside the shards"
+            )
+        self.samples_per_epoch = int(n)
+        self.steps_per_epoch = steps_per_epoch(
+            self.samples_per_epoch, self.cfg.train.global_batch_size
+        )
+        total = max(1, round(self.cfg.optim.epochs * self.steps_per_epoch))
+        self.total_steps = (
+            min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
+        )
+
+    def _precision(self) -> str:
+        """bf16/fp16 need a GPU here; the CPU runs fp32."""
+        return self.cfg.train.precision if self.device.type == "cuda" else "fp32"
+
+    def _teacher_student(self) -> nn.ModuleDict:
+        """The student parts the EMA teacher mirrors: vision tower, image proj, BYOL projector."""
+        parts = {"visual": self.model.clip.visual, "image_proj": self.model.clip.image_proj}
+        if self.model.byol_projector is not None:
+            parts["byol_projector"] = self.model.byol_projector
+        return nn.ModuleDict(parts)
+
+    def _build_teacher(self) -> EMATeacher | None:
+        needed = self.selector.needs_relevance or self.cfg.loss.w_byol > 0 or self.cfg.eval.use_ema
+        return EMATeacher(self._teacher_student()) if needed else None
+
+    @property
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for the teacher pass on GPU; disabled on the CPU."""
+        enabled = self.device.type == "cuda" and self._precision() == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # ----------------------------------------------------------------- step
+    @torch.no_grad()
+    def teacher_pass(
+        self, ema_images: torch.Tensor, boxes_BV4: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """EMA view through the teacher: (keep_idx [B*V, k] or None, BYOL target, relevance_BN)."""
+        batch, views = boxes_BV4.shape[:2]
+        if self.teacher is None:
+            keep = self.selector.select(None, batch * views, self._mask_generator(), self.device)
+            return keep, None, None
+        teacher = self.teacher.module
+        with self.autocast:
+            pooled_BW, relevance_BN = teacher["visual"].forward_with_relevance(ema_images)
+            target = teacher["byol_projector"](pooled_BW) if "byol_projector" in teacher else None
+        relevance_BN = relevance_BN.float()
+        mapped = None
+        if self.selector.needs_relevance:
+            grid = teacher["visual"].grid_hw
+            mapped = map_relevance_to_views(relevance_BN, grid, boxes_BV4, grid).flatten(0, 1)
+        keep = self.selector.select(mapped, batch * views, self._mask_generator(), self.device)
+        return keep, (target.float() if target is not None else None), relevance_BN
+
+    def _mask_generator(self) -> torch.Generator:
+        """Random masking draws from (seed, rank, step): reproducible and exact on resume."""
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(
+            (self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step
+        )
+        return gen
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step on this rank's part of the global batch; returns detached losses."""
+        views = batch["views"].to(self.device, non_blocking=True)
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        ema = batch["ema"].to(self.device, non_blocking=True)
+        boxes = batch["boxes"].to(self.device, non_blocking=True).float()
+        batch_size, num_views = views.shape[:2]
+        keep_idx, byol_target, _ = self.teacher_pass(ema, boxes)
+        out = self.engine(views.flatten(0, 1), tokens, keep_idx)
+        loss = self._loss(out, byol_target, batch_size, num_views)
+        self.engine.backward(loss.total)
+        self.engine.step()
+        self.ema_update()
+        self.step += 1
+        self.samples_seen += batch_size * self.dist.world_size
+        terms = (loss.total, loss.clip, loss.simclr, loss.byol)
+        return {key: val.detach() for key, val in zip(LOSS_KEYS, terms, strict=True)}
+
+    def _loss(
+        self, out: dict[str, Any], byol_target: torch.Tensor | None, batch: int, views: int
+    ) -> LossOutput:
+        def per_view(x: torch.Tensor | None) -> list[torch.Tensor] | None:
+            return None if x is None else list(x.float().view(batch, views, -1).unbind(1))
+
+        return aclip_loss(
+            per_view(out["image_emb"]),
+            out["text_emb"].float(),
+            out["logit_scale_exp"].float(),
+            per_view(out.get("simclr_z")),
+            per_view(out.get("byol_pred")),
+            byol_target,
+            self.cfg.loss.w_simclr,
+            self.cfg.loss.w_byol,
+            self.cfg.loss.simclr_temperature,
+        )
+
+    def momentum(self) -> float:
+        """EMA momentum for the update after the current step (cosine schedule)."""
+        return ema_momentum(
+            self.step, self.total_steps, self.cfg.ema.momentum, self.cfg.ema.final_momentum
+        )
+
+    def ema_update(self) -> None:
+        """Move the teacher toward the student (after each optimizer step)."""
+        if self.teacher is not None:
+            self.teacher.update(self._teacher_student(), self.momentum())
+
+    # ----------------------------------------------------------------- loop
+    def build_loader(self) -> Any:
+        """This rank's training loader; its shuffling is seeded by the data position, so a
+        resumed run draws new samples instead of replaying the ones already seen."""
+        from aclip.data.pipeline import build_train_loader
+        from aclip.data.views import ACLIPViews
+
+        data, model = self.cfg.data, self.cfg.model
+        views = ACLIPViews(
+            model.image_size,
+            num_views=self.cfg.mask.num_views,
+            scale=(data.crop_scale_min, 1.0),
+            color_aug=data.color_aug,
+        )
+        return build_train_loader(
+            data.train_shards,
+            self.tokenizer,
+            views,
+            self.per_rank_batch,
+            data.workers,
+            weights=data.weights,
+            resampled=data.resampled,
+            shuffle_buffer=data.shuffle_buffer,
+            seed=self.cfg.train.seed,
+            epoch=self.samples_seen,
+        )
+
+    def fit(self, loader: Any) -> None:
+        """Train until ``total_steps``, logging, checkpointing and showing progress on rank 0."""
+        from tqdm import tqdm
+
+        self._open_run_dir()
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (self.dist.is_main and self.cfg.train.progress),
+        )
+        batches = iter(loader)
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            losses = self.train_step(batch)
+            self._accumulate(losses, t1 - t0, time.perf_counter() - t0, batch)
+            self._after_step(bar, batch)
+        bar.close()
+        if self.step % max(1, self.cfg.train.ckpt_every):
+            self.save_checkpoint()
+
+    def _accumulate(
+        self, losses: dict[str, torch.Tensor], wait: float, total: float, batch: dict
+    ) -> None:
+        for key, val in losses.items():
+            self._sums[key] = self._sums.get(key, 0) + val
+        self._timing["data"] += wait
+        self._timing["total"] += total
+        self._timing["samples"] += batch["views"].shape[0] * self.dist.world_size
+
+    def _after_step(self, bar: Any, batch: dict) -> None:
+        cfg = self.cfg.train
+        bar.update(1)
+        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+            scalars = self._flush_scalars()
+            bar.set_postfix(
+                loss=f"{scalars['loss/total']:.3f}", sps=f"{scalars['perf/samples_per_s']:.0f}"
+            )
+        if cfg.image_log_every and (self.step % cfg.image_log_every == 0 or self.step == 1):
+            self._log_kept_tokens(batch)
+        if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+            self.save_checkpoint()
+
+    def _flush_scalars(self) -> dict[str, float]:
+        """Average the interval's losses over steps and ranks (one sync), write tensorboard."""
+        n_steps = max(
+            1,
+            self.cfg.train.log_every
+            if self.step % self.cfg.train.log_every == 0
+            else self.step % self.cfg.train.log_every,
+        )
+        stacked = torch.stack([self._sums[k] for k in LOSS_KEYS]) / n_steps
+        means = dist_utils.all_reduce_mean(stacked).tolist()
+        t = self._timing
+        visual = self.model.clip.visual
+        kept = self.selector.k / visual.num_patches if self.selector.k else 1.0
+        scalars = {
+            "loss/total": means[0],
+            "loss/clip": means[1],
+            "loss/simclr": means[2],
+            "loss/byol": means[3],
+            "train/lr": self.engine.get_lr()[0],
+            "train/logit_scale": float(self.model.clip.logit_scale_exp().item()),
+            "train/ema_momentum": self.momentum(),
+            "train/kept_fraction": kept,
+            "perf/samples_per_s": t["samples"] / max(t["total"], 1e-9),
+            "perf/data_wait_fraction": t["data"] / max(t["total"], 1e-9),
+        }
+        if self.writer is not None:
+            for key, val in scalars.items():
+                self.writer.add_scalar(key, val, self.step)
+        self._sums = {}
+        self._timing = {"data": 0.0, "total": 0.0, "samples": 0}
+        return scalars
+
+    def _log_kept_tokens(self, batch: dict[str, torch.Tensor], n: int = 4) -> None:
+        if self.writer is None:
+            return
+        views = batch["views"][:n].to(self.device)
+        keep, _, relevance = self.teacher_pass(
+            batch["ema"][:n].to(self.device), batch["boxes"][:n].to(self.device).float()
+        )
+        grid = kept_tokens_grid(
+            views[:, 0],
+            None if keep is None else keep.view(len(views), -1, keep.shape[-1])[:, 0],
+            self.model.clip.visual.grid_hw,
+            batch["ema"][:n],
+            relevance,
+        )
+        self.writer.add_image("masking/kept_tokens", grid, self.step)
+
+    # ----------------------------------------------------------------- files
+    def _open_run_dir(self) -> None:
+        """Create the run directory, write the resolved config, open tensorboard (rank 0)."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            if self.writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(self.run_dir / "tb"))
+        dist_utils.barrier()
+
+    def save_checkpoint(self) -> Path:
+        """Engine (weights, optimizer, LR schedule) + EMA + step + data position + RNG."""
+        tag = f"step_{self.step:08d}"
+        client = {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "ema": self.teacher.state_dict() if self.teacher is not None else None,
+            "rng": rng_state(),
+            "config": to_yaml(self.cfg),
+        }
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        if self.dist.is_main:
+            self._prune_checkpoints()
+        dist_utils.barrier()
+        return self.ckpt_dir / tag
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.cfg.train.keep_checkpoints
+        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
+        for old in tags[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self, which: str = "latest") -> bool:
+        """Load ``latest`` (or a tag / checkpoint path); returns False when there is none."""
+        ckpt_dir, tag = self.ckpt_dir, None
+        if which not in ("", "latest"):
+            path = Path(which)
+            ckpt_dir, tag = path.parent, path.name
+        if not (ckpt_dir / "latest").exists() and tag is None:
+            return False
+        load_path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"no loadable checkpoint in {ckpt_dir} (tag {tag})")
+        self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
+        if self.teacher is not None and client.get("ema") is not None:
+            self.teacher.load_state_dict(client["ema"])
+        set_rng_state(client["rng"])
+        return True
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        """Final metrics as JSON beside the checkpoints (rank 0)."""
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
+
+    def close(self) -> None:
+        """Flush logs."""
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,86 @@
+"""Small configs and batches shared by the trainer tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from aclip.config import Config, load_config
+
+
+def tiny_config(out_dir: str, **overrides: object) -> Config:
+    """A ViT with a 4x4 patch grid and a one-layer text tower: steps take milliseconds."""
+    base = {
+        "model.vision_model": "vit_tiny_patch16_224",
+        "model.image_size": 32,
+        "model.vision_kwargs": "{patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+        "model.embed_dim": 32,
+        "model.context_length": 16,
+        "model.text_width": 32,
+        "model.text_layers": 1,
+        "model.text_heads": 2,
+        "loss.simclr_hidden": 64,
+        "loss.simclr_out": 16,
+        "loss.byol_hidden": 64,
+        "loss.byol_out": 16,
+        "data.samples_per_epoch": 800,
+        "optim.lr": 2e-3,
+        "optim.weight_decay": 0.05,
+        "optim.warmup_epochs": 0,
+        "optim.epochs": 1,
+        "train.global_batch_size": 8,
+        "train.precision": "fp32",
+        "train.zero_stage": 0,
+        "train.output_dir": out_dir,
+        "train.log_every": 1,
+        "train.image_log_every": 0,
+        "train.ckpt_every": 0,
+        "train.progress": False,
+    }
+    base.update({k: v for k, v in overrides.items()})
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def fake_batch(cfg: Config, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """A deterministic batch in the loader's layout: views, EMA view, boxes, tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    size, views = cfg.model.image_size, cfg.mask.num_views
+    xy0 = torch.rand(batch, views, 2, generator=gen) * 0.4
+    wh = 0.5 + torch.rand(batch, views, 2, generator=gen) * 0.5
+    boxes = torch.cat([xy0, (xy0 + wh).clamp(max=1.0)], dim=-1)
+    tokens = torch.zeros(batch, cfg.model.context_length, dtype=torch.long)
+    body = torch.randint(1, 400, (batch, 6), generator=gen)
+    tokens[:, 0], tokens[:, 1:7], tokens[:, 7] = 49406, body, 49407
+    return {
+        "views": torch.randn(batch, views, 3, size, size, generator=gen),
+        "ema": torch.randn(batch, 3, size, size, generator=gen),
+        "boxes": boxes,
+        "tokens": tokens,
+    }
+
+
+def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's contiguous part of a global batch."""
+    n = next(iter(batch.values())).shape[0] // world
+    return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def set_rank_env(rank: int, world: int, port: int) -> None:
+    """The torchrun-style variables a spawned test rank needs."""
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+    )
