@@ -1,0 +1,36 @@
+# aclip — make demo | make test | make lint | make install
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO   ?= demo_out
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: install demo test test-all lint clean
+
+install: $(STAMP)
+
+# torch/torchvision first, pinned: the machine's pip takes them from local wheels.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m aclip.data.synthetic --out $(DEMO)/data --n-train 6000 --n-eval-cls 500 \
+		--n-eval-ret 200 --samples-per-shard 500 --seed 0
+	$(PY) train.py --config configs/demo.yaml train.output_dir=$(DEMO)/run
+	$(PY) -m evals.demo_report --run $(DEMO)/run --data $(DEMO)/data
+
+test: install
+	$(PY) -m ruff check aclip evals tests train.py
+	$(PY) -m pytest -q -m "not slurm"
+
+lint: install
+	$(PY) -m ruff check aclip evals tests train.py
+	$(PY) -m ruff format --check aclip evals tests train.py
+
+clean:
+	rm -rf $(DEMO) .pytest_cache

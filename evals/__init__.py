@@ -1,0 +1,1 @@
+"""Evaluation entry points over the aclip library (zero-shot, demo report)."""

@@ -1,0 +1,63 @@
+"""Pretrain CLIP / FLIP / A-CLIP.
+
+python train.py --config configs/demo.yaml [section.key=value ...]
+torchrun --nproc-per-node 8 train.py --config configs/yfcc15m_vit_b16.yaml
+srun python train.py --config ...            (see launch/yfcc15m.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aclip.config import Config, ConfigError, load_config
+from aclip.preflight import check_paths
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
+    """The config path and the dotted overrides."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML run config (configs/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    args = parser.parse_args(argv)
+    return args.config, args.overrides
+
+
+def run(cfg: Config) -> dict:
+    """Build everything, train (resuming when asked), evaluate, close. Returns the final metrics."""
+    from aclip.data.pipeline import samples_per_epoch
+    from aclip.distributed import init_distributed
+    from aclip.evaluation import evaluate_sets
+    from aclip.trainer import Trainer
+
+    dist_info = init_distributed()
+    trainer = Trainer(cfg, dist_info, samples_per_epoch(cfg.data.train_shards))
+    if cfg.train.resume and trainer.resume(cfg.train.resume) and dist_info.is_main:
+        print(f"resumed at step {trainer.step}", flush=True)
+    trainer.fit(trainer.build_loader())
+    results = {"step": trainer.step}
+    if dist_info.is_main:
+        results.update(evaluate_sets(trainer.model.clip, trainer.tokenizer, cfg, dist_info.device))
+        trainer.write_results(results)
+        print(f"run directory: {trainer.run_dir} (tensorboard --logdir {trainer.run_dir / 'tb'})")
+    trainer.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: a bad config or path is refused before any model is built."""
+    path, overrides = parse_args(argv)
+    try:
+        cfg = load_config(path, overrides)
+        check_paths(cfg)
+    except (ConfigError, FileNotFoundError, PermissionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
