@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from aclip.config import Config, ConfigError
@@ -30,8 +29,11 @@ def check_paths(cfg: Config) -> None:
 
 
 def _check_writable(out: Path) -> None:
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise PermissionError(f"train.output_dir: {out} is not writable ({parent} is read-only)")
+    """Create ``out`` and write a probe file there (permission bits do not stop root)."""
+    probe = out / ".aclip_write_probe"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise PermissionError(f"train.output_dir: cannot write to {out} ({err.strerror})") from None

@@ -126,6 +126,11 @@ class Trainer:
         return EMATeacher(self._teacher_student()) if needed else None
 
     @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of the engine's weights (DeepSpeed bf16/fp16 keeps the module in it)."""
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self._precision(), torch.float32)
+
+    @property
     def autocast(self) -> torch.autocast:
         """bf16 autocast for the teacher pass on GPU; disabled on the CPU."""
         enabled = self.device.type == "cuda" and self._precision() == "bf16"
@@ -169,7 +174,7 @@ class Trainer:
         boxes = batch["boxes"].to(self.device, non_blocking=True).float()
         batch_size, num_views = views.shape[:2]
         keep_idx, byol_target, _ = self.teacher_pass(ema, boxes)
-        out = self.engine(views.flatten(0, 1), tokens, keep_idx)
+        out = self.engine(views.flatten(0, 1).to(self.input_dtype), tokens, keep_idx)
         loss = self._loss(out, byol_target, batch_size, num_views)
         self.engine.backward(loss.total)
         self.engine.step()

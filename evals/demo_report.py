@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="the synthetic data directory")
     args = parser.parse_args(argv)
     run, eval_cls = Path(args.run), str(Path(args.data) / "eval_cls")
-    classes = len((Path(eval_cls) / "classnames.txt").read_text().split("\n"))
+    names = (Path(eval_cls) / "classnames.txt").read_text().splitlines()
+    classes = len([n for n in names if n.strip()])
     rows = [("online", zeroshot(str(run), eval_cls, progress=False))]
     rows.append(("EMA image tower", zeroshot(str(run), eval_cls, use_ema=True, progress=False)))
     print(
