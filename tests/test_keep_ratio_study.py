@@ -1,0 +1,42 @@
+"""The keep-ratio study driver: its grid, its summary and the files it writes."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from PIL import Image
+
+from evals.keep_ratio import GridPoint, grid, summarise, write_outputs
+
+
+def test_grid_runs_none_once_per_views_and_seed():
+    points = grid(["none", "random", "attentive"], [0.25, 0.5], [2], [0, 1])
+    names = [p.name for p in points]
+    assert len(points) == 2 * 1 + 2 * 2 * 2  # none: 2 seeds; random/attentive: 2 ratios x 2 seeds
+    assert "none_k1_v2_s0" in names and "attentive_k0.25_v2_s1" in names
+    assert len(set(names)) == len(names)
+
+
+def test_single_view_points_switch_simclr_off():
+    assert "loss.w_simclr=0" in GridPoint("random", 0.5, 1, 0).overrides()
+    assert "loss.w_simclr=0" not in GridPoint("random", 0.5, 2, 0).overrides()
+    assert "mask.keep_ratio=1.0" in GridPoint("none", 1.0, 2, 0).overrides()
+
+
+def test_summary_means_over_seeds_and_files_are_written(tmp_path):
+    rows = [
+        (GridPoint("random", 0.5, 2, 0), 40.0),
+        (GridPoint("random", 0.5, 2, 1), 44.0),
+        (GridPoint("attentive", 0.5, 2, 0), 50.0),
+    ]
+    table = summarise(rows)
+    by_key = {(r["strategy"], r["keep_ratio"]): r for r in table}
+    assert by_key[("random", 0.5)]["top1_mean"] == pytest.approx(42.0)
+    assert by_key[("random", 0.5)]["top1_std"] == pytest.approx(2.8284271)
+    assert by_key[("attentive", 0.5)]["runs"] == 1
+    write_outputs(table, tmp_path, "test")
+    with (tmp_path / "results.csv").open() as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    assert "| attentive | 0.5 | 2 | 1 | 50.0 ± 0.0 |" in (tmp_path / "results.md").read_text()
+    assert Image.open(tmp_path / "results.png").size[0] > 100
