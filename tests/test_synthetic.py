@@ -75,6 +75,17 @@ def test_eval_layout_clip_benchmark(synth):
     assert len(caps) == 7 and all(len(c) == 5 and len(set(c)) == 5 for c in caps)
 
 
+def test_colour_set_labels_the_same_images_by_colour(synth):
+    colour, shape = synth / "eval_colour", synth / "eval_cls"
+    assert (colour / "classnames.txt").read_text().splitlines() == list(COLOURS)
+    mem_c, mem_s = _members(colour / "test" / "0.tar"), _members(shape / "test" / "0.tar")
+    jpgs = sorted(n for n in mem_c if n.endswith(".jpg"))
+    assert jpgs and all(mem_c[n] == mem_s[n] for n in jpgs)
+    for i, name in enumerate(jpgs):
+        objects = make_sample(3, "eval_cls", i, 64)["objects"]
+        assert int(mem_c[name.replace(".jpg", ".cls")]) == list(COLOURS).index(objects[0][1])
+
+
 def test_deterministic_bytes(tmp_path):
     kw = dict(n_train=6, n_eval_cls=3, n_eval_ret=3, image_size=48, samples_per_shard=4)
     write_synthetic(tmp_path / "a", seed=7, **kw)

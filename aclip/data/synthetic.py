@@ -2,7 +2,8 @@
 
 Train shards follow img2dataset's layout (`train/00000.tar` with `key.jpg/.txt/.json`, plus
 `00000_stats.json` and `sizes.json`); evaluation sets follow CLIP_benchmark's webdataset layout
-(`eval_cls/` with `.cls` labels, `eval_ret/` with 5 newline-separated captions per image).
+(`eval_cls/` labelled by shape and `eval_colour/`, the same images labelled by the colour of
+their one object, with `.cls` labels; `eval_ret/` with 5 newline-separated captions per image).
 Every sample is drawn from its own seeded RNG, so the output bytes depend only on the seed.
 
     python -m aclip.data.synthetic --out DIR [--n-train N --n-eval-cls N --n-eval-ret N
@@ -44,6 +45,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 40, 200),
     "orange": (250, 130, 10),
 }
+COLOUR_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {c} object.",
+    "a {c} shape.",
+    "something {c} on a cluttered background.",
+    "a drawing of a {c} thing.",
+    "there is something {c} in the picture.",
+)
 CLS_TEMPLATES: tuple[str, ...] = (
     "a photo of a {c}.",
     "a {c} shape.",
@@ -71,6 +79,8 @@ TWO_OBJECTS = (
 )
 JPEG_QUALITY = 90
 _SALT = {"train": 0, "eval_cls": 1, "eval_ret": 2}
+# eval_colour labels the eval_cls images by the colour of their object instead of its shape
+_IMAGES_OF = {"eval_colour": "eval_cls"}
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -154,11 +164,11 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 
 
 def _place(rng: np.random.Generator, size: int, n: int) -> list[tuple[float, float, float]]:
-    """(cx, cy, r) for n objects, 15-30% of the side across, not overlapping if possible."""
+    """(cx, cy, r) for n objects, 20-36% of the side across, not overlapping if possible."""
     placed: list[tuple[float, float, float]] = []
     for _ in range(n):
         for _try in range(20):
-            r = rng.uniform(0.075, 0.15) * size
+            r = rng.uniform(0.10, 0.18) * size
             cx, cy = rng.uniform(r, size - r, size=2)
             if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in placed):
                 break
@@ -209,7 +219,8 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 def make_sample(seed: int, kind: str, index: int, size: int) -> dict:
-    """Draw sample `index` of `kind` ("train", "eval_cls", "eval_ret") deterministically."""
+    """Draw sample `index` of `kind` ("train", "eval_cls", "eval_colour", "eval_ret")."""
+    kind = _IMAGES_OF.get(kind, kind)
     rng = np.random.default_rng([seed, _SALT[kind], index])
     n_obj = 1 if kind == "eval_cls" else int(rng.integers(1, 3))
     objects = _sample_objects(rng, n_obj)
@@ -271,6 +282,8 @@ def _write_eval_shard(path: Path, kind: str, shard: int, start: int, n: int, siz
             _add(tar, f"{key}.jpg", s["jpg"])
             if kind == "eval_cls":
                 _add(tar, f"{key}.cls", str(SHAPES.index(s["objects"][0][0])).encode())
+            elif kind == "eval_colour":
+                _add(tar, f"{key}.cls", str(list(COLOURS).index(s["objects"][0][1])).encode())
             else:
                 _add(tar, f"{key}.txt", "\n".join(s["captions"]).encode())
     return n
@@ -291,10 +304,15 @@ def _run(jobs: list[tuple], workers: int) -> list:
 
 def _eval_metadata(root: Path, kind: str, nshards: int) -> None:
     (root / "test" / "nshards.txt").write_text(f"{nshards}\n")
-    if kind == "eval_cls":
+    classes = {
+        "eval_cls": (SHAPES, CLS_TEMPLATES),
+        "eval_colour": (tuple(COLOURS), COLOUR_TEMPLATES),
+    }
+    if kind in classes:
+        names, templates = classes[kind]
         (root / "dataset_type.txt").write_text("classification\n")
-        (root / "classnames.txt").write_text("\n".join(SHAPES) + "\n")
-        (root / "zeroshot_classification_templates.txt").write_text("\n".join(CLS_TEMPLATES) + "\n")
+        (root / "classnames.txt").write_text("\n".join(names) + "\n")
+        (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
     else:
         (root / "dataset_type.txt").write_text("retrieval\n")
 
@@ -323,7 +341,8 @@ def write_synthetic(
     train_shards = _shards(n_train, samples_per_shard)
     for k, s, n in train_shards:
         jobs.append((_write_train_shard, train, k, s, n, image_size, seed))
-    for kind, count in (("eval_cls", n_eval_cls), ("eval_ret", n_eval_ret)):
+    parts = (("eval_cls", n_eval_cls), ("eval_colour", n_eval_cls), ("eval_ret", n_eval_ret))
+    for kind, count in parts:
         (root / kind / "test").mkdir(parents=True, exist_ok=True)
         shards = _shards(count, samples_per_shard)
         _eval_metadata(root / kind, kind, len(shards))
@@ -332,7 +351,12 @@ def write_synthetic(
     _run(jobs, workers)
     sizes = {f"{k:05d}.tar": n for k, _, n in train_shards}
     (train / "sizes.json").write_text(json.dumps(sizes, indent=2))
-    return {"train": n_train, "eval_cls": n_eval_cls, "eval_ret": n_eval_ret}
+    return {
+        "train": n_train,
+        "eval_cls": n_eval_cls,
+        "eval_colour": n_eval_cls,
+        "eval_ret": n_eval_ret,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
