@@ -36,7 +36,7 @@ def run(cfg: Config) -> dict:
     trainer = Trainer(cfg, dist_info, samples_per_epoch(cfg.data.train_shards))
     if cfg.train.resume and trainer.resume(cfg.train.resume) and dist_info.is_main:
         print(f"resumed at step {trainer.step}", flush=True)
-    trainer.fit(trainer.build_loader())
+    trainer.fit()
     results = {"step": trainer.step}
     if dist_info.is_main:
         results.update(evaluate_sets(trainer.model.clip, trainer.tokenizer, cfg, dist_info.device))

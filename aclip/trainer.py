@@ -89,9 +89,10 @@ class Trainer:
         self.engine = dist_utils.build_engine(self.model, optimizer, scheduler, ds_cfg)
         self.step = 0
         self.samples_seen = 0
+        self._saved_step = -1
         self.writer = None
         self._sums: dict[str, torch.Tensor] = {}
-        self._timing = {"data": 0.0, "total": 0.0, "samples": 0}
+        self._timing = {"data": 0.0, "total": 0.0, "samples": 0, "steps": 0}
 
     # ----------------------------------------------------------------- set-up
     def _init_schedule(self, samples_per_epoch: int | None) -> None:
@@ -161,9 +162,7 @@ class Trainer:
     def _mask_generator(self) -> torch.Generator:
         """Random masking draws from (seed, rank, step): reproducible and exact on resume."""
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(
-            (self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step
-        )
+        gen.manual_seed((self.cfg.train.seed * 1_000_003 + self.dist.rank) * 1_000_003 + self.step)
         return gen
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -240,28 +239,38 @@ class Trainer:
             epoch=self.samples_seen,
         )
 
-    def fit(self, loader: Any) -> None:
-        """Train until ``total_steps``, logging, checkpointing and showing progress on rank 0."""
+    def fit(self, loader: Any | None = None) -> None:
+        """Train until ``total_steps``, logging, checkpointing and showing progress on rank 0.
+
+        A finite loader (``data.resampled=false``) is rebuilt when it runs out, with its
+        shuffling seeded by the new data position.
+        """
         from tqdm import tqdm
 
         self._open_run_dir()
         bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="train",
-            dynamic_ncols=True,
+            total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
             disable=not (self.dist.is_main and self.cfg.train.progress),
-        )
-        batches = iter(loader)
+        )  # fmt: skip
+        batches = iter(loader if loader is not None else self.build_loader())
+        fresh = True
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:
+                if fresh:
+                    raise RuntimeError(
+                        f"the training data yielded no batch: {self.cfg.data.train_shards}"
+                    )
+                batches, fresh = iter(self.build_loader()), True
+                continue
+            fresh = False
             t1 = time.perf_counter()
             losses = self.train_step(batch)
             self._accumulate(losses, t1 - t0, time.perf_counter() - t0, batch)
             self._after_step(bar, batch)
         bar.close()
-        if self.step % max(1, self.cfg.train.ckpt_every):
+        if self._saved_step != self.step:
             self.save_checkpoint()
 
     def _accumulate(
@@ -272,6 +281,7 @@ class Trainer:
         self._timing["data"] += wait
         self._timing["total"] += total
         self._timing["samples"] += batch["views"].shape[0] * self.dist.world_size
+        self._timing["steps"] += 1
 
     def _after_step(self, bar: Any, batch: dict) -> None:
         cfg = self.cfg.train
@@ -288,12 +298,7 @@ class Trainer:
 
     def _flush_scalars(self) -> dict[str, float]:
         """Average the interval's losses over steps and ranks (one sync), write tensorboard."""
-        n_steps = max(
-            1,
-            self.cfg.train.log_every
-            if self.step % self.cfg.train.log_every == 0
-            else self.step % self.cfg.train.log_every,
-        )
+        n_steps = max(1, self._timing["steps"])
         stacked = torch.stack([self._sums[k] for k in LOSS_KEYS]) / n_steps
         means = dist_utils.all_reduce_mean(stacked).tolist()
         t = self._timing
@@ -315,7 +320,7 @@ class Trainer:
             for key, val in scalars.items():
                 self.writer.add_scalar(key, val, self.step)
         self._sums = {}
-        self._timing = {"data": 0.0, "total": 0.0, "samples": 0}
+        self._timing = {"data": 0.0, "total": 0.0, "samples": 0, "steps": 0}
         return scalars
 
     def _log_kept_tokens(self, batch: dict[str, torch.Tensor], n: int = 4) -> None:
@@ -357,6 +362,7 @@ class Trainer:
             "config": to_yaml(self.cfg),
         }
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
+        self._saved_step = self.step
         if self.dist.is_main:
             self._prune_checkpoints()
         dist_utils.barrier()
@@ -380,6 +386,7 @@ class Trainer:
         if load_path is None:
             raise FileNotFoundError(f"no loadable checkpoint in {ckpt_dir} (tag {tag})")
         self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
+        self._saved_step = self.step
         if self.teacher is not None and client.get("ema") is not None:
             self.teacher.load_state_dict(client["ema"])
         set_rng_state(client["rng"])

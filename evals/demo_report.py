@@ -1,4 +1,4 @@
-"""The demo's closing table: zero-shot on the synthetic eval set, online and EMA weights."""
+"""The demo's closing table: zero-shot on the synthetic eval sets, online and EMA weights."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from pathlib import Path
 
 from evals.zeroshot import zeroshot
 
+SETS = (("eval_cls", "shape"), ("eval_colour", "colour"))
+
+
+def _classes(root: Path) -> int:
+    names = (root / "classnames.txt").read_text().splitlines()
+    return len([n for n in names if n.strip()])
+
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate the demo run and print a results table and where its logs are."""
@@ -16,25 +23,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="the demo's run directory")
     parser.add_argument("--data", required=True, help="the synthetic data directory")
     args = parser.parse_args(argv)
-    run, eval_cls = Path(args.run), str(Path(args.data) / "eval_cls")
-    names = (Path(eval_cls) / "classnames.txt").read_text().splitlines()
-    classes = len([n for n in names if n.strip()])
-    rows = [("online", zeroshot(str(run), eval_cls, progress=False))]
-    rows.append(("EMA image tower", zeroshot(str(run), eval_cls, use_ema=True, progress=False)))
-    print(
-        f"\nZero-shot classification, synthetic eval set ({classes} classes, "
-        f"chance {100 / classes:.1f}%)"
-    )
-    print(
-        f"| weights          | top-1 | top-5 | mean per-class recall |\n|{'-' * 18}|"
-        f"{'-' * 7}|{'-' * 7}|{'-' * 23}|"
-    )
-    for name, m in rows:
-        print(
-            f"| {name:<16} | {100 * m['top1']:5.1f} | {100 * m['top5']:5.1f} | "
-            f"{100 * m['mean_per_class_recall']:21.1f} |"
-        )
-    (run / "demo_results.json").write_text(json.dumps(dict(rows), indent=2))
+    run, data = Path(args.run), Path(args.data)
+    results: dict[str, dict] = {}
+    lines = [
+        "| task (classes, chance) | weights | top-1 | top-5 | mean per-class recall |",
+        "|---|---|---|---|---|",
+    ]
+    for folder, task in SETS:
+        n = _classes(data / folder)
+        for weights, ema in (("online", False), ("EMA image tower", True)):
+            m = zeroshot(str(run), str(data / folder), use_ema=ema, progress=False)
+            results[f"{task}/{weights}"] = m
+            lines.append(
+                f"| {task} ({n}, {100 / n:.1f}%) | {weights} | {100 * m['top1']:.1f} | "
+                f"{100 * m['top5']:.1f} | {100 * m['mean_per_class_recall']:.1f} |"
+            )
+    print("\nZero-shot classification on the synthetic eval sets (500 images, one object each)")
+    print("\n".join(lines))
+    (run / "demo_results.json").write_text(json.dumps(results, indent=2))
     print(f"\nresults: {run / 'demo_results.json'}")
     print(f"tensorboard logs: {run / 'tb'}   (tensorboard --logdir {run / 'tb'})")
     return 0

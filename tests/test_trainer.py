@@ -128,3 +128,24 @@ def test_two_ranks_match_one_rank(tmp_path, stage):
     ema0 = torch.load(tmp_path / "two" / "ema_rank0.pt")
     ema1 = torch.load(tmp_path / "two" / "ema_rank1.pt")
     assert torch.equal(ema0, ema1)
+
+
+def test_a_loader_that_yields_nothing_stops_the_run_at_once(tmp_path, dist_info):
+    trainer = Trainer(tiny_config(str(tmp_path)), dist_info)
+    with pytest.raises(RuntimeError, match="yielded no batch"):
+        trainer.fit(loader=[])
+
+
+def test_a_finite_loader_is_rebuilt_when_it_runs_out(tmp_path, dist_info, monkeypatch):
+    cfg = tiny_config(str(tmp_path), **{"train.max_steps": 5})
+    trainer = Trainer(cfg, dist_info)
+    built = []
+
+    def rebuild():
+        built.append(trainer.samples_seen)
+        return [fake_batch(cfg, 8, seed=len(built))] * 2
+
+    monkeypatch.setattr(trainer, "build_loader", rebuild)
+    trainer.fit(loader=[fake_batch(cfg, 8, seed=0)])
+    assert trainer.step == 5
+    assert built == [8, 24]  # rebuilt at each exhaustion (1 + 2 + 2 steps), at its position
