@@ -83,11 +83,14 @@ def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dic
     return json.loads(results.read_text())
 
 
-def _top1(results: dict) -> float:
-    sets = [v for k, v in results.items() if k.startswith("zeroshot/")]
+def _top1(results: dict, eval_set: str | None = None) -> float:
+    """Top-1 (%) on ``eval_set`` (its folder name), or on the first zero-shot set."""
+    sets = {k.split("/", 1)[1]: v for k, v in results.items() if k.startswith("zeroshot/")}
     if not sets:
         raise ValueError("the study needs eval.zeroshot_sets in the config")
-    return 100.0 * sets[0]["top1"]
+    if eval_set is not None and eval_set not in sets:
+        raise ValueError(f"no zero-shot results for {eval_set!r}; have {sorted(sets)}")
+    return 100.0 * sets[eval_set or next(iter(sets))]["top1"]
 
 
 def summarise(rows: list[tuple[GridPoint, float]]) -> list[dict]:
@@ -171,7 +174,8 @@ def study(args: argparse.Namespace) -> int:
     points = grid(args.strategies, args.keep_ratios, args.views, args.seeds)
     rows = []
     for point in tqdm(points, desc="study"):
-        rows.append((point, _top1(run_point(point, args.config, out, args.overrides))))
+        results = run_point(point, args.config, out, args.overrides)
+        rows.append((point, _top1(results, args.eval_set)))
     table = summarise(rows)
     write_outputs(table, out, args.title)
     print((out / "results.md").read_text())
@@ -197,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-ratios", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--views", nargs="+", type=int, default=[2])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--eval-set", help="zero-shot set (folder name) to compare; default: first")
     p.add_argument("--title", default="Zero-shot top-1 by token selection")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
     args = parser.parse_args(argv)

@@ -40,3 +40,13 @@ def test_summary_means_over_seeds_and_files_are_written(tmp_path):
         assert len(list(csv.DictReader(fh))) == 2
     assert "| attentive | 0.5 | 2 | 1 | 50.0 ± 0.0 |" in (tmp_path / "results.md").read_text()
     assert Image.open(tmp_path / "results.png").size[0] > 100
+
+
+def test_metric_comes_from_the_named_eval_set():
+    from evals.keep_ratio import _top1
+
+    results = {"step": 5, "zeroshot/eval_cls": {"top1": 0.1}, "zeroshot/eval_colour": {"top1": 0.9}}
+    assert _top1(results) == pytest.approx(10.0)
+    assert _top1(results, "eval_colour") == pytest.approx(90.0)
+    with pytest.raises(ValueError, match="eval_ret"):
+        _top1(results, "eval_ret")
