@@ -11,6 +11,7 @@ from aclip.model import build_model
 from aclip.model.clip import CLIP
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
+IMAGE_SIDE = ("visual", "image_proj")
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -49,6 +50,8 @@ def load_eval_model(
         ema = states.get("ema")
         if ema is None:
             raise ValueError(f"checkpoint {path} holds no EMA teacher (trained without one)")
-        image_side = {k: v for k, v in ema.items() if k.split(".")[0] in ("visual", "image_proj")}
-        clip.load_state_dict(image_side, strict=False)
+        image_side = {k: v.float() for k, v in ema.items() if k.split(".")[0] in IMAGE_SIDE}
+        missing = clip.load_state_dict(image_side, strict=False).missing_keys
+        if any(k.split(".")[0] in IMAGE_SIDE for k in missing):
+            raise ValueError(f"EMA teacher in {path} lacks image-side weights: {missing[:3]}")
     return clip.float().eval().to(device), cfg

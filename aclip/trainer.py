@@ -76,6 +76,7 @@ class Trainer:
         self.selector = TokenSelector(
             cfg.mask.strategy, cfg.mask.keep_ratio, visual.grid_hw, cfg.mask.block_size
         )
+        self._ema_source = self._teacher_student()
         self.teacher = self._build_teacher()
         optimizer = build_optimizer(self.model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
@@ -124,7 +125,7 @@ class Trainer:
 
     def _build_teacher(self) -> EMATeacher | None:
         needed = self.selector.needs_relevance or self.cfg.loss.w_byol > 0 or self.cfg.eval.use_ema
-        return EMATeacher(self._teacher_student()) if needed else None
+        return EMATeacher(self._ema_source) if needed else None
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -210,7 +211,7 @@ class Trainer:
     def ema_update(self) -> None:
         """Move the teacher toward the student (after each optimizer step)."""
         if self.teacher is not None:
-            self.teacher.update(self._teacher_student(), self.momentum())
+            self.teacher.update(self._ema_source, self.momentum())
 
     # ----------------------------------------------------------------- loop
     def build_loader(self) -> Any:

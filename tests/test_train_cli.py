@@ -95,3 +95,33 @@ def test_short_run_writes_everything_and_resumes(data, tmp_path, monkeypatch):
     assert json.loads((out / "results.json").read_text())["step"] == 5
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert tags[-1] == "step_00000005"
+
+
+def test_eval_model_loads_online_and_ema_weights(data, tmp_path, monkeypatch):
+    import torch
+
+    from aclip.checkpoint import find_checkpoint, load_eval_model
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "run"
+    assert (
+        train.main(
+            _args(data, out, "train.max_steps=2", "ema.momentum=0.5", "ema.final_momentum=0.5")
+        )
+        == 0
+    )
+    states_file = find_checkpoint(out)
+    assert find_checkpoint(out / "checkpoints") == states_file
+    assert find_checkpoint(out / "checkpoints" / "step_00000002") == states_file
+    states = torch.load(states_file, weights_only=False)
+    online, cfg = load_eval_model(out)
+    ema, _ = load_eval_model(out, use_ema=True)
+    assert cfg.train.max_steps == 2 and not online.training
+    key = "visual.vit.blocks.0.attn.qkv.weight"
+    torch.testing.assert_close(online.state_dict()[key], states["module"][f"clip.{key}"])
+    torch.testing.assert_close(ema.state_dict()[key], states["ema"][key])
+    assert not torch.equal(ema.state_dict()[key], online.state_dict()[key])
+    text_key = "text.token_embedding.weight"
+    torch.testing.assert_close(ema.state_dict()[text_key], online.state_dict()[text_key])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        find_checkpoint(tmp_path / "nothing")
