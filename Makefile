@@ -13,7 +13,6 @@ install: $(STAMP)
 # torch/torchvision first, pinned: the machine's pip takes them from local wheels.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
@@ -21,7 +20,10 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m aclip.data.synthetic --out $(DEMO)/data --n-train 6000 --n-eval-cls 500 \
 		--n-eval-ret 200 --samples-per-shard 500 --seed 0
-	$(PY) train.py --config configs/demo.yaml train.output_dir=$(DEMO)/run
+	rm -rf $(DEMO)/run
+	$(PY) train.py --config configs/demo.yaml train.output_dir=$(DEMO)/run \
+		'data.train_shards=$(DEMO)/data/train/{00000..00011}.tar' \
+		'eval.zeroshot_sets=[$(DEMO)/data/eval_cls,$(DEMO)/data/eval_colour]' 
 	$(PY) -m evals.demo_report --run $(DEMO)/run --data $(DEMO)/data
 
 test: install
