@@ -1,0 +1,111 @@
+"""Karpathy-split retrieval sets (Flickr30k, MS-COCO) from ``dataset_*.json`` + image folders.
+
+The json (Karpathy & Fei-Fei's ``dataset_flickr30k.json`` / ``dataset_coco.json``) reads
+
+    {"images": [{"filename": "1000092795.jpg", "filepath": "val2014" (COCO only),
+                 "split": "train" | "val" | "test" | "restval",
+                 "sentences": [{"raw": "Two young guys ...", ...}, ...]}, ...]}
+
+and images lie at ``images_root/filepath/filename`` (``images_root/filename`` without a
+filepath). The test splits hold 1000 (Flickr30k) and 5000 (COCO) images with 5 captions each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from aclip.data.views import to_rgb
+
+SPLITS = ("train", "val", "test", "restval")
+MAX_MISSING_SHOWN = 5
+Transform = Callable[[Image.Image], torch.Tensor]
+Entry = tuple[Path, list[str]]
+
+
+def _read_json(json_path: Path) -> list[dict]:
+    if not json_path.is_file():
+        raise FileNotFoundError(f"Karpathy split json missing: {json_path}")
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ValueError(f"{json_path} is not a Karpathy split json (no 'images' list)")
+    return data["images"]
+
+
+def _entry(record: dict, images_root: Path) -> Entry:
+    path = images_root / record.get("filepath", "") / record["filename"]
+    captions = [s["raw"].strip() for s in record.get("sentences", [])]
+    return path, captions
+
+
+def _check_images(entries: list[Entry], images_root: Path) -> None:
+    missing = [str(path) for path, _ in entries if not path.is_file()]
+    if missing:
+        shown = ", ".join(missing[:MAX_MISSING_SHOWN])
+        more = (
+            f" and {len(missing) - MAX_MISSING_SHOWN} more"
+            if len(missing) > MAX_MISSING_SHOWN
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{len(missing)} of {len(entries)} images missing under {images_root}: {shown}{more}"
+        )
+
+
+def karpathy_entries(
+    json_path: str | os.PathLike, images_root: str | os.PathLike, split: str = "test"
+) -> list[Entry]:
+    """(image path, captions) of every image of ``split``, in json order.
+
+    Every image path is checked up front: a missing json or image raises FileNotFoundError
+    naming it (the first few, when several are missing), before any image is decoded.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS} (got {split!r})")
+    images_root = Path(images_root)
+    if not images_root.is_dir():
+        raise FileNotFoundError(f"images folder missing: {images_root}")
+    records = _read_json(Path(json_path))
+    entries = [_entry(r, images_root) for r in records if r.get("split") == split]
+    if not entries:
+        raise ValueError(f"{json_path} has no images in split {split!r}")
+    _check_images(entries, images_root)
+    return entries
+
+
+class KarpathyDataset(Dataset):
+    """Map-style dataset of (image, captions); the image goes through ``transform`` if given."""
+
+    def __init__(self, entries: list[Entry], transform: Transform | None = None) -> None:
+        self.entries = entries
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, list[str]]:
+        path, captions = self.entries[index]
+        with Image.open(path) as img:
+            img.load()
+            image = to_rgb(img)
+        return (self.transform(image) if self.transform else image), list(captions)
+
+
+def load_karpathy(
+    json_path: str | os.PathLike,
+    images_root: str | os.PathLike,
+    split: str = "test",
+    transform: Transform | None = None,
+) -> KarpathyDataset:
+    """Karpathy split ``split`` of ``json_path`` as a dataset of (image_tensor, captions).
+
+    All captions of an image are kept. Raises FileNotFoundError naming a missing json, images
+    folder or image (checked for every image before returning).
+    """
+    return KarpathyDataset(karpathy_entries(json_path, images_root, split), transform)

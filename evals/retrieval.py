@@ -1,0 +1,113 @@
+"""Image<->text retrieval recall@1/5/10 of a checkpoint, counted as CLIP_benchmark counts it.
+
+    python -m evals.retrieval --checkpoint runs/x --data path/to/wds_retrieval_set [--ema]
+    python -m evals.retrieval --checkpoint runs/x --karpathy-json dataset_flickr30k.json \\
+                              --images flickr30k_images [--split test] [--json out.json]
+
+``image_retrieval_recall@k`` is text -> image, ``text_retrieval_recall@k`` is image -> text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from aclip.checkpoint import find_checkpoint, load_eval_model
+from aclip.data.evalsets import load_wds_retrieval, retrieval_collate, shard_paths
+from aclip.data.karpathy import KarpathyDataset, karpathy_entries
+from aclip.data.views import eval_transform
+from aclip.retrieval import evaluate_retrieval
+from aclip.tokenizer import Tokenizer
+
+
+def _dataset_builder(data: str | None, karpathy_json: str | None, images: str | None, split: str):
+    """Check the data paths now (before the model loads); return ``transform -> dataset``."""
+    if (data is None) == (karpathy_json is None):
+        raise ValueError("give either a wds set (data) or a Karpathy json (karpathy_json)")
+    if data is not None:
+        shard_paths(data, split)
+        return lambda transform: load_wds_retrieval(data, transform, split)
+    if images is None:
+        raise ValueError("a Karpathy json needs the images folder (images)")
+    entries = karpathy_entries(karpathy_json, images, split)
+    return lambda transform: KarpathyDataset(entries, transform)
+
+
+def _loader(dataset: Dataset | IterableDataset, batch_size: int, workers: int) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=workers, collate_fn=retrieval_collate
+    )
+
+
+def retrieval(
+    checkpoint: str,
+    data: str | None = None,
+    karpathy_json: str | None = None,
+    images: str | None = None,
+    split: str = "test",
+    use_ema: bool = False,
+    batch_size: int = 256,
+    workers: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict[str, float]:
+    """Recall@1/5/10 both ways of ``checkpoint`` on a CLIP_benchmark wds retrieval set
+    (``data``) or a Karpathy split (``karpathy_json`` + ``images``), plus the set's size.
+
+    Every path is checked before the model is loaded.
+    """
+    find_checkpoint(checkpoint)
+    build_dataset = _dataset_builder(data, karpathy_json, images, split)
+    model, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
+    dataset = build_dataset(eval_transform(cfg.model.image_size))
+    tokenizer = Tokenizer(cfg.model.context_length)
+    loader = _loader(dataset, batch_size, workers)
+    return evaluate_retrieval(model, tokenizer, loader, device, progress=progress)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or tag dir")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="CLIP_benchmark wds retrieval set")
+    source.add_argument("--karpathy-json", help="dataset_flickr30k.json / dataset_coco.json")
+    parser.add_argument("--images", help="image folder of the Karpathy json")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="write the metrics here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: prints the metrics as JSON, optionally writes them to a file."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.karpathy_json and not args.images:
+        parser.error("--karpathy-json needs --images")
+    try:
+        metrics = retrieval(
+            args.checkpoint, args.data, args.karpathy_json, args.images, args.split,
+            args.ema, args.batch_size, args.workers, args.device,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
