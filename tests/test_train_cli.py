@@ -55,6 +55,7 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
         *TINY,
         f"data.train_shards={data}/train/{{00000..00001}}.tar",
         f"eval.zeroshot_sets=[{data}/eval_cls]",
+        f"eval.retrieval_sets=[{data}/eval_ret]",
         f"train.output_dir={out}",
         *extra,
     ]
@@ -86,6 +87,9 @@ def test_short_run_writes_everything_and_resumes(data, tmp_path, monkeypatch):
     assert results["step"] == 3
     metrics = results["zeroshot/eval_cls"]
     assert metrics["n"] == 20 and 0.0 <= metrics["top1"] <= 1.0
+    retrieval = results["retrieval/eval_ret"]
+    assert (retrieval["n_images"], retrieval["n_texts"]) == (8, 40)
+    assert 0.0 <= retrieval["text_retrieval_recall@1"] <= retrieval["text_retrieval_recall@5"] <= 1
     assert "strategy: attentive" in (out / "config.yaml").read_text()
     assert list((out / "tb").glob("events.out.tfevents.*"))
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
