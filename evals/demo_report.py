@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from evals.retrieval import retrieval
 from evals.zeroshot import zeroshot
 
 SETS = (("eval_cls", "shape"), ("eval_colour", "colour"))
@@ -40,6 +41,17 @@ def main(argv: list[str] | None = None) -> int:
             )
     print("\nZero-shot classification on the synthetic eval sets (500 images, one object each)")
     print("\n".join(lines))
+    ret = retrieval(str(run), data=str(data / "eval_ret"), progress=False)
+    results["retrieval"] = ret
+    n_img, n_txt = ret["n_images"], ret["n_texts"]
+    print(
+        f"\nRetrieval on eval_ret ({n_img} images, {n_txt} captions, online weights; chance R@1: "
+        f"image→text {100 * n_txt / n_img / n_txt:.1f}%, text→image {100 / n_img:.1f}%)"
+    )
+    print("| direction | R@1 | R@5 | R@10 |\n|---|---|---|---|")
+    for label, key in (("image→text", "text_retrieval"), ("text→image", "image_retrieval")):
+        r = [100 * ret[f"{key}_recall@{k}"] for k in (1, 5, 10)]
+        print(f"| {label} | {r[0]:.1f} | {r[1]:.1f} | {r[2]:.1f} |")
     (run / "demo_results.json").write_text(json.dumps(results, indent=2))
     print(f"\nresults: {run / 'demo_results.json'}")
     print(f"tensorboard logs: {run / 'tb'}   (tensorboard --logdir {run / 'tb'})")
