@@ -25,7 +25,8 @@ demo: install
 	rm -rf $(DEMO)/run
 	$(PY) train.py --config configs/demo.yaml train.output_dir=$(DEMO)/run \
 		'data.train_shards=$(DEMO)/data/train/{00000..00011}.tar' \
-		'eval.zeroshot_sets=[$(DEMO)/data/eval_cls,$(DEMO)/data/eval_colour]' 
+		'eval.zeroshot_sets=[$(DEMO)/data/eval_cls,$(DEMO)/data/eval_colour]' \
+		'eval.retrieval_sets=[$(DEMO)/data/eval_ret]'
 	$(PY) -m evals.demo_report --run $(DEMO)/run --data $(DEMO)/data
 
 test: install

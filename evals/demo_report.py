@@ -18,6 +18,12 @@ def _classes(root: Path) -> int:
     return len([n for n in names if n.strip()])
 
 
+def _final_results(run: Path) -> dict:
+    """The metrics train.py wrote at the end of the run (online weights), if any."""
+    path = run / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Evaluate the demo run and print a results table and where its logs are."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -25,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="the synthetic data directory")
     args = parser.parse_args(argv)
     run, data = Path(args.run), Path(args.data)
+    trained = _final_results(run)
     results: dict[str, dict] = {}
     lines = [
         "| task (classes, chance) | weights | top-1 | top-5 | mean per-class recall |",
@@ -33,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     for folder, task in SETS:
         n = _classes(data / folder)
         for weights, ema in (("online", False), ("EMA image tower", True)):
-            m = zeroshot(str(run), str(data / folder), use_ema=ema, progress=False)
+            m = None if ema else trained.get(f"zeroshot/{folder}")
+            m = m or zeroshot(str(run), str(data / folder), use_ema=ema, progress=False)
             results[f"{task}/{weights}"] = m
             lines.append(
                 f"| {task} ({n}, {100 / n:.1f}%) | {weights} | {100 * m['top1']:.1f} | "
@@ -41,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     print("\nZero-shot classification on the synthetic eval sets (500 images, one object each)")
     print("\n".join(lines))
-    ret = retrieval(str(run), data=str(data / "eval_ret"), progress=False)
+    ret = trained.get("retrieval/eval_ret") or retrieval(
+        str(run), data=str(data / "eval_ret"), progress=False
+    )
     results["retrieval"] = ret
     n_img, n_txt = ret["n_images"], ret["n_texts"]
     print(
