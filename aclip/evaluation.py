@@ -6,13 +6,19 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from tqdm import tqdm
 
 from aclip.model.clip import CLIP
 
+Template = str | Callable[[str], str]
 
-def _format(template: str, classname: str) -> str:
+
+def _format(template: Template, classname: str) -> str:
+    """One prompt: a callable template, or a ``{c}`` / ``{}`` format string."""
+    if callable(template):
+        return template(classname)
     return template.format(c=classname) if "{c}" in template else template.format(classname)
 
 
@@ -21,25 +27,45 @@ def zero_shot_classifier(
     model: CLIP,
     tokenizer: Callable[[list[str]], torch.Tensor],
     classnames: Sequence[str],
-    templates: Sequence[str],
+    templates: Sequence[Template],
     device: torch.device | str = "cpu",
     progress: bool = False,
+    prompts_per_batch: int = 256,
 ) -> torch.Tensor:
     """Class weights [embed_dim, num_classes]: per class, normalise each template's text
-    embedding, average over templates, normalise again (as open_clip builds it)."""
+    embedding, average over templates, normalise again (as open_clip builds it).
+
+    The text tower sees all templates of ``max(1, prompts_per_batch // len(templates))`` classes
+    per forward; the result is the per-class one.
+    """
+    if not classnames or not templates:
+        raise ValueError("zero-shot classifier needs at least one class name and one template")
+    per_batch = max(1, prompts_per_batch // len(templates))
+    chunks = [classnames[i : i + per_batch] for i in range(0, len(classnames), per_batch)]
     weights = []
-    for name in tqdm(classnames, desc="classifier", disable=not progress):
-        tokens = tokenizer([_format(t, name) for t in templates]).to(device)
-        emb = model.encode_text(tokens, normalize=True).mean(dim=0)
-        weights.append(F.normalize(emb, dim=-1))
-    return torch.stack(weights, dim=1)
+    for chunk in tqdm(chunks, desc="classifier", disable=not progress):
+        tokens = tokenizer([_format(t, name) for name in chunk for t in templates]).to(device)
+        emb_CTD = model.encode_text(tokens, normalize=True).reshape(len(chunk), len(templates), -1)
+        weights.append(F.normalize(emb_CTD.mean(dim=1), dim=-1))
+    return torch.cat(weights).T.contiguous()
+
+
+def mean_per_class_recall(pred_B: torch.Tensor, labels_B: torch.Tensor, num_classes: int) -> float:
+    """Recall averaged over the classes present in ``labels_B`` (sklearn's balanced accuracy,
+    which CLIP_benchmark reports): a predicted class with no sample does not count."""
+    recall_C = MulticlassRecall(num_classes, average="none")(pred_B, labels_B)
+    present_C = torch.bincount(labels_B, minlength=num_classes) > 0
+    return recall_C[present_C].mean().item()
 
 
 @torch.no_grad()
 def classification_metrics(
     logits_BC: torch.Tensor, labels_B: torch.Tensor, num_classes: int
 ) -> dict[str, float]:
-    """top-1, top-5 (micro) accuracy and mean per-class recall, via torchmetrics."""
+    """top-1, top-5 (micro) accuracy and mean per-class recall (over classes with samples).
+
+    With fewer than 5 classes the second key is ``top{num_classes}``.
+    """
     top5 = min(5, num_classes)
     return {
         "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")(
@@ -48,9 +74,9 @@ def classification_metrics(
         f"top{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro")(
             logits_BC, labels_B
         ).item(),
-        "mean_per_class_recall": MulticlassRecall(num_classes, average="macro")(
-            logits_BC, labels_B
-        ).item(),
+        "mean_per_class_recall": mean_per_class_recall(
+            logits_BC.argmax(dim=1), labels_B, num_classes
+        ),
     }
 
 
@@ -77,6 +103,24 @@ def zero_shot_logits(
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
+def zero_shot_evaluate(
+    model: CLIP,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    dataset: Dataset | IterableDataset,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: bool = False,
+    workers: int = 0,
+) -> dict[str, float]:
+    """Zero-shot metrics of ``model`` on a dataset of (image tensor, label), plus its size."""
+    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device, progress)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    logits, labels = zero_shot_logits(model, classifier, loader, device, progress)
+    return classification_metrics(logits, labels, len(classnames)) | {"n": len(labels)}
+
+
 def zero_shot_on_wds(
     model: CLIP,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -85,18 +129,16 @@ def zero_shot_on_wds(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     progress: bool = False,
+    workers: int = 0,
 ) -> dict[str, float]:
     """Zero-shot metrics of ``model`` on a CLIP_benchmark wds classification set at ``root``."""
-    from torch.utils.data import DataLoader
-
     from aclip.data.evalsets import load_wds_classification
     from aclip.data.views import eval_transform
 
     dataset, classnames, templates = load_wds_classification(root, eval_transform(image_size))
-    classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device, progress)
-    loader = DataLoader(dataset, batch_size=batch_size)
-    logits, labels = zero_shot_logits(model, classifier, loader, device, progress)
-    return classification_metrics(logits, labels, len(classnames)) | {"n": len(labels)}
+    return zero_shot_evaluate(
+        model, tokenizer, dataset, classnames, templates, device, batch_size, progress, workers
+    )
 
 
 def retrieval_on_wds(
@@ -109,8 +151,6 @@ def retrieval_on_wds(
     progress: bool = False,
 ) -> dict[str, float]:
     """Image<->text recall@1/5/10 of ``model`` on a CLIP_benchmark wds retrieval set."""
-    from torch.utils.data import DataLoader
-
     from aclip.data.evalsets import load_wds_retrieval, retrieval_collate
     from aclip.data.views import eval_transform
     from aclip.retrieval import evaluate_retrieval

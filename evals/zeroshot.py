@@ -1,6 +1,12 @@
-"""Zero-shot classification of a checkpoint on a CLIP_benchmark wds set.
+"""Zero-shot classification of a checkpoint, counted as open_clip / CLIP_benchmark count it.
 
-python -m evals.zeroshot --checkpoint runs/x --data path/to/wds_set [--ema] [--json out.json]
+    python -m evals.zeroshot --checkpoint runs/x --data path/to/wds_set [--ema] [--json out.json]
+    python -m evals.zeroshot --checkpoint runs/x --imagefolder imagenet/val \\
+                             [--classnames names.txt] [--templates openai|simple|FILE]
+
+An ImageFolder tree of the 1000 ImageNet WordNet-id folders takes open_clip's ImageNet class
+names; any other tree takes its folder names (underscores as spaces) or ``--classnames``.
+Metrics: top1, top5 (micro accuracy), mean_per_class_recall, and n (images evaluated).
 """
 
 from __future__ import annotations
@@ -8,45 +14,100 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from aclip.checkpoint import load_eval_model
-from aclip.evaluation import zero_shot_on_wds
+from aclip.checkpoint import find_checkpoint, load_eval_model
+from aclip.data.evalsets import load_wds_classification
+from aclip.data.imagefolder import load_imagefolder_classification
+from aclip.data.views import eval_transform
+from aclip.evaluation import zero_shot_evaluate
 from aclip.tokenizer import Tokenizer
+
+# transform -> (dataset, class names, templates)
+SetBuilder = Callable[[Callable], tuple]
+
+
+def _set_builder(
+    data: str | None, imagefolder: str | None, classnames: str | None, templates: str
+) -> SetBuilder:
+    """Check the evaluation set's paths now (before the model loads); return its builder."""
+    if (data is None) == (imagefolder is None):
+        raise ValueError("give either a wds set (data) or an image folder (imagefolder)")
+    if data is not None:
+        load_wds_classification(data, lambda image: image)  # reads the names, checks shards
+        return lambda transform: load_wds_classification(data, transform)
+    dataset, names, prompts = load_imagefolder_classification(
+        imagefolder, None, classnames, templates
+    )
+
+    def build(transform: Callable) -> tuple:
+        dataset.transform = transform
+        return dataset, names, prompts
+
+    return build
 
 
 def zeroshot(
     checkpoint: str,
-    data: str,
+    data: str | None = None,
     use_ema: bool = False,
     batch_size: int = 256,
     device: str = "cpu",
     progress: bool = True,
+    *,
+    imagefolder: str | None = None,
+    classnames: str | None = None,
+    templates: str = "openai",
+    workers: int = 0,
 ) -> dict[str, float]:
-    """Top-1 / top-5 / mean per-class recall of ``checkpoint`` on the wds set ``data``."""
+    """Top-1 / top-5 / mean per-class recall of ``checkpoint`` on the wds set ``data`` or the
+    ImageFolder tree ``imagefolder``, plus the number of images. Paths are checked first."""
+    find_checkpoint(checkpoint)
+    build_set = _set_builder(data, imagefolder, classnames, templates)
     model, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
+    dataset, names, prompts = build_set(eval_transform(cfg.model.image_size))
     tokenizer = Tokenizer(cfg.model.context_length)
-    return zero_shot_on_wds(
-        model, tokenizer, data, cfg.model.image_size, device, batch_size, progress
+    return zero_shot_evaluate(
+        model, tokenizer, dataset, names, prompts, device, batch_size, progress, workers
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: prints the metrics as JSON, optionally writes them to a file."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or tag dir")
-    parser.add_argument("--data", required=True, help="CLIP_benchmark wds classification set")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="CLIP_benchmark wds classification set")
+    source.add_argument("--imagefolder", help="ImageFolder tree root/<class>/<image>")
+    parser.add_argument("--classnames", help="image folder: file with one class name per line")
+    parser.add_argument(
+        "--templates", default="openai", help="image folder: openai (80), simple (7) or a file"
+    )
     parser.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--json", help="write the metrics here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: prints the metrics as JSON, optionally writes them to a file."""
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.data and (args.classnames or args.templates != "openai"):
+        parser.error("--classnames / --templates apply to --imagefolder (a wds set has its own)")
     try:
-        metrics = zeroshot(args.checkpoint, args.data, args.ema, args.batch_size, args.device)
+        metrics = zeroshot(
+            args.checkpoint, args.data, args.ema, args.batch_size, args.device,
+            not args.no_progress, imagefolder=args.imagefolder, classnames=args.classnames,
+            templates=args.templates, workers=args.workers,
+        )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
