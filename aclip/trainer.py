@@ -296,6 +296,22 @@ class Trainer:
             self._log_kept_tokens(batch)
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
             self.save_checkpoint()
+        if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0:
+            self.periodic_eval()
+
+    def periodic_eval(self) -> None:
+        """Evaluate the configured sets on rank 0 and log ``eval/<kind>/<set>/<metric>`` to
+        tensorboard; the other ranks wait at a barrier. The model goes back to train mode."""
+        if self.dist.is_main:
+            from aclip.evaluation import evaluate_sets
+
+            with self.autocast:
+                results = evaluate_sets(self.model.clip, self.tokenizer, self.cfg, self.device)
+            for name, metrics in results.items():
+                for metric, value in metrics.items():
+                    if self.writer is not None and isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"eval/{name}/{metric}", value, self.step)
+        dist_utils.barrier()
 
     def _flush_scalars(self) -> dict[str, float]:
         """Average the interval's losses over steps and ranks (one sync), write tensorboard."""

@@ -1,11 +1,23 @@
-"""Token-keep-ratio studies: train a grid of masking configs and compare their zero-shot accuracy.
+"""Token-keep-ratio studies.
+
+``study``: train a grid of masking configs and compare their zero-shot accuracy.
 
     python -m evals.keep_ratio study --config configs/demo.yaml --out runs/study \
         --strategies random attentive --keep-ratios 0.25 0.5 --seeds 0 1 [override ...]
 
 Each grid point is one ``train.py`` run (its own process, same base config and overrides, same
-number of steps) evaluated on the config's ``eval.zeroshot_sets``. The study writes
-``results.md`` (a markdown table), ``results.csv`` and ``results.png`` into ``--out``.
+number of steps) evaluated on the config's ``eval.zeroshot_sets``.
+
+``checkpoint``: one trained checkpoint, evaluated while keeping only part of the patch tokens.
+
+    python -m evals.keep_ratio checkpoint --checkpoint runs/demo --data data/eval_cls \
+        --keep-ratios 1.0 0.75 0.5 0.25 --strategies attentive random --out runs/keep_eval
+
+Zero-shot top-1/top-5 and images/s (image tower, teacher pass included) per strategy and keep
+ratio: ``attentive`` keeps the top-k patches by the EMA tower's relevance on the eval image,
+``random`` a seeded random subset; keep ratio 1.0 is the all-tokens row ("none").
+
+Both write ``results.md`` (a markdown table), ``results.csv`` and ``results.png`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -17,8 +29,21 @@ import json
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from aclip.checkpoint import load_eval_model
+from aclip.data.evalsets import load_wds_classification
+from aclip.data.views import eval_transform
+from aclip.evaluation import classification_metrics, zero_shot_classifier, zero_shot_logits
+from aclip.masking import num_keep, random_keep, topk_keep
+from aclip.model.clip import CLIP
+from aclip.model.vision import VisionTower
+from aclip.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,39 +139,76 @@ def summarise(rows: list[tuple[GridPoint, float]]) -> list[dict]:
     return table
 
 
-def write_outputs(table: list[dict], out: Path, title: str) -> None:
-    """results.md, results.csv and results.png in ``out``."""
+Column = tuple[str, Callable[[dict], str]]
+Plotter = Callable[[list[dict], Path, str], None]
+
+STUDY_COLUMNS: list[Column] = [
+    ("strategy", lambda r: r["strategy"]),
+    ("keep ratio", lambda r: f"{r['keep_ratio']:g}"),
+    ("views", lambda r: str(r["views"])),
+    ("runs", lambda r: str(r["runs"])),
+    ("top-1 (mean ± sd)", lambda r: f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f}"),
+    ("per run", lambda r: r["top1_runs"]),
+]
+
+
+def markdown_table(table: list[dict], columns: list[Column], title: str) -> str:
+    """A titled markdown table, one row per dict, cells made by each column's formatter."""
+    lines = [f"## {title}", "", "| " + " | ".join(h for h, _ in columns) + " |"]
+    lines.append("|" + "---|" * len(columns))
+    lines += ["| " + " | ".join(fmt(row) for _, fmt in columns) + " |" for row in table]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(
+    table: list[dict], out: Path, title: str, columns: list[Column], plot: Plotter
+) -> None:
+    """results.csv (every key), results.md (``columns``) and results.png (``plot``) in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    lines = [
-        f"## {title}",
-        "",
-        "| strategy | keep ratio | views | runs | top-1 (mean ± sd) | per run |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['strategy']} | {r['keep_ratio']:g} | {r['views']} | {r['runs']} | "
-        f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f} | {r['top1_runs']} |"
-        for r in table
-    ]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(table, out / "results.png", title)
+    (out / "results.md").write_text(markdown_table(table, columns, title))
+    plot(table, out / "results.png", title)
 
 
-def _plot(table: list[dict], path: Path, title: str) -> None:
+def write_outputs(table: list[dict], out: Path, title: str) -> None:
+    """The study's results.md, results.csv and results.png in ``out``."""
+    write_results(table, out, title, STUDY_COLUMNS, _plot)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (strategy, views), rows in itertools.groupby(
-        sorted(table, key=lambda r: (r["strategy"], r["views"], r["keep_ratio"])),
-        key=lambda r: (r["strategy"], r["views"]),
-    ):
-        rows = list(rows)
+    return plt
+
+
+def _by_strategy(table: list[dict], *extra: str) -> Iterator[tuple[tuple, list[dict]]]:
+    """Rows grouped by (strategy, *extra), each group sorted by keep ratio."""
+    keys = ("strategy", *extra)
+    rows = sorted(table, key=lambda r: (*(r[k] for k in keys), r["keep_ratio"]))
+    for key, group in itertools.groupby(rows, key=lambda r: tuple(r[k] for k in keys)):
+        yield key, list(group)
+
+
+def _finish(fig, axes: list, path: Path, title: str) -> None:
+    for ax in axes:
+        ax.set_xlabel("kept fraction of patch tokens")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+
+
+def _plot(table: list[dict], path: Path, title: str) -> None:
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
+    for (strategy, views), rows in _by_strategy(table, "views"):
         ax.errorbar(
             [r["keep_ratio"] for r in rows],
             [r["top1_mean"] for r in rows],
@@ -155,14 +217,8 @@ def _plot(table: list[dict], path: Path, title: str) -> None:
             capsize=3,
             label=f"{strategy} ({views} view{'s' if views > 1 else ''})",
         )
-    ax.set_xlabel("kept fraction of patch tokens")
     ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(fig, [ax], path, title)
 
 
 def study(args: argparse.Namespace) -> int:
@@ -181,6 +237,211 @@ def study(args: argparse.Namespace) -> int:
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}")
     return 0
+
+
+# ---------------------------------------------------- eval-time keep ratio of one checkpoint
+CHECKPOINT_COLUMNS: list[Column] = [
+    ("strategy", lambda r: r["strategy"]),
+    ("keep ratio", lambda r: f"{r['keep_ratio']:g}"),
+    ("kept tokens", lambda r: str(r["kept_tokens"])),
+    ("top-1 (%)", lambda r: f"{r['top1']:.1f}"),
+    ("top-5 (%)", lambda r: f"{r['top5']:.1f}"),
+    ("images/s", lambda r: f"{r['images_per_s']:.1f}"),
+]
+KeepFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def eval_points(strategies: Sequence[str], ratios: Sequence[float]) -> list[tuple[str, float]]:
+    """(strategy, keep ratio) to evaluate: all tokens ("none", 1.0) first, then every strategy
+    at every ratio below 1, ratios descending."""
+    if any(not 0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(f"keep ratios must be in (0, 1], got {list(ratios)}")
+    below = sorted({r for r in ratios if r < 1.0}, reverse=True)
+    return [("none", 1.0)] + [(s, r) for s in strategies for r in below]
+
+
+def attentive_keep(teacher: VisionTower, images: torch.Tensor, k: int) -> torch.Tensor:
+    """The k patches with the highest CLS relevance of ``teacher`` on ``images`` themselves.
+
+    At eval time the EMA view is the eval image (its box is the whole image), so the relevance
+    lies on the eval grid as it is: no box mapping is needed.
+    """
+    _, relevance_BN = teacher.forward_with_relevance(images)
+    return topk_keep(relevance_BN, k, teacher.grid_hw)
+
+
+def keep_fn(
+    strategy: str,
+    keep_ratio: float,
+    grid_hw: tuple[int, int],
+    teacher: VisionTower | None = None,
+    seed: int = 0,
+) -> KeepFn | None:
+    """``images -> LongTensor[B, k]`` for ``strategy`` at ``keep_ratio``; None keeps all tokens.
+
+    ``random`` draws from one CPU generator seeded with ``seed`` (same indices on any device);
+    ``attentive`` needs the EMA ``teacher`` vision tower.
+    """
+    num_patches = grid_hw[0] * grid_hw[1]
+    k = num_keep(num_patches, keep_ratio)
+    if strategy == "none" or k == num_patches:
+        return None
+    if strategy == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return lambda x: random_keep(
+            len(x), num_patches, k, grid_hw, generator=gen, device=x.device
+        )
+    if strategy == "attentive":
+        if teacher is None:
+            raise ValueError("attentive selection needs the EMA teacher's vision tower")
+        return lambda x: attentive_keep(teacher, x, k)
+    raise ValueError(f"unknown strategy {strategy!r}; expected none, random or attentive")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class TimedImageEncoder:
+    """Stands in for the CLIP in ``zero_shot_logits``: selects the tokens of each batch (teacher
+    pass included), encodes them and times both with ``time.perf_counter``."""
+
+    def __init__(self, clip: CLIP, select: KeepFn | None) -> None:
+        self.clip, self.select = clip, select
+        self.seconds: list[float] = []
+        self.images: list[int] = []
+
+    def encode_image(
+        self, images: torch.Tensor, keep_idx_BK: torch.Tensor | None = None, normalize: bool = False
+    ) -> torch.Tensor:
+        """``clip.encode_image`` on the tokens ``select`` keeps (or ``keep_idx_BK``), timed."""
+        _sync(images.device)
+        start = time.perf_counter()
+        keep = self.select(images) if self.select is not None else keep_idx_BK
+        emb = self.clip.encode_image(images, keep, normalize)
+        _sync(images.device)
+        self.seconds.append(time.perf_counter() - start)
+        self.images.append(len(images))
+        return emb
+
+    def images_per_s(self) -> float:
+        """Encoded images per second, the first (warm-up) batch left out when there are more."""
+        skip = 1 if len(self.seconds) > 1 else 0
+        return sum(self.images[skip:]) / max(sum(self.seconds[skip:]), 1e-12)
+
+
+def evaluate_point(
+    clip: CLIP,
+    classifier_DC: torch.Tensor,
+    loader: Iterable,
+    num_classes: int,
+    select: KeepFn | None,
+    device: torch.device,
+) -> dict[str, float]:
+    """Zero-shot top-1/top-5 (%) and images/s of ``clip`` keeping the tokens ``select`` picks."""
+    encoder = TimedImageEncoder(clip, select)
+    logits, labels = zero_shot_logits(encoder, classifier_DC, loader, device)  # type: ignore[arg-type]
+    metrics = classification_metrics(logits, labels, num_classes)
+    return {
+        "top1": 100.0 * metrics["top1"],
+        "top5": 100.0 * metrics[f"top{min(5, num_classes)}"],
+        "images_per_s": encoder.images_per_s(),
+        "n": len(labels),
+    }
+
+
+def checkpoint_sweep(
+    checkpoint: str | Path,
+    data: str | Path,
+    keep_ratios: Sequence[float] = (1.0, 0.75, 0.5, 0.25),
+    strategies: Sequence[str] = ("attentive", "random"),
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    workers: int = 0,
+) -> list[dict]:
+    """Zero-shot accuracy and speed of one checkpoint at each eval-time keep ratio and strategy.
+
+    The online model is evaluated on the wds classification set at ``data``; ``attentive``
+    keeps the patches the checkpoint's EMA vision tower finds most relevant on the same image.
+    One row per (strategy, keep ratio) plus the all-tokens row ("none", 1.0), as dicts with
+    strategy, keep_ratio, kept_tokens, top1, top5 (%), images_per_s and n.
+    """
+    from torch.utils.data import DataLoader
+
+    device = torch.device(device)
+    clip, cfg = load_eval_model(checkpoint, use_ema=False, device=device)
+    teacher = None
+    if "attentive" in strategies:
+        teacher = load_eval_model(checkpoint, use_ema=True, device=device)[0].visual
+    transform = eval_transform(cfg.model.image_size)
+    dataset, classnames, templates = load_wds_classification(data, transform)
+    tokenizer = Tokenizer(cfg.model.context_length)
+    classifier = zero_shot_classifier(clip, tokenizer, classnames, templates, device)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    grid_hw, rows = clip.visual.grid_hw, []
+    for strategy, ratio in eval_points(strategies, keep_ratios):
+        select = keep_fn(strategy, ratio, grid_hw, teacher, seed)
+        result = evaluate_point(clip, classifier, loader, len(classnames), select, device)
+        kept = num_keep(clip.visual.num_patches, ratio)
+        rows.append({"strategy": strategy, "keep_ratio": ratio, "kept_tokens": kept} | result)
+    return rows
+
+
+def _plot_checkpoint(table: list[dict], path: Path, title: str) -> None:
+    """Top-1 and images/s against keep ratio, one line per strategy, all-tokens point shared."""
+    fig, (acc, speed) = _pyplot().subplots(1, 2, figsize=(10, 4))
+    full = [r for r in table if r["strategy"] == "none"]
+    for (strategy,), rows in _by_strategy(table):
+        rows = rows if strategy == "none" else rows + full
+        ratios = [r["keep_ratio"] for r in rows]
+        style = {"marker": "o", "label": strategy, "linestyle": "" if strategy == "none" else "-"}
+        acc.plot(ratios, [r["top1"] for r in rows], **style)
+        speed.plot(ratios, [r["images_per_s"] for r in rows], **style)
+    acc.set_ylabel("zero-shot top-1 (%)")
+    speed.set_ylabel("images / s (image tower + teacher)")
+    _finish(fig, [acc, speed], path, title)
+
+
+def write_checkpoint_outputs(table: list[dict], out: Path, title: str) -> None:
+    """The checkpoint sweep's results.md, results.csv and results.png in ``out``."""
+    write_results(table, out, title, CHECKPOINT_COLUMNS, _plot_checkpoint)
+
+
+def checkpoint_command(args: argparse.Namespace) -> int:
+    """Sweep one checkpoint's eval-time keep ratios and write the table, CSV and plot."""
+    out = Path(args.out)
+    table = checkpoint_sweep(
+        args.checkpoint,
+        args.data,
+        args.keep_ratios,
+        args.strategies,
+        args.batch_size,
+        args.device,
+        args.seed,
+        args.workers,
+    )
+    write_checkpoint_outputs(table, out, args.title)
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}")
+    return 0
+
+
+def _add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("checkpoint", help="one checkpoint at several eval-time keep ratios")
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag or file")
+    p.add_argument("--data", required=True, help="wds zero-shot classification set (root)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--keep-ratios", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])
+    p.add_argument(
+        "--strategies", nargs="+", default=["attentive", "random"], choices=["random", "attentive"]
+    )
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random selection")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    p.add_argument("--title", default="Zero-shot by eval-time token keep ratio")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-set", help="zero-shot set (folder name) to compare; default: first")
     p.add_argument("--title", default="Zero-shot top-1 by token selection")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")
+    _add_checkpoint_parser(sub)
     args = parser.parse_args(argv)
-    return study(args)
+    return checkpoint_command(args) if args.command == "checkpoint" else study(args)
 
 
 if __name__ == "__main__":
