@@ -207,3 +207,16 @@ def test_cli_bad_paths_exit_2_before_model_load(tiny, tree, tmp_path, capsys, mo
         "no_wds": "missing_wds",
     }
     assert expected[case] in err
+
+
+def test_cli_wds_set_and_python_entry_agree(tiny, tmp_path, capsys):
+    from aclip.data.synthetic import write_synthetic
+
+    run, _, _ = tiny
+    write_synthetic(tmp_path, n_train=0, n_eval_cls=12, n_eval_ret=0, image_size=32,
+                    samples_per_shard=5)  # fmt: skip
+    data = str(tmp_path / "eval_cls")
+    assert zs_cli.main(["--checkpoint", str(run), "--data", data, "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["n"] == 12
+    assert zs_cli.zeroshot(str(run), data, False, 5, "cpu", False) == metrics
