@@ -195,10 +195,12 @@ def _by_strategy(table: list[dict], *extra: str) -> Iterator[tuple[tuple, list[d
         yield key, list(group)
 
 
-def _finish(fig, axes: list, path: Path, title: str) -> None:
-    for ax in axes:
+def _finish(fig, axes: list, path: Path, title: str, extra_axes: Sequence = ()) -> None:
+    """Label, grid and (on ``axes``, not ``extra_axes``) legend the panels; save and close."""
+    for ax in [*axes, *extra_axes]:
         ax.set_xlabel("kept fraction of patch tokens")
         ax.grid(alpha=0.3)
+    for ax in axes:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -390,18 +392,22 @@ def checkpoint_sweep(
 
 
 def _plot_checkpoint(table: list[dict], path: Path, title: str) -> None:
-    """Top-1 and images/s against keep ratio, one line per strategy, all-tokens point shared."""
+    """Top-1 and images/s against keep ratio, one line per strategy from the all-tokens point."""
     fig, (acc, speed) = _pyplot().subplots(1, 2, figsize=(10, 4))
     full = [r for r in table if r["strategy"] == "none"]
     for (strategy,), rows in _by_strategy(table):
-        rows = rows if strategy == "none" else rows + full
-        ratios = [r["keep_ratio"] for r in rows]
-        style = {"marker": "o", "label": strategy, "linestyle": "" if strategy == "none" else "-"}
-        acc.plot(ratios, [r["top1"] for r in rows], **style)
-        speed.plot(ratios, [r["images_per_s"] for r in rows], **style)
+        if strategy != "none":
+            rows += full
+            acc.plot(
+                [r["keep_ratio"] for r in rows], [r["top1"] for r in rows], "o-", label=strategy
+            )
+            speed.plot([r["keep_ratio"] for r in rows], [r["images_per_s"] for r in rows], "o-")
+    for ax, key in ((acc, "top1"), (speed, "images_per_s")):
+        ax.plot([r["keep_ratio"] for r in full], [r[key] for r in full], "k*", ms=12, zorder=3)
+    acc.plot([], [], "k*", ms=12, label="all tokens")
     acc.set_ylabel("zero-shot top-1 (%)")
     speed.set_ylabel("images / s (image tower + teacher)")
-    _finish(fig, [acc, speed], path, title)
+    _finish(fig, [acc], path, title, extra_axes=[speed])
 
 
 def write_checkpoint_outputs(table: list[dict], out: Path, title: str) -> None:
