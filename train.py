@@ -29,7 +29,6 @@ def run(cfg: Config) -> dict:
     """Build everything, train (resuming when asked), evaluate, close. Returns the final metrics."""
     from aclip.data.pipeline import samples_per_epoch
     from aclip.distributed import init_distributed
-    from aclip.evaluation import evaluate_sets
     from aclip.trainer import Trainer
 
     dist_info = init_distributed()
@@ -37,9 +36,8 @@ def run(cfg: Config) -> dict:
     if cfg.train.resume and trainer.resume(cfg.train.resume) and dist_info.is_main:
         print(f"resumed at step {trainer.step}", flush=True)
     trainer.fit()
-    results = {"step": trainer.step}
+    results = {"step": trainer.step} | trainer.evaluate()
     if dist_info.is_main:
-        results.update(evaluate_sets(trainer.model.clip, trainer.tokenizer, cfg, dist_info.device))
         trainer.write_results(results)
         print(f"run directory: {trainer.run_dir} (tensorboard --logdir {trainer.run_dir / 'tb'})")
     trainer.close()

@@ -299,19 +299,23 @@ class Trainer:
         if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0:
             self.periodic_eval()
 
-    def periodic_eval(self) -> None:
-        """Evaluate the configured sets on rank 0 and log ``eval/<kind>/<set>/<metric>`` to
-        tensorboard; the other ranks wait at a barrier. The model goes back to train mode."""
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """The configured eval sets on the online model (rank 0; other ranks get {})."""
+        results: dict[str, dict[str, float]] = {}
         if self.dist.is_main:
             from aclip.evaluation import evaluate_sets
 
             with self.autocast:
                 results = evaluate_sets(self.model.clip, self.tokenizer, self.cfg, self.device)
-            for name, metrics in results.items():
-                for metric, value in metrics.items():
-                    if self.writer is not None and isinstance(value, (int, float)):
-                        self.writer.add_scalar(f"eval/{name}/{metric}", value, self.step)
         dist_utils.barrier()
+        return results
+
+    def periodic_eval(self) -> None:
+        """:meth:`evaluate` and log ``eval/<kind>/<set>/<metric>`` to tensorboard."""
+        for name, metrics in self.evaluate().items():
+            for metric, value in metrics.items():
+                if self.writer is not None and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"eval/{name}/{metric}", value, self.step)
 
     def _flush_scalars(self) -> dict[str, float]:
         """Average the interval's losses over steps and ranks (one sync), write tensorboard."""
