@@ -10,11 +10,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.checkpoint import find_checkpoint, load_eval_model
@@ -23,6 +20,7 @@ from aclip.data.karpathy import KarpathyDataset, karpathy_entries
 from aclip.data.views import eval_transform
 from aclip.retrieval import evaluate_retrieval
 from aclip.tokenizer import Tokenizer
+from evals.common import add_model_args, report
 
 
 def _dataset_builder(data: str | None, karpathy_json: str | None, images: str | None, split: str):
@@ -80,11 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--karpathy-json", help="dataset_flickr30k.json / dataset_coco.json")
     parser.add_argument("--images", help="image folder of the Karpathy json")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    parser.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", help="write the metrics here")
+    add_model_args(parser)
     return parser
 
 
@@ -94,19 +88,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.karpathy_json and not args.images:
         parser.error("--karpathy-json needs --images")
-    try:
-        metrics = retrieval(
-            args.checkpoint, args.data, args.karpathy_json, args.images, args.split,
-            args.ema, args.batch_size, args.workers, args.device,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return report(
+        lambda: retrieval(
+            args.checkpoint,
+            args.data,
+            args.karpathy_json,
+            args.images,
+            args.split,
+            args.ema,
+            args.batch_size,
+            args.workers,
+            args.device,
+        ),  # fmt: skip
+        args.json,
+    )
 
 
 if __name__ == "__main__":

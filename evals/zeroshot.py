@@ -12,12 +12,8 @@ Metrics: top1, top5 (micro accuracy), mean_per_class_recall, and n (images evalu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
-
-import torch
 
 from aclip.checkpoint import find_checkpoint, load_eval_model
 from aclip.data.evalsets import load_wds_classification
@@ -25,6 +21,7 @@ from aclip.data.imagefolder import load_imagefolder_classification
 from aclip.data.views import eval_transform
 from aclip.evaluation import zero_shot_evaluate
 from aclip.tokenizer import Tokenizer
+from evals.common import add_model_args, report
 
 # transform -> (dataset, class names, templates)
 SetBuilder = Callable[[Callable], tuple]
@@ -87,12 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--templates", default="openai", help="image folder: openai (80), simple (7) or a file"
     )
-    parser.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--json", help="write the metrics here")
+    add_model_args(parser)
     return parser
 
 
@@ -102,20 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data and (args.classnames or args.templates != "openai"):
         parser.error("--classnames / --templates apply to --imagefolder (a wds set has its own)")
-    try:
-        metrics = zeroshot(
-            args.checkpoint, args.data, args.ema, args.batch_size, args.device,
-            not args.no_progress, imagefolder=args.imagefolder, classnames=args.classnames,
-            templates=args.templates, workers=args.workers,
-        )  # fmt: skip
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text)
-    return 0
+    return report(
+        lambda: zeroshot(
+            args.checkpoint,
+            args.data,
+            args.ema,
+            args.batch_size,
+            args.device,
+            not args.no_progress,
+            imagefolder=args.imagefolder,
+            classnames=args.classnames,
+            templates=args.templates,
+            workers=args.workers,
+        ),  # fmt: skip
+        args.json,
+    )
 
 
 if __name__ == "__main__":

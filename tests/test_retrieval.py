@@ -27,6 +27,7 @@ N_RET = 12
 def clip_benchmark_metrics(image_emb, text_emb, text_to_image, ks):
     """The last lines of CLIP_benchmark's ``zeroshot_retrieval.evaluate``, on given embeddings."""
     from clip_benchmark.metrics import zeroshot_retrieval as zr  # installed by `make install`
+
     scores = text_emb @ image_emb.t()
     positive = torch.zeros_like(scores, dtype=torch.bool)
     positive[torch.arange(len(scores)), text_to_image] = True
