@@ -163,8 +163,10 @@ def markdown_table(table: list[dict], columns: list[Column], title: str) -> str:
 def write_results(
     table: list[dict], out: Path, title: str, columns: list[Column], plot: Plotter
 ) -> None:
-    """results.csv (every key), results.md (``columns``) and results.png (``plot``) in ``out``."""
+    """results.csv and results.json (every key), results.md (``columns``) and results.png
+    (``plot``) in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(table, indent=2))
     with (out / "results.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]))
         writer.writeheader()
@@ -371,7 +373,13 @@ def checkpoint_sweep(
     strategy, keep_ratio, kept_tokens, top1, top5 (%), images_per_s and n.
     """
     from torch.utils.data import DataLoader
+    from tqdm import tqdm
 
+    from aclip.checkpoint import find_checkpoint
+    from aclip.data.evalsets import shard_paths
+
+    find_checkpoint(checkpoint)  # refuse missing paths before loading any model
+    shard_paths(data)
     device = torch.device(device)
     clip, cfg = load_eval_model(checkpoint, use_ema=False, device=device)
     teacher = None
@@ -383,7 +391,7 @@ def checkpoint_sweep(
     classifier = zero_shot_classifier(clip, tokenizer, classnames, templates, device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     grid_hw, rows = clip.visual.grid_hw, []
-    for strategy, ratio in eval_points(strategies, keep_ratios):
+    for strategy, ratio in tqdm(eval_points(strategies, keep_ratios), desc="keep ratios"):
         select = keep_fn(strategy, ratio, grid_hw, teacher, seed)
         result = evaluate_point(clip, classifier, loader, len(classnames), select, device)
         kept = num_keep(clip.visual.num_patches, ratio)
@@ -418,16 +426,14 @@ def write_checkpoint_outputs(table: list[dict], out: Path, title: str) -> None:
 def checkpoint_command(args: argparse.Namespace) -> int:
     """Sweep one checkpoint's eval-time keep ratios and write the table, CSV and plot."""
     out = Path(args.out)
-    table = checkpoint_sweep(
-        args.checkpoint,
-        args.data,
-        args.keep_ratios,
-        args.strategies,
-        args.batch_size,
-        args.device,
-        args.seed,
-        args.workers,
-    )
+    try:
+        table = checkpoint_sweep(
+            args.checkpoint, args.data, args.keep_ratios, args.strategies, args.batch_size,
+            args.device, args.seed, args.workers,
+        )  # fmt: skip
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     write_checkpoint_outputs(table, out, args.title)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}")

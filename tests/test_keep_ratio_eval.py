@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,17 @@ def test_command_line_writes_the_files(checkpoint, eval_set, tmp_path, capsys):
     assert main(args + ["--batch-size", "6", "--device", "cpu", "--workers", "0"]) == 0
     assert "| random | 0.5 | 8 |" in capsys.readouterr().out
     assert all((tmp_path / f"results.{ext}").is_file() for ext in ("md", "csv", "png"))
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["strategy"], r["keep_ratio"]) for r in rows] == [("none", 1.0), ("random", 0.5)]
+
+
+def test_command_line_refuses_missing_paths(checkpoint, eval_set, tmp_path, capsys):
+    base = ["checkpoint", "--out", str(tmp_path / "out"), "--workers", "0"]
+    assert main(base + ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "no")]) == 2
+    assert "nshards.txt" in capsys.readouterr().err
+    assert main(base + ["--checkpoint", str(tmp_path / "none"), "--data", str(eval_set)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_periodic_eval_logs_zero_shot_metrics_to_tensorboard(tmp_path, eval_set):
