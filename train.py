@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run(cfg)
+    try:
+        run(cfg)
+    except ConfigError as err:  # e.g. resuming a checkpoint of another model
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from aclip import distributed as dist_utils
-from aclip.config import Config, ConfigError, check_world_size, steps_per_epoch, to_yaml
+from aclip.config import (
+    Config,
+    ConfigError,
+    check_world_size,
+    config_from_yaml,
+    steps_per_epoch,
+    to_yaml,
+)
 from aclip.distributed import DistInfo
 from aclip.ema import EMATeacher, ema_momentum
 from aclip.losses import LossOutput, aclip_loss
@@ -31,6 +38,38 @@ from aclip.tokenizer import Tokenizer
 from aclip.visualize import kept_tokens_grid
 
 LOSS_KEYS = ("loss", "loss_clip", "loss_simclr", "loss_byol")
+CONFIG_FILE = "aclip_config.yaml"
+# what decides the shapes of the saved weights: a checkpoint resumes only if these agree
+SHAPE_KEYS = {
+    "model": None,  # every model key
+    "loss": ("simclr_hidden", "simclr_out", "byol_hidden", "byol_out"),
+}
+
+
+def _shape_fields(cfg: Config) -> dict[str, Any]:
+    fields = {}
+    for section, keys in SHAPE_KEYS.items():
+        values = vars(getattr(cfg, section))
+        for key in keys or values:
+            fields[f"{section}.{key}"] = values[key]
+    fields["loss.simclr_head"] = cfg.loss.w_simclr > 0
+    fields["loss.byol_heads"] = cfg.loss.w_byol > 0
+    return fields
+
+
+def check_compatible(cfg: Config, tag_dir: Path) -> None:
+    """Refuse to resume from a checkpoint whose model differs from ``cfg``'s, naming the keys."""
+    saved_file = tag_dir / CONFIG_FILE
+    if not saved_file.is_file():
+        return  # written by every save; absent only for checkpoints from elsewhere
+    saved, ours = _shape_fields(config_from_yaml(saved_file.read_text())), _shape_fields(cfg)
+    diff = [
+        f"{k}: checkpoint {saved[k]!r}, config {ours[k]!r}" for k in ours if saved[k] != ours[k]
+    ]
+    if diff:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was made with another model; differing keys: " + "; ".join(diff)
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -385,6 +424,7 @@ class Trainer:
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
         self._saved_step = self.step
         if self.dist.is_main:
+            (self.ckpt_dir / tag / CONFIG_FILE).write_text(client["config"])
             self._prune_checkpoints()
         dist_utils.barrier()
         return self.ckpt_dir / tag
@@ -403,6 +443,8 @@ class Trainer:
             ckpt_dir, tag = path.parent, path.name
         if not (ckpt_dir / "latest").exists() and tag is None:
             return False
+        tag_dir = ckpt_dir / (tag or (ckpt_dir / "latest").read_text().strip())
+        check_compatible(self.cfg, tag_dir)
         load_path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"no loadable checkpoint in {ckpt_dir} (tag {tag})")

@@ -149,3 +149,18 @@ def test_a_finite_loader_is_rebuilt_when_it_runs_out(tmp_path, dist_info, monkey
     trainer.fit(loader=[fake_batch(cfg, 8, seed=0)])
     assert trainer.step == 5
     assert built == [8, 24]  # rebuilt at each exhaustion (1 + 2 + 2 steps), at its position
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, dist_info):
+    from aclip.config import ConfigError
+
+    first = Trainer(tiny_config(str(tmp_path)), dist_info)
+    first.train_step(fake_batch(first.cfg, 8, seed=0))
+    first.save_checkpoint()
+    other = Trainer(tiny_config(str(tmp_path), **{"model.text_layers": 2, "loss.byol_out": 8}),
+                    dist_info)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.text_layers: checkpoint 1, config 2"):
+        other.resume("latest")
+    assert other.step == 0
+    same = Trainer(tiny_config(str(tmp_path), **{"optim.lr": 1e-4}), dist_info)
+    assert same.resume("latest") and same.step == 1  # optimiser settings may change
