@@ -13,9 +13,13 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
+import tarfile
+import warnings
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -65,21 +69,213 @@ def samples_per_epoch(spec: str) -> int | None:
     return total
 
 
+# Fixed layouts of the per-worker count tensor `batch["skipped"]`: skip reasons, then conversions.
+SKIP_REASONS: tuple[str, ...] = (
+    "corrupt_image",  # image bytes PIL cannot decode (bad or truncated JPEG/PNG ...)
+    "empty_image",  # zero-byte image member
+    "no_image",  # sample without any image member (e.g. a member lost to a cut tar)
+    "no_caption",  # sample without a `.txt` member
+    "empty_caption",  # caption empty or whitespace only
+    "too_large",  # more than MAX_DECODE_PIXELS and not reducible at decode time
+    "too_small",  # shorter side below MIN_IMAGE_SIDE
+    "bad_tar",  # shard not a tar, or cut in the middle (the rest of the shard is lost)
+    "missing_shard",  # shard path missing or unreadable
+    "other",  # any other error while making views / tokens
+)
+CONVERT_REASONS: tuple[str, ...] = (
+    "caption_not_utf8",  # caption decoded with U+FFFD replacements and kept
+    "mode_converted",  # non-RGB image (L, LA, P, RGBA, CMYK, I;16, ...) converted to RGB
+    "reduced_large",  # huge JPEG decoded at 1/2, 1/4 or 1/8 scale (PIL draft mode)
+)
+COUNT_KEYS: tuple[str, ...] = SKIP_REASONS + CONVERT_REASONS
+MAX_DECODE_PIXELS = 32 * 1024 * 1024  # ~100 MB as RGB; larger images are reduced or skipped
+MIN_IMAGE_SIDE = 8  # smaller images carry no usable content for 2 random crops: skipped
+RECENT_BAD_URLS = 4  # shards of the last skipped samples kept per worker for error messages
+
+_skipped = {"count": 0}
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str, url: str = "") -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason, self.url = reason, url
+
+
+class SkipLimitExceeded(RuntimeError):
+    """Too large a fraction of the training samples were bad (see `check_skip_fraction`)."""
+
+
 def skipped_samples() -> int:
-    """Number of bad samples skipped so far in this process (workers count separately)."""
+    """Number of bad samples skipped so far in this process (workers count separately; use
+    `batch["skipped"]` with `SkipCounter` / `merge_skip_counts` to see theirs)."""
     return _skipped["count"]
+
+
+def _url_of(exn: Exception) -> str:
+    """The shard url webdataset appends to a tar-stage exception's args ('' if none)."""
+    if isinstance(exn, BadSample):
+        return exn.url
+    if isinstance(exn, OSError) and isinstance(exn.filename, str):
+        return exn.filename
+    last = exn.args[-1] if len(exn.args) > 1 else None
+    return last if isinstance(last, str) else ""
+
+
+def _tar_reason(exn: Exception) -> str | None:
+    """Reason for an error of the tar stage; None for a member-level error that webdataset
+    reports again for the whole stream (a cut tar raises twice: count it once)."""
+    if isinstance(exn, OSError) and not isinstance(exn, tarfile.TarError):
+        return "missing_shard"
+    return "bad_tar" if _url_of(exn) else None
+
+
+class SkipStats:
+    """Per-loader skip/convert counts; also the webdataset error handler of its stages.
+
+    Each DataLoader worker gets its own pickled copy, so the counts are per worker process;
+    they reach the main process as `batch["skipped"]` (cumulative, COUNT_KEYS layout),
+    `batch["worker_id"]` and `batch["bad_shards"]` (see `SkipCounter`).
+    """
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(COUNT_KEYS, 0)
+        self.bad_urls: deque[str] = deque(maxlen=RECENT_BAD_URLS)
+
+    def convert(self, reason: str) -> None:
+        """Count a sample that was kept after a conversion (one of CONVERT_REASONS)."""
+        self.counts[reason] += 1
+
+    def skip(self, reason: str, url: str, exn: Exception) -> None:
+        """Count one skipped sample or shard and remember its shard."""
+        self.counts[reason] += 1
+        _skipped["count"] += 1
+        if url and url not in self.bad_urls:
+            self.bad_urls.append(url)
+        n = _skipped["count"]
+        if n <= 20 or n % 1000 == 0:
+            log.warning("skipping bad sample #%d (%s): %r", n, reason, exn)
+
+    def tar_handler(self, exn: Exception) -> bool:
+        """webdataset handler of the shard-reading stage: count and go on to the next shard."""
+        reason = _tar_reason(exn)
+        if reason is None:
+            log.debug("bad tar member: %r", exn)
+        else:
+            self.skip(reason, _url_of(exn), exn)
+        return True
+
+    def __call__(self, exn: Exception) -> bool:
+        """webdataset handler of the per-sample stage: count by reason and continue."""
+        reason = exn.reason if isinstance(exn, BadSample) else "other"
+        self.skip(reason, _url_of(exn), exn)
+        return True
+
+    def tensor(self) -> torch.Tensor:
+        """Cumulative counts as a LongTensor in COUNT_KEYS order."""
+        return torch.tensor([self.counts[k] for k in COUNT_KEYS], dtype=torch.long)
+
+    def attach(self, batches: Iterable[dict]) -> Iterator[dict]:
+        """Pipeline stage adding this worker's counts and recent bad shards to each batch."""
+        worker = torch.tensor(pytorch_worker_info()[2], dtype=torch.long)
+        for batch in batches:
+            batch["skipped"], batch["worker_id"] = self.tensor(), worker
+            batch["bad_shards"] = _encode_urls(self.bad_urls)
+            yield batch
 
 
 def skip_and_count(exn: Exception) -> bool:
     """webdataset handler: log the bad sample (first 20, then every 1000th), count, continue.
 
-    Unlike `wds.warn_and_continue` it does not sleep 0.5 s per bad sample.
+    Unlike `wds.warn_and_continue` it does not sleep 0.5 s per bad sample. Process-global
+    counts only; `build_train_loader` uses a per-loader `SkipStats` instead.
     """
-    _skipped["count"] += 1
-    n = _skipped["count"]
-    if n <= 20 or n % 1000 == 0:
-        log.warning("skipping bad sample #%d: %r", n, exn)
+    _GLOBAL_STATS(exn)
     return True
+
+
+_GLOBAL_STATS = SkipStats()
+
+
+def _encode_urls(urls: Iterable[str]) -> torch.Tensor:
+    """Newline-joined urls as a uint8 tensor (batches hold only tensors)."""
+    return torch.tensor(list("\n".join(urls).encode()), dtype=torch.uint8)
+
+
+def _decode_urls(data: torch.Tensor) -> list[str]:
+    text = bytes(data.tolist()).decode(errors="replace")
+    return [u for u in text.split("\n") if u]
+
+
+class SkipCounter:
+    """Run totals of skip/convert counts from the batches of one or more loaders.
+
+    Each worker sends its cumulative counts with every batch; the total is the max per worker
+    (the latest), summed over workers. Call `new_loader()` when a fresh loader (new epoch)
+    starts, since its workers count from zero again.
+    """
+
+    def __init__(self) -> None:
+        self.per_worker: dict[int, torch.Tensor] = {}
+        self.base = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
+        self.bad_shards: dict[int, list[str]] = {}
+
+    def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
+        """Fold one batch's worker counts in; return the run totals."""
+        if "skipped" in batch:
+            wid = int(batch["worker_id"])
+            prev = self.per_worker.get(wid, torch.zeros_like(batch["skipped"]))
+            self.per_worker[wid] = torch.maximum(prev, batch["skipped"].cpu())
+            if "bad_shards" in batch:
+                self.bad_shards[wid] = _decode_urls(batch["bad_shards"])
+        return self.totals()
+
+    def new_loader(self) -> None:
+        """Keep the totals so far and start counting a fresh loader's workers from zero."""
+        self.base = self.base + sum(self.per_worker.values(), torch.zeros_like(self.base))
+        self.per_worker = {}
+
+    def totals(self) -> dict[str, int]:
+        """Run totals per reason (COUNT_KEYS)."""
+        total = self.base + sum(self.per_worker.values(), torch.zeros_like(self.base))
+        return dict(zip(COUNT_KEYS, total.tolist(), strict=True))
+
+    def skipped(self) -> int:
+        """Total skipped samples and shards (SKIP_REASONS only, conversions excluded)."""
+        totals = self.totals()
+        return sum(totals[k] for k in SKIP_REASONS)
+
+    def recent_bad_shards(self) -> list[str]:
+        """Shards of the latest skipped samples, over all workers."""
+        return sorted({u for urls in self.bad_shards.values() for u in urls})
+
+
+def merge_skip_counts(tracker: dict, batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Functional form of `SkipCounter.update`: `tracker` (start with `{}`) keeps the per-worker
+    state between calls; returns the run totals per reason."""
+    counter = tracker.setdefault("counter", SkipCounter())
+    return counter.update(batch)
+
+
+def check_skip_fraction(
+    counts: Mapping[str, int], seen: int, max_fraction: float, shards_hint: Iterable[str] = ()
+) -> None:
+    """Raise SkipLimitExceeded if skipped / (skipped + seen) > max_fraction.
+
+    `counts` are run totals per reason (conversions are ignored), `seen` the good samples
+    delivered so far, `shards_hint` the shards of recent bad samples, named in the message.
+    """
+    skipped = sum(int(counts.get(k, 0)) for k in SKIP_REASONS)
+    total = skipped + seen
+    if total == 0 or skipped / total <= max_fraction:
+        return
+    reasons = ", ".join(f"{k}={counts[k]}" for k in SKIP_REASONS if counts.get(k))
+    shards = ", ".join(shards_hint) or "unknown"
+    raise SkipLimitExceeded(
+        f"{skipped} of {total} training samples were bad ({skipped / total:.1%} > "
+        f"{max_fraction:.1%}): {reasons}; recent bad shards: {shards}"
+    )
 
 
 def _derive_seed(*parts: int | str) -> int:
@@ -92,14 +288,16 @@ def _worker_seed(seed: int, epoch: int, tag: str) -> int:
     return _derive_seed(seed, epoch, rank, worker, tag)
 
 
-def _source(urls: list[str], resampled: bool, seed: int, epoch: int) -> wds.DataPipeline:
+def _source(
+    urls: list[str], resampled: bool, seed: int, epoch: int, stats: SkipStats
+) -> wds.DataPipeline:
     """Samples of one source: shard list split by node and worker, tar -> dict samples."""
     if resampled:  # each rank/worker draws its own shard stream (seeded by rank*1000+worker)
         shards = [wds.ResampledShards(urls, seed=_derive_seed(seed, epoch), deterministic=True)]
     else:  # same permutation on all ranks, then disjoint slices per rank and worker
         shards = [wds.SimpleShardList(urls, seed=_derive_seed(seed, epoch)), wds.split_by_node]
         shards.append(wds.split_by_worker)
-    return wds.DataPipeline(*shards, wds.tarfile_to_samples(handler=skip_and_count))
+    return wds.DataPipeline(*shards, wds.tarfile_to_samples(handler=stats.tar_handler))
 
 
 class _WeightedMix(torch.utils.data.IterableDataset):
@@ -142,18 +340,91 @@ class _Shuffle:
         yield from buf
 
 
-def decode_sample(sample: dict) -> tuple[Image.Image, str, str]:
-    """Raw webdataset sample -> (RGB PIL image, caption, sample id). Raises on bad samples."""
-    ext = next((e for e in IMAGE_EXTS if e in sample), None)
-    if ext is None or "txt" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')} lacks an image or a caption")
-    caption = sample["txt"].decode("utf-8", errors="replace").strip()
+def _caption(sample: dict, url: str, stats: SkipStats | None) -> str:
+    """The sample's caption. Non-UTF-8 bytes are decoded with U+FFFD replacements and the
+    sample is kept (counted as "caption_not_utf8"); a missing or blank caption is skipped."""
+    raw = sample.get("txt")
+    if raw is None:
+        raise BadSample("no_caption", f"sample {sample.get('__key__')} has no caption", url)
+    try:
+        caption = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        caption = raw.decode("utf-8", errors="replace")
+        if stats is not None:
+            stats.convert("caption_not_utf8")
+    caption = caption.strip()
     if not caption:
-        raise ValueError(f"sample {sample.get('__key__')} has an empty caption")
-    with Image.open(io.BytesIO(sample[ext])) as img:
-        img.load()
+        raise BadSample(
+            "empty_caption", f"sample {sample.get('__key__')} has an empty caption", url
+        )
+    return caption
+
+
+def _open_image(data: bytes, key: str, url: str) -> Image.Image:
+    """Read the image header (no pixel decode). PIL's decompression-bomb warning is silenced
+    (our own MAX_DECODE_PIXELS guard applies) and its error becomes a "too_large" skip."""
+    if not data:
+        raise BadSample("empty_image", f"sample {key} has a zero-byte image", url)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exn:
+        raise BadSample("too_large", f"sample {key}: {exn}", url) from exn
+    except Exception as exn:
+        raise BadSample("corrupt_image", f"sample {key}: {exn!r}", url) from exn
+
+
+def _check_size(img: Image.Image, key: str, url: str, stats: SkipStats | None) -> None:
+    """Skip tiny images; decode huge JPEGs reduced (draft) to at most MAX_DECODE_PIXELS and
+    skip other huge images before their pixels are decoded."""
+    w, h = img.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise BadSample("too_small", f"sample {key} is {w}x{h} (< {MIN_IMAGE_SIDE})", url)
+    if w * h <= MAX_DECODE_PIXELS:
+        return
+    if img.format == "JPEG":
+        # draft picks the smallest 1/2^k scale keeping each side >= the request, so asking for
+        # half the target scale gives at most the target pixel count.
+        scale = math.sqrt(MAX_DECODE_PIXELS / (w * h)) / 2
+        img.draft(None, (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+        if img.size[0] * img.size[1] <= MAX_DECODE_PIXELS:
+            if stats is not None:
+                stats.convert("reduced_large")
+            return
+    raise BadSample("too_large", f"sample {key} is {w}x{h} (> {MAX_DECODE_PIXELS} px)", url)
+
+
+def _decode_image(sample: dict, url: str, stats: SkipStats | None) -> Image.Image:
+    """The sample's image as 8-bit RGB; non-RGB modes are converted (counted)."""
+    key = str(sample.get("__key__"))
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise BadSample("no_image", f"sample {key} has no image", url)
+    with _open_image(sample[ext], key, url) as img:
+        _check_size(img, key, url, stats)
+        try:
+            img.load()
+        except Exception as exn:
+            raise BadSample("corrupt_image", f"sample {key}: {exn!r}", url) from exn
+        if img.mode != "RGB" and stats is not None:
+            stats.convert("mode_converted")
         rgb = to_rgb(img)
-    return rgb, caption, f"{sample.get('__url__', '')}/{sample['__key__']}"
+        if rgb is img:
+            rgb = img.copy()  # the context manager closes `img`
+    return rgb
+
+
+def decode_sample(sample: dict, stats: SkipStats | None = None) -> tuple[Image.Image, str, str]:
+    """Raw webdataset sample -> (RGB PIL image, caption, sample id).
+
+    Raises `BadSample` (reason in SKIP_REASONS) on unusable samples; conversions (non-RGB
+    image, reduced huge JPEG, non-UTF-8 caption) are counted in `stats` if given.
+    """
+    url = str(sample.get("__url__", ""))
+    caption = _caption(sample, url, stats)
+    rgb = _decode_image(sample, url, stats)
+    return rgb, caption, f"{url}/{sample.get('__key__')}"
 
 
 class SampleTransform:
@@ -163,8 +434,16 @@ class SampleTransform:
     swapped in around each call so the process's global RNG is left untouched.
     """
 
-    def __init__(self, views: ACLIPViews, tokenizer: Tokenizer, seed: int, epoch: int) -> None:
+    def __init__(
+        self,
+        views: ACLIPViews,
+        tokenizer: Tokenizer,
+        seed: int,
+        epoch: int,
+        stats: SkipStats | None = None,
+    ) -> None:
         self.views, self.tokenizer, self.seed, self.epoch = views, tokenizer, seed, epoch
+        self.stats = stats
         self._rng_state: torch.Tensor | None = None
 
     def _views(self, img: Image.Image) -> dict[str, torch.Tensor]:
@@ -181,7 +460,7 @@ class SampleTransform:
             cpu_rng.set_state(saved)
 
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
-        img, caption, _ = decode_sample(sample)
+        img, caption, _ = decode_sample(sample, self.stats)
         out = self._views(img)
         out["tokens"] = self.tokenizer([caption])[0].long()
         return out
@@ -211,14 +490,22 @@ def build_train_loader(
 
     With `resampled=True` shards are drawn with replacement and the stream never ends (the
     trainer decides the number of steps); otherwise each epoch walks every shard once, split
-    disjointly by rank and worker. Bad samples are skipped and counted (`skip_and_count`).
+    disjointly by rank and worker. Bad samples and shards are skipped and counted by reason
+    (SKIP_REASONS; conversions in CONVERT_REASONS): each batch also carries its worker's
+    cumulative counts `skipped` [len(COUNT_KEYS)] long, `worker_id` [] long and `bad_shards`
+    (uint8, newline-joined urls of recent bad shards); fold them with `SkipCounter`. Counts
+    made after a worker's last full batch never reach the main process (with num_workers=0
+    read `loader.skip_stats.counts` instead) (only matters for
+    finite streams). With `resampled=True` and no good shard at all the stream would spin:
+    the caller should stop on `check_skip_fraction`.
     Only full batches are yielded. Build a new loader for each epoch (pass `epoch`): the
     stream's seeds are fixed at construction.
     """
     sources = expand_urls(spec)
     if weights is not None and len(weights) != len(sources):
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources in {spec!r}")
-    pipes = [_source(urls, resampled, seed, epoch) for urls in sources]
+    stats = SkipStats()
+    pipes = [_source(urls, resampled, seed, epoch, stats) for urls in sources]
     if len(pipes) == 1:
         head = pipes[0]
     else:
@@ -226,10 +513,11 @@ def build_train_loader(
     pipeline = wds.DataPipeline(
         head,
         _Shuffle(max(1, shuffle_buffer), seed, epoch),
-        wds.map(SampleTransform(views, tokenizer, seed, epoch), handler=skip_and_count),
+        wds.map(SampleTransform(views, tokenizer, seed, epoch, stats), handler=stats),
         wds.batched(batch_size, collation_fn=collate, partial=False),
+        stats.attach,
     )
-    return wds.WebLoader(
+    loader = wds.WebLoader(
         pipeline,
         batch_size=None,
         shuffle=False,
@@ -238,3 +526,5 @@ def build_train_loader(
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
     )
+    loader.skip_stats = stats  # live counts with num_workers=0; workers count in their copies
+    return loader

@@ -1,0 +1,233 @@
+"""Bad training data is skipped or converted, counted by reason, and never hangs the loader."""
+
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from aclip.data import pipeline
+from aclip.data.pipeline import (
+    COUNT_KEYS,
+    SKIP_REASONS,
+    SkipCounter,
+    SkipLimitExceeded,
+    build_train_loader,
+    check_skip_fraction,
+    merge_skip_counts,
+)
+from aclip.data.synthetic import write_synthetic
+from aclip.data.views import ACLIPViews
+from aclip.tokenizer import Tokenizer
+
+S = 32
+CAP = b"a photo of a red circle."
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer(context_length=24)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("good")
+    write_synthetic(root, n_train=20, n_eval_cls=0, n_eval_ret=0, image_size=48,
+                    samples_per_shard=10, seed=0)  # fmt: skip
+    return root / "train"
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def _members(tar_path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(tar_path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def _jpg(members: list[tuple[str, bytes]]) -> bytes:
+    return next(d for n, d in members if n.endswith(".jpg"))
+
+
+def _bad_members(jpg: bytes) -> list[tuple[str, bytes]]:
+    """One sample per skip reason of a single shard: 9 skipped."""
+    return [
+        ("b_corrupt.jpg", b"\xff\xd8\xff\xe0 this is not a jpeg" + jpg[40:60]),
+        ("b_corrupt.txt", CAP),
+        ("b_cut.jpg", jpg[: len(jpg) // 2]),  # truncated JPEG
+        ("b_cut.txt", CAP),
+        ("b_zero.jpg", b""),
+        ("b_zero.txt", CAP),
+        ("b_nocap.jpg", jpg),
+        ("b_blank.jpg", jpg),
+        ("b_blank.txt", b" \n "),
+        ("b_noimg.txt", CAP),
+        ("b_tiny.png", _encode(Image.new("RGB", (1, 1), (9, 9, 9)), "PNG")),
+        ("b_tiny.txt", CAP),
+        ("b_hugepng.png", _encode(Image.new("1", (10000, 10000)), "PNG")),  # 100 Mpx, not JPEG
+        ("b_hugepng.txt", CAP),
+        ("b_bomb.png", _encode(Image.new("1", (15000, 15000)), "PNG")),  # PIL bomb error
+        ("b_bomb.txt", CAP),
+    ]
+
+
+def _converted_members(jpg: bytes) -> list[tuple[str, bytes]]:
+    """Samples that are kept after a conversion: 6 kept."""
+    i16 = Image.new("I;16", (40, 30))
+    i16.putpixel((3, 3), 60000)
+    return [
+        ("c_utf8.jpg", jpg),
+        ("c_utf8.txt", b"caf\xe9 \xff a red circle"),
+        ("c_gray.png", _encode(Image.new("L", (40, 30), 77), "PNG")),
+        ("c_gray.txt", CAP),
+        ("c_cmyk.jpg", _encode(Image.new("CMYK", (40, 30), (0, 50, 90, 10)), "JPEG")),
+        ("c_cmyk.txt", CAP),
+        ("c_rgba.png", _encode(Image.new("RGBA", (40, 30), (1, 2, 3, 4)), "PNG")),
+        ("c_rgba.txt", CAP),
+        ("c_i16.png", _encode(i16, "PNG")),
+        ("c_i16.txt", CAP),
+        ("c_huge.jpg", _encode(Image.new("L", (10000, 10000), 128), "JPEG")),  # 100 Mpx
+        ("c_huge.txt", CAP),
+    ]
+
+
+def _truncated(src: Path, dst: Path) -> None:
+    """Copy `src` cut in the middle of its 6th sample's JPEG (5 samples survive)."""
+    with tarfile.open(src) as tar:
+        m = [m for m in tar.getmembers() if m.name.endswith(".jpg")][5]
+    dst.write_bytes(src.read_bytes()[: m.offset_data + m.size // 2])
+
+
+@pytest.fixture(scope="module")
+def bad_dir(good, tmp_path_factory) -> Path:
+    """0.tar: 10 good + 9 bad + 6 converted; 1.tar cut (5 good); 2.tar not a tar; 3 missing."""
+    root = tmp_path_factory.mktemp("bad")
+    members = _members(good / "00000.tar")
+    jpg = _jpg(members)
+    _write_tar(root / "0.tar", members[:15] + _bad_members(jpg) + members[15:]
+               + _converted_members(jpg))  # fmt: skip
+    _truncated(good / "00001.tar", root / "1.tar")
+    (root / "2.tar").write_bytes(b"this is not a tar file\n" * 40)
+    return root
+
+
+def _loader(spec: str, tok: Tokenizer, **kw):
+    kw.setdefault("resampled", False)
+    kw.setdefault("shuffle_buffer", 1)
+    bs, nw = kw.pop("batch_size", 1), kw.pop("num_workers", 0)
+    return build_train_loader(spec, tok, ACLIPViews(S), bs, nw, **kw)
+
+
+WANT_IN_PROCESS = {
+    "corrupt_image": 2,
+    "empty_image": 1,
+    "no_image": 1,
+    "no_caption": 1,
+    "empty_caption": 1,
+    "too_large": 2,
+    "too_small": 1,
+    "bad_tar": 2,
+    "missing_shard": 1,
+    "other": 0,
+    "caption_not_utf8": 1,
+    "mode_converted": 5,  # L, CMYK, RGBA, I;16, the huge L JPEG
+    "reduced_large": 1,
+}
+
+
+@pytest.mark.timeout(60)
+def test_every_bad_case_is_skipped_or_converted_and_counted(bad_dir, tok):
+    before = pipeline.skipped_samples()
+    loader = _loader(str(bad_dir / "{0..3}.tar"), tok)
+    batches = list(loader)
+    assert len(batches) == 10 + 6 + 5
+    for b in batches:
+        assert b["views"].shape == (1, 2, 3, S, S) and b["ema"].shape == (1, 3, S, S)
+        assert torch.isfinite(b["views"]).all()
+    assert loader.skip_stats.counts == WANT_IN_PROCESS
+    n_skipped = sum(WANT_IN_PROCESS[k] for k in SKIP_REASONS)
+    assert pipeline.skipped_samples() - before == n_skipped
+    # the counts ride on the batches too (up to the last batch)
+    last = dict(zip(COUNT_KEYS, batches[-1]["skipped"].tolist(), strict=True))
+    assert all(last[k] <= WANT_IN_PROCESS[k] for k in COUNT_KEYS)
+    assert last["reduced_large"] == 1 and int(batches[-1]["worker_id"]) == 0
+
+
+@pytest.mark.timeout(60)
+def test_counts_reach_main_process_from_workers(good, tok, tmp_path):
+    members = [_members(good / f"0000{i}.tar") for i in range(2)]
+    jpg = _jpg(members[0])
+    bad = _bad_members(jpg)
+    # bad samples first: counts made after a worker's last batch would not reach us
+    _write_tar(tmp_path / "0.tar", bad[:4] + bad[10:12] + members[0])
+    utf8 = _converted_members(jpg)[:2]
+    _write_tar(tmp_path / "1.tar", bad[4:10] + utf8 + members[1])
+    batches = list(_loader(str(tmp_path / "{0..1}.tar"), tok, num_workers=2))
+    assert len(batches) == 21
+    counter, tracker = SkipCounter(), {}
+    for b in batches:
+        totals = counter.update(b)
+        assert merge_skip_counts(tracker, b) == totals
+    want = dict.fromkeys(COUNT_KEYS, 0)
+    want.update(corrupt_image=2, too_small=1, empty_image=1, no_caption=1, empty_caption=1)
+    want.update(no_image=1, caption_not_utf8=1)
+    assert totals == want
+    assert counter.skipped() == 7
+    assert set(counter.per_worker) == {0, 1}
+    assert counter.recent_bad_shards() == [str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]
+
+
+def test_skip_counter_takes_max_per_worker_and_sums_workers():
+    def batch(worker: int, **counts: int) -> dict:
+        row = torch.tensor([counts.get(k, 0) for k in COUNT_KEYS])
+        return {"skipped": row, "worker_id": torch.tensor(worker)}
+
+    counter = SkipCounter()
+    counter.update(batch(0, bad_tar=1))
+    counter.update(batch(1, no_caption=2))
+    counter.update(batch(0, bad_tar=3))
+    assert counter.update(batch(1, no_caption=1))["no_caption"] == 2  # stale batch: max kept
+    assert counter.totals()["bad_tar"] == 3
+    counter.new_loader()  # next epoch: workers count from zero again
+    totals = counter.update(batch(0, bad_tar=1))
+    assert totals["bad_tar"] == 4 and totals["no_caption"] == 2 and counter.skipped() == 6
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_over_only_bad_data_ends(bad_dir, tok, tmp_path, num_workers):
+    jpg = _jpg(_members(bad_dir / "0.tar"))
+    _write_tar(tmp_path / "0.tar", _bad_members(jpg))
+    spec = f"{tmp_path / '0.tar'}::{bad_dir / '{2..3}.tar'}"
+    loader = _loader(spec, tok, num_workers=num_workers, weights=[1.0, 1.0])
+    assert list(loader) == []
+    if num_workers == 0:
+        assert sum(loader.skip_stats.counts[k] for k in SKIP_REASONS) >= 1
+
+
+@pytest.mark.timeout(60)
+def test_check_skip_fraction_names_the_bad_shards(bad_dir, tok):
+    loader = _loader(str(bad_dir / "{0..3}.tar"), tok)
+    seen = sum(len(b["tokens"]) for b in loader)
+    counts, shards = loader.skip_stats.counts, list(loader.skip_stats.bad_urls)
+    check_skip_fraction(counts, seen, max_fraction=0.5, shards_hint=shards)  # 12 / 33: fine
+    with pytest.raises(SkipLimitExceeded) as err:
+        check_skip_fraction(counts, seen, max_fraction=0.1, shards_hint=shards)
+    msg = str(err.value)
+    assert "12 of 33" in msg and "missing_shard=1" in msg and "caption_not_utf8" not in msg
+    for name in ("0.tar", "1.tar", "2.tar", "3.tar"):
+        assert str(bad_dir / name) in msg
+    check_skip_fraction(dict.fromkeys(COUNT_KEYS, 0), 0, 0.0)  # nothing seen yet: no error
