@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from aclip.config import Config, ConfigError, load_config
+from aclip.data.pipeline import SkipLimitExceeded
 from aclip.preflight import check_paths
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg)
-    except ConfigError as err:  # e.g. resuming a checkpoint of another model
+    except (ConfigError, SkipLimitExceeded) as err:  # another model's checkpoint; bad shards
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

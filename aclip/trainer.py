@@ -28,6 +28,13 @@ from aclip.config import (
     steps_per_epoch,
     to_yaml,
 )
+from aclip.data.pipeline import (
+    CONVERT_REASONS,
+    COUNT_KEYS,
+    SKIP_REASONS,
+    SkipCounter,
+    check_skip_fraction,
+)
 from aclip.distributed import DistInfo
 from aclip.ema import EMATeacher, ema_momentum
 from aclip.losses import LossOutput, aclip_loss
@@ -132,6 +139,7 @@ class Trainer:
         self._saved_step = -1
         self.writer = None
         self._sums: dict[str, torch.Tensor] = {}
+        self._skips = SkipCounter()
         self._timing = {"data": 0.0, "total": 0.0, "samples": 0, "steps": 0}
 
     # ----------------------------------------------------------------- set-up
@@ -303,6 +311,7 @@ class Trainer:
                         f"the training data yielded no batch: {self.cfg.data.train_shards}"
                     )
                 batches, fresh = iter(self.build_loader()), True
+                self._skips.new_loader()
                 continue
             fresh = False
             t1 = time.perf_counter()
@@ -322,6 +331,8 @@ class Trainer:
         self._timing["total"] += total
         self._timing["samples"] += batch["views"].shape[0] * self.dist.world_size
         self._timing["steps"] += 1
+        if "skipped" in batch:
+            self._skips.update(batch)
 
     def _after_step(self, bar: Any, batch: dict) -> None:
         cfg = self.cfg.train
@@ -329,7 +340,9 @@ class Trainer:
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
             scalars = self._flush_scalars()
             bar.set_postfix(
-                loss=f"{scalars['loss/total']:.3f}", sps=f"{scalars['perf/samples_per_s']:.0f}"
+                skipped=self._skips.skipped(),
+                loss=f"{scalars['loss/total']:.3f}",
+                sps=f"{scalars['perf/samples_per_s']:.0f}",
             )
         if cfg.image_log_every and (self.step % cfg.image_log_every == 0 or self.step == 1):
             self._log_kept_tokens(batch)
@@ -359,8 +372,14 @@ class Trainer:
     def _flush_scalars(self) -> dict[str, float]:
         """Average the interval's losses over steps and ranks (one sync), write tensorboard."""
         n_steps = max(1, self._timing["steps"])
-        stacked = torch.stack([self._sums[k] for k in LOSS_KEYS]) / n_steps
-        means = dist_utils.all_reduce_mean(stacked).tolist()
+        losses = torch.stack([self._sums[k] for k in LOSS_KEYS]).float().cpu() / n_steps
+        totals = self._skips.totals()
+        counts = torch.tensor([float(totals[k]) for k in COUNT_KEYS])
+        reduced = dist_utils.all_reduce_mean(torch.cat([losses, counts]).to(self.device)).cpu()
+        means = reduced[: len(LOSS_KEYS)].tolist()
+        counts_all = dict(zip(COUNT_KEYS, (reduced[len(LOSS_KEYS) :] * self.dist.world_size)
+                              .round().long().tolist(), strict=True))  # fmt: skip
+        self._check_data_health(counts_all)
         t = self._timing
         visual = self.model.clip.visual
         kept = self.selector.k / visual.num_patches if self.selector.k else 1.0
@@ -375,13 +394,23 @@ class Trainer:
             "train/kept_fraction": kept,
             "perf/samples_per_s": t["samples"] / max(t["total"], 1e-9),
             "perf/data_wait_fraction": t["data"] / max(t["total"], 1e-9),
-        }
+            "data/skipped": float(sum(counts_all[k] for k in SKIP_REASONS)),
+            "data/converted": float(sum(counts_all[k] for k in CONVERT_REASONS)),
+        } | {f"data/{key}": float(val) for key, val in counts_all.items() if val}
         if self.writer is not None:
             for key, val in scalars.items():
                 self.writer.add_scalar(key, val, self.step)
         self._sums = {}
         self._timing = {"data": 0.0, "total": 0.0, "samples": 0, "steps": 0}
         return scalars
+
+    def _check_data_health(self, counts_all: dict[str, int]) -> None:
+        """Stop (on every rank alike: the counts are summed over ranks) when more than
+        ``data.max_skip_fraction`` of the samples read were bad, naming recent bad shards."""
+        check_skip_fraction(
+            counts_all, self.samples_seen, self.cfg.data.max_skip_fraction,
+            self._skips.recent_bad_shards(),
+        )  # fmt: skip
 
     def _log_kept_tokens(self, batch: dict[str, torch.Tensor], n: int = 4) -> None:
         if self.writer is None:

@@ -92,6 +92,13 @@ def test_short_run_writes_everything_and_resumes(data, tmp_path, monkeypatch):
     assert 0.0 <= retrieval["text_retrieval_recall@1"] <= retrieval["text_retrieval_recall@5"] <= 1
     assert "strategy: attentive" in (out / "config.yaml").read_text()
     assert list((out / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = EventAccumulator(str(out / "tb"))
+    scalars.Reload()
+    for tag in ("loss/clip", "train/ema_momentum", "perf/data_wait_fraction", "data/skipped"):
+        assert tag in scalars.Tags()["scalars"], tag
+    assert [e.value for e in scalars.Scalars("data/skipped")] == [0.0, 0.0]  # steps 2, 3: clean
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert tags == ["step_00000002", "step_00000003"]
 
@@ -129,3 +136,40 @@ def test_eval_model_loads_online_and_ema_weights(data, tmp_path, monkeypatch):
     torch.testing.assert_close(ema.state_dict()[text_key], online.state_dict()[text_key])
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         find_checkpoint(tmp_path / "nothing")
+
+
+def _corrupt_images(shard: Path) -> None:
+    """Rewrite ``shard`` with every image's bytes replaced by garbage."""
+    import io
+    import tarfile
+
+    members = []
+    with tarfile.open(shard) as tar:
+        for info in tar.getmembers():
+            data = tar.extractfile(info).read()
+            members.append((info, b"not a jpeg" if info.name.endswith(".jpg") else data))
+    with tarfile.open(shard, "w") as tar:
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_run_stops_naming_the_shard_when_too_many_samples_are_bad(data, tmp_path, monkeypatch,
+                                                                   capsys):  # fmt: skip
+    import shutil
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    _corrupt_images(bad / "train" / "00001.tar")
+    args = _args(
+        bad,
+        tmp_path / "run",
+        "train.max_steps=6",
+        "data.max_skip_fraction=0.2",
+        "data.resampled=false",
+    )  # every shard once per epoch
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "training samples were bad" in err and "corrupt_image=" in err
+    assert "00001.tar" in err
