@@ -64,15 +64,20 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     return torch.cat(parts, dim=0), rank * x.shape[0]
 
 
-def clip_infonce(image_emb: Tensor, text_emb: Tensor, logit_scale_exp: Tensor) -> Tensor:
+def clip_infonce(
+    image_emb: Tensor, text_emb: Tensor, logit_scale_exp: Tensor, all_text: Tensor | None = None
+) -> Tensor:
     """Symmetric CLIP InfoNCE on L2-normalised embeddings, gathered across ranks.
 
     This rank's image rows are scored against all texts and its text rows against all images;
     labels are ``offset + arange(n)``; the loss is (CE_image + CE_text) / 2. On one process this is
     ``open_clip.loss.ClipLoss()``; the mean over ranks equals the 1-process loss on the whole batch.
+    ``all_text`` is ``gather_with_grad(text_emb)[0]`` when the caller already has it (several
+    views share one text gather).
     """
     all_image, offset = gather_with_grad(image_emb)
-    all_text, _ = gather_with_grad(text_emb)
+    if all_text is None:
+        all_text, _ = gather_with_grad(text_emb)
     labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     logits_image = logit_scale_exp * image_emb @ all_text.t()
     logits_text = logit_scale_exp * text_emb @ all_image.t()
@@ -138,8 +143,9 @@ def aclip_loss(
     The SimCLR term needs at least two views (it is zero with one; with more than two it is the
     mean over all view pairs). ``simclr_z``/``byol_pred`` = None disable those terms.
     """
+    all_text, _ = gather_with_grad(text_emb)
     clip = torch.stack(
-        [clip_infonce(emb, text_emb, logit_scale_exp) for emb in image_emb_views]
+        [clip_infonce(emb, text_emb, logit_scale_exp, all_text) for emb in image_emb_views]
     ).mean()
     zero = clip.new_zeros(())
     simclr = zero
