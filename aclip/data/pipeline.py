@@ -109,7 +109,7 @@ class SkipLimitExceeded(RuntimeError):
 
 def skipped_samples() -> int:
     """Number of bad samples skipped so far in this process (workers count separately; use
-    `batch["skipped"]` with `SkipCounter` / `merge_skip_counts` to see theirs)."""
+    `batch["skipped"]` with `SkipCounter` to see theirs)."""
     return _skipped["count"]
 
 
@@ -185,19 +185,6 @@ class SkipStats:
             yield batch
 
 
-def skip_and_count(exn: Exception) -> bool:
-    """webdataset handler: log the bad sample (first 20, then every 1000th), count, continue.
-
-    Unlike `wds.warn_and_continue` it does not sleep 0.5 s per bad sample. Process-global
-    counts only; `build_train_loader` uses a per-loader `SkipStats` instead.
-    """
-    _GLOBAL_STATS(exn)
-    return True
-
-
-_GLOBAL_STATS = SkipStats()
-
-
 def _encode_urls(urls: Iterable[str]) -> torch.Tensor:
     """Newline-joined urls as a uint8 tensor (batches hold only tensors)."""
     return torch.tensor(list("\n".join(urls).encode()), dtype=torch.uint8)
@@ -249,13 +236,6 @@ class SkipCounter:
     def recent_bad_shards(self) -> list[str]:
         """Shards of the latest skipped samples, over all workers."""
         return sorted({u for urls in self.bad_shards.values() for u in urls})
-
-
-def merge_skip_counts(tracker: dict, batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
-    """Functional form of `SkipCounter.update`: `tracker` (start with `{}`) keeps the per-worker
-    state between calls; returns the run totals per reason."""
-    counter = tracker.setdefault("counter", SkipCounter())
-    return counter.update(batch)
 
 
 def check_skip_fraction(
