@@ -184,3 +184,28 @@ def test_sample_transform_restores_global_rng(shards, tok):
     assert tok.decode(out["tokens"]) == _norm(raw["000000000.txt"].decode())
     # the private stream advances: the same sample again gets a different crop
     assert not torch.equal(transform(sample)["boxes"], out["boxes"])
+
+
+@pytest.mark.parametrize(
+    ("workers", "resampled", "consumed"), [(0, False, 3), (2, False, 3), (2, True, 5)]
+)
+def test_rebuilt_loader_continues_exactly_where_it_stood(
+    shards, tok, tmp_path, workers, resampled, consumed
+):
+    """A loader rebuilt from a LoaderPosition delivers the uninterrupted loader's next batches:
+    same samples, same views, same order (bad samples in the stream included)."""
+    _rewrite_with_bad_samples(shards / "a" / "train" / "00000.tar", tmp_path / "00000.tar")
+    (tmp_path / "00001.tar").write_bytes((shards / "a" / "train" / "00001.tar").read_bytes())
+    spec = str(tmp_path / "{00000..00001}.tar")
+    kw = {"resampled": resampled, "batch_size": 2, "num_workers": workers, "seed": 3, "epoch": 7}
+    full = list(islice(iter(_loader(spec, tok, **kw)), consumed + 3))
+    assert len(full) == consumed + 3
+    position = pipeline.LoaderPosition(epoch=7, num_workers=workers)
+    for batch in full[:consumed]:
+        position.update(batch)
+    state = pipeline.LoaderPosition.from_state(position.state_dict())
+    kw.update(state.loader_kwargs())
+    rest = list(islice(iter(_loader(spec, tok, **kw)), 3))
+    for want, got in zip(full[consumed:], rest, strict=True):
+        for key in ("views", "ema", "boxes", "tokens", "data_pos", "worker_id"):
+            assert torch.equal(want[key], got[key]), key

@@ -5,7 +5,9 @@ A spec names one or more sources joined with `::`, each a brace pattern of tar s
 
 Reproducibility: every random choice (shard order, sample shuffle, source mixing, views) is drawn
 from RNGs seeded by (seed, epoch, rank, worker), so with the same seed, epoch, world size and
-number of workers the batches are identical, and a new epoch reorders and re-augments.
+number of workers the batches are identical, and a new epoch reorders and re-augments. A sample's
+views are seeded by its position in its worker's stream, so a loader rebuilt from a
+`LoaderPosition` skips the samples already consumed unread and goes on exactly (exact resume).
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import json
 import logging
 import math
 import random
+import signal
 import tarfile
 import warnings
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import webdataset as wds
@@ -176,9 +182,10 @@ class SkipStats:
         """Cumulative counts as a LongTensor in COUNT_KEYS order."""
         return torch.tensor([self.counts[k] for k in COUNT_KEYS], dtype=torch.long)
 
-    def attach(self, batches: Iterable[dict]) -> Iterator[dict]:
-        """Pipeline stage adding this worker's counts and recent bad shards to each batch."""
-        worker = torch.tensor(pytorch_worker_info()[2], dtype=torch.long)
+    def attach(self, batches: Iterable[dict], offset: int = 0) -> Iterator[dict]:
+        """Pipeline stage adding this worker's counts, its (logical) id and recent bad shards
+        to each batch."""
+        worker = torch.tensor(logical_worker(offset)[2], dtype=torch.long)
         for batch in batches:
             batch["skipped"], batch["worker_id"] = self.tensor(), worker
             batch["bad_shards"] = _encode_urls(self.bad_urls)
@@ -263,20 +270,74 @@ def _derive_seed(*parts: int | str) -> int:
     return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63)
 
 
-def _worker_seed(seed: int, epoch: int, tag: str) -> int:
-    rank, _, worker, _ = pytorch_worker_info()
+def logical_worker(offset: int = 0) -> tuple[int, int, int, int]:
+    """(rank, world_size, worker, num_workers) with the worker id rotated by ``offset``.
+
+    A resumed loader renumbers its workers so that its first worker continues the stream of
+    the worker whose batch was due next when the checkpoint was taken (see `LoaderPosition`).
+    """
+    rank, world, worker, num_workers = pytorch_worker_info()
+    return rank, world, (worker + offset) % max(1, num_workers), num_workers
+
+
+def _worker_seed(seed: int, epoch: int, tag: str, offset: int = 0) -> int:
+    rank, _, worker, _ = logical_worker(offset)
     return _derive_seed(seed, epoch, rank, worker, tag)
 
 
+class _SplitByWorker:
+    """Every `num_workers`-th shard from this logical worker's index on (a class: it pickles)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def __call__(self, src: Iterable) -> Iterator:
+        _, _, worker, num_workers = logical_worker(self.offset)
+        for i, item in enumerate(src):
+            if i % max(1, num_workers) == worker:
+                yield item
+
+
+class _ResampledShards(torch.utils.data.IterableDataset):
+    """Shards drawn with replacement, forever, from an RNG seeded by (seed, epoch, rank,
+    logical worker) (webdataset's ResampledShards seeds by the physical worker)."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, offset: int) -> None:
+        self.urls, self.seed, self.epoch, self.offset = urls, seed, epoch, offset
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        rng = random.Random(_worker_seed(self.seed, self.epoch, "shards", self.offset))
+        while True:
+            yield {"url": self.urls[rng.randrange(len(self.urls))]}
+
+
+class _Position:
+    """Numbers the samples of this worker's stream (`__pos__`) and drops the first `start`.
+
+    Dropping happens before any decode, so fast-forwarding a resumed loader costs only the tar
+    reads; the views of sample n are drawn from a seed of n, so they do not depend on it.
+    """
+
+    def __init__(self, start: Mapping[int, int] | None, offset: int) -> None:
+        self.start, self.offset = dict(start or {}), offset
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        skip = self.start.get(logical_worker(self.offset)[2], 0)
+        for pos, sample in enumerate(src):
+            if pos >= skip:
+                sample["__pos__"] = pos
+                yield sample
+
+
 def _source(
-    urls: list[str], resampled: bool, seed: int, epoch: int, stats: SkipStats
+    urls: list[str], resampled: bool, seed: int, epoch: int, stats: SkipStats, offset: int
 ) -> wds.DataPipeline:
     """Samples of one source: shard list split by node and worker, tar -> dict samples."""
-    if resampled:  # each rank/worker draws its own shard stream (seeded by rank*1000+worker)
-        shards = [wds.ResampledShards(urls, seed=_derive_seed(seed, epoch), deterministic=True)]
+    if resampled:  # each rank/worker draws its own shard stream
+        shards: list = [_ResampledShards(urls, seed, epoch, offset)]
     else:  # same permutation on all ranks, then disjoint slices per rank and worker
         shards = [wds.SimpleShardList(urls, seed=_derive_seed(seed, epoch)), wds.split_by_node]
-        shards.append(wds.split_by_worker)
+        shards.append(_SplitByWorker(offset))
     return wds.DataPipeline(*shards, wds.tarfile_to_samples(handler=stats.tar_handler))
 
 
@@ -286,11 +347,14 @@ class _WeightedMix(torch.utils.data.IterableDataset):
     Like `wds.RandomMix`, but with a seeded per-worker RNG (RandomMix uses the global one).
     """
 
-    def __init__(self, sources: list, weights: Sequence[float], seed: int, epoch: int) -> None:
+    def __init__(
+        self, sources: list, weights: Sequence[float], seed: int, epoch: int, offset: int
+    ) -> None:
         self.sources, self.weights, self.seed, self.epoch = sources, list(weights), seed, epoch
+        self.offset = offset
 
     def __iter__(self) -> Iterator[dict]:
-        rng = random.Random(_worker_seed(self.seed, self.epoch, "mix"))
+        rng = random.Random(_worker_seed(self.seed, self.epoch, "mix", self.offset))
         its = [iter(s) for s in self.sources]
         while True:
             i = rng.choices(range(len(its)), weights=self.weights)[0]
@@ -303,11 +367,11 @@ class _WeightedMix(torch.utils.data.IterableDataset):
 class _Shuffle:
     """Buffer shuffle stage with a per-worker seeded RNG (a class so that it pickles)."""
 
-    def __init__(self, bufsize: int, seed: int, epoch: int) -> None:
-        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+    def __init__(self, bufsize: int, seed: int, epoch: int, offset: int) -> None:
+        self.bufsize, self.seed, self.epoch, self.offset = bufsize, seed, epoch, offset
 
     def __call__(self, src: Iterator) -> Iterator:
-        rng = random.Random(_worker_seed(self.seed, self.epoch, "shuffle"))
+        rng = random.Random(_worker_seed(self.seed, self.epoch, "shuffle", self.offset))
         buf: list = []
         for sample in src:
             if len(buf) < self.bufsize:
@@ -408,10 +472,12 @@ def decode_sample(sample: dict, stats: SkipStats | None = None) -> tuple[Image.I
 
 
 class SampleTransform:
-    """Raw sample -> {"views", "ema", "boxes", "tokens"}.
+    """Raw sample -> {"views", "ema", "boxes", "tokens", "data_pos"}.
 
-    The views draw from a private torch RNG stream seeded by (seed, epoch, rank, worker),
-    swapped in around each call so the process's global RNG is left untouched.
+    The views of the sample at stream position n (`__pos__`, set by the loader) draw from torch's
+    CPU RNG seeded by (seed, epoch, rank, worker, n), swapped in around the call so the
+    process's global RNG is left untouched: a sample's views do not depend on the samples before
+    it, so a resumed loader can drop those unread. Without `__pos__` calls are numbered in order.
     """
 
     def __init__(
@@ -421,28 +487,28 @@ class SampleTransform:
         seed: int,
         epoch: int,
         stats: SkipStats | None = None,
+        offset: int = 0,
     ) -> None:
         self.views, self.tokenizer, self.seed, self.epoch = views, tokenizer, seed, epoch
-        self.stats = stats
-        self._rng_state: torch.Tensor | None = None
+        self.stats, self.offset = stats, offset
+        self._calls = 0
 
-    def _views(self, img: Image.Image) -> dict[str, torch.Tensor]:
+    def _views(self, img: Image.Image, pos: int) -> dict[str, torch.Tensor]:
         cpu_rng = torch.default_generator
         saved = cpu_rng.get_state()
-        if self._rng_state is None:
-            cpu_rng.manual_seed(_worker_seed(self.seed, self.epoch, "views"))
-        else:
-            cpu_rng.set_state(self._rng_state)
+        cpu_rng.manual_seed(_worker_seed(self.seed, self.epoch, f"views{pos}", self.offset))
         try:
             return self.views(img)
         finally:
-            self._rng_state = cpu_rng.get_state()
             cpu_rng.set_state(saved)
 
     def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
+        pos = int(sample.get("__pos__", self._calls))
+        self._calls += 1
         img, caption, _ = decode_sample(sample, self.stats)
-        out = self._views(img)
+        out = self._views(img, pos)
         out["tokens"] = self.tokenizer([caption])[0].long()
+        out["data_pos"] = torch.tensor(pos, dtype=torch.long)
         return out
 
 
@@ -450,6 +516,54 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack per-sample dicts of tensors into a batch dict (webdataset's `__key__` dropped)."""
     keys = [k for k in samples[0] if not k.startswith("__")]
     return {k: torch.stack([s[k] for s in samples]) for k in keys}
+
+
+@dataclass
+class LoaderPosition:
+    """Where one rank stands in its training stream: enough to rebuild a loader whose next
+    batch is the one the uninterrupted loader would have delivered next.
+
+    `epoch` seeds the stream (the trainer uses the samples seen when it was built); per logical
+    worker, `next_pos` is the stream position after the last batch consumed from that worker;
+    the rebuilt loader's workers drop that many samples unread and are renumbered to start
+    with the worker after `last_worker` (DataLoader hands out batches round-robin).
+    """
+
+    epoch: int = 0
+    num_workers: int = 0
+    batches: int = 0
+    last_worker: int = -1
+    next_pos: dict[int, int] = field(default_factory=dict)
+
+    def update(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Record one consumed batch (needs the loader's `worker_id` and `data_pos`)."""
+        worker = int(batch["worker_id"])
+        self.last_worker = worker
+        self.next_pos[worker] = int(batch["data_pos"].max()) + 1
+        self.batches += 1
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """`epoch`, `start` and `worker_offset` for `build_train_loader`."""
+        offset = (self.last_worker + 1) % max(1, self.num_workers)
+        return {"epoch": self.epoch, "start": dict(self.next_pos), "worker_offset": offset}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain types, for a checkpoint."""
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> LoaderPosition:
+        """Inverse of `state_dict`."""
+        pos = cls(**{k: v for k, v in state.items() if k != "next_pos"})
+        pos.next_pos = {int(k): int(v) for k, v in state.get("next_pos", {}).items()}
+        return pos
+
+
+def _worker_init(_: int) -> None:
+    """Loader workers leave preemption signals to the main process: SIGUSR1 is ignored and
+    SIGTERM ends the worker (fork copies the trainer's flag-setting handlers)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def build_train_loader(
@@ -464,6 +578,8 @@ def build_train_loader(
     shuffle_buffer: int = 1000,
     seed: int = 0,
     epoch: int = 0,
+    start: Mapping[int, int] | None = None,
+    worker_offset: int = 0,
 ) -> wds.WebLoader:
     """Loader of dict batches `views` [B,V,3,S,S], `ema` [B,3,S,S], `boxes` [B,V,4],
     `tokens` [B,L] long, from the shards in `spec` (sources joined by `::`).
@@ -479,23 +595,27 @@ def build_train_loader(
     finite streams). With `resampled=True` and no good shard at all the stream would spin:
     the caller should stop on `check_skip_fraction`.
     Only full batches are yielded. Build a new loader for each epoch (pass `epoch`): the
-    stream's seeds are fixed at construction.
+    stream's seeds are fixed at construction. Each batch also carries `data_pos` [B] long, the
+    samples' positions in their worker's stream; `LoaderPosition` folds them, and its
+    `loader_kwargs()` (`epoch`, `start`: samples each logical worker drops unread,
+    `worker_offset`) rebuild the loader exactly where it stood (same seed, world size, workers).
     """
     sources = expand_urls(spec)
     if weights is not None and len(weights) != len(sources):
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources in {spec!r}")
-    stats = SkipStats()
-    pipes = [_source(urls, resampled, seed, epoch, stats) for urls in sources]
+    stats, off = SkipStats(), worker_offset
+    pipes = [_source(urls, resampled, seed, epoch, stats, off) for urls in sources]
     if len(pipes) == 1:
         head = pipes[0]
     else:
-        head = _WeightedMix(pipes, weights or [1.0] * len(pipes), seed, epoch)
+        head = _WeightedMix(pipes, weights or [1.0] * len(pipes), seed, epoch, off)
     pipeline = wds.DataPipeline(
         head,
-        _Shuffle(max(1, shuffle_buffer), seed, epoch),
-        wds.map(SampleTransform(views, tokenizer, seed, epoch, stats), handler=stats),
+        _Shuffle(max(1, shuffle_buffer), seed, epoch, off),
+        _Position(start, off),
+        wds.map(SampleTransform(views, tokenizer, seed, epoch, stats, off), handler=stats),
         wds.batched(batch_size, collation_fn=collate, partial=False),
-        stats.attach,
+        partial(stats.attach, offset=off),
     )
     loader = wds.WebLoader(
         pipeline,
@@ -505,6 +625,7 @@ def build_train_loader(
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
     )
     loader.skip_stats = stats  # live counts with num_workers=0; workers count in their copies
     return loader
