@@ -8,11 +8,17 @@ srun python train.py --config ...            (see launch/yfcc15m.sh)
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
+import subprocess
 import sys
 
 from aclip.config import Config, ConfigError, load_config
 from aclip.data.pipeline import SkipLimitExceeded
 from aclip.preflight import check_paths
+
+EXIT_STOPPED = 3  # stopped on a signal, checkpoint saved: run again with train.resume=latest
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -27,22 +33,49 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 
 
 def run(cfg: Config) -> dict:
-    """Build everything, train (resuming when asked), evaluate, close. Returns the final metrics."""
+    """Build everything, train (resuming when asked), evaluate, close. Returns the final metrics;
+    after a stop signal, ``{"step": N, "stopped": <signal name>}`` without evaluating."""
     from aclip.data.pipeline import samples_per_epoch
     from aclip.distributed import init_distributed
     from aclip.trainer import Trainer
 
     dist_info = init_distributed()
+    if dist_info.is_main:
+        print(f"world size {dist_info.world_size}, rank 0 of {dist_info.world_size}", flush=True)
     trainer = Trainer(cfg, dist_info, samples_per_epoch(cfg.data.train_shards))
     if cfg.train.resume and trainer.resume(cfg.train.resume) and dist_info.is_main:
         print(f"resumed at step {trainer.step}", flush=True)
-    trainer.fit()
+    if not trainer.fit():
+        trainer.close()
+        name = signal.Signals(trainer.stop_signal or signal.SIGTERM).name
+        return {"step": trainer.step, "stopped": name}
     results = {"step": trainer.step} | trainer.evaluate()
     if dist_info.is_main:
         trainer.write_results(results)
         print(f"run directory: {trainer.run_dir} (tensorboard --logdir {trainer.run_dir / 'tb'})")
     trainer.close()
     return results
+
+
+def requeue_slurm_job() -> bool:
+    """Put this SLURM job back in the queue (``scontrol requeue``); False outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or shutil.which("scontrol") is None:
+        return False
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr)
+        return False
+    print(f"requeued job {job}", flush=True)
+    return True
+
+
+def after_stop(results: dict) -> int:
+    """Exit code after a stop signal: on SIGUSR1 (SLURM's warning before the time limit) rank 0
+    requeues the job and the run exits 0; otherwise it exits EXIT_STOPPED (checkpoint saved)."""
+    if results["stopped"] == "SIGUSR1" and os.environ.get("RANK", "0") == "0":
+        return 0 if requeue_slurm_job() else EXIT_STOPPED
+    return 0 if results["stopped"] == "SIGUSR1" and os.environ.get("SLURM_JOB_ID") else EXIT_STOPPED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        run(cfg)
+        results = run(cfg)
     except (ConfigError, SkipLimitExceeded) as err:  # another model's checkpoint; bad shards
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return after_stop(results) if "stopped" in results else 0
 
 
 if __name__ == "__main__":

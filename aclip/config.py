@@ -120,6 +120,7 @@ class TrainConfig:
     image_log_every: int = 500
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
+    signal_check_every: int = 10
     resume: str = ""
     max_steps: int = 0
     progress: bool = True

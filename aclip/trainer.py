@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from aclip import checkpoint as ckpt
 from aclip import distributed as dist_utils
 from aclip.config import (
     Config,
@@ -32,6 +34,7 @@ from aclip.data.pipeline import (
     CONVERT_REASONS,
     COUNT_KEYS,
     SKIP_REASONS,
+    LoaderPosition,
     SkipCounter,
     check_skip_fraction,
 )
@@ -46,6 +49,7 @@ from aclip.visualize import kept_tokens_grid
 
 LOSS_KEYS = ("loss", "loss_clip", "loss_simclr", "loss_byol")
 CONFIG_FILE = "aclip_config.yaml"
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # what decides the shapes of the saved weights: a checkpoint resumes only if these agree
 SHAPE_KEYS = {
     "model": None,  # every model key
@@ -136,6 +140,9 @@ class Trainer:
         self.engine = dist_utils.build_engine(self.model, optimizer, scheduler, ds_cfg)
         self.step = 0
         self.samples_seen = 0
+        self.data_pos = LoaderPosition(epoch=0, num_workers=cfg.data.workers)
+        self.stop_signal: int | None = None  # set by SIGUSR1/SIGTERM, acted on at a step boundary
+        self._new_loader = False
         self._saved_step = -1
         self.writer = None
         self._sums: dict[str, torch.Tensor] = {}
@@ -262,8 +269,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- loop
     def build_loader(self) -> Any:
-        """This rank's training loader; its shuffling is seeded by the data position, so a
-        resumed run draws new samples instead of replaying the ones already seen."""
+        """This rank's training loader at ``self.data_pos``: a stream seeded by the samples seen
+        when it began, fast-forwarded past the batches already consumed from it."""
         from aclip.data.pipeline import build_train_loader
         from aclip.data.views import ACLIPViews
 
@@ -284,14 +291,22 @@ class Trainer:
             resampled=data.resampled,
             shuffle_buffer=data.shuffle_buffer,
             seed=self.cfg.train.seed,
-            epoch=self.samples_seen,
+            **self.data_pos.loader_kwargs(),
         )
 
-    def fit(self, loader: Any | None = None) -> None:
+    def _start_new_stream(self) -> None:
+        """Begin a fresh data stream at the current position (seeded by the samples seen)."""
+        self.data_pos = LoaderPosition(epoch=self.samples_seen, num_workers=self.cfg.data.workers)
+        self._new_loader = True
+
+    def fit(self, loader: Any | None = None) -> bool:
         """Train until ``total_steps``, logging, checkpointing and showing progress on rank 0.
 
         A finite loader (``data.resampled=false``) is rebuilt when it runs out, with its
-        shuffling seeded by the new data position.
+        shuffling seeded by the new data position; with a resampled stream a new stream begins
+        at each periodic checkpoint, so that resuming from it reads nothing twice. On SIGUSR1 or
+        SIGTERM every rank stops at the same step boundary after saving a checkpoint: returns
+        False then (``self.stop_signal`` says which), True when training is done.
         """
         from tqdm import tqdm
 
@@ -300,27 +315,60 @@ class Trainer:
             total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
             disable=not (self.dist.is_main and self.cfg.train.progress),
         )  # fmt: skip
-        batches = iter(loader if loader is not None else self.build_loader())
+        own_loader = loader is None
+        batches = iter(self.build_loader() if own_loader else loader)
         fresh = True
-        while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                if fresh:
-                    raise RuntimeError(
-                        f"the training data yielded no batch: {self.cfg.data.train_shards}"
-                    )
-                batches, fresh = iter(self.build_loader()), True
-                self._skips.new_loader()
-                continue
-            fresh = False
-            t1 = time.perf_counter()
-            losses = self.train_step(batch)
-            self._accumulate(losses, t1 - t0, time.perf_counter() - t0, batch)
-            self._after_step(bar, batch)
+        with _catch_stop_signals(self):
+            while self.step < self.total_steps:
+                if self._should_stop():
+                    bar.close()
+                    self._stop_for_signal()
+                    return False
+                if self._new_loader and own_loader:
+                    batches, fresh, self._new_loader = iter(self.build_loader()), True, False
+                    self._skips.new_loader()
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    if fresh:
+                        raise RuntimeError(
+                            f"the training data yielded no batch: {self.cfg.data.train_shards}"
+                        )
+                    self._start_new_stream()  # the next epoch of a finite stream
+                    batches, fresh, self._new_loader = iter(self.build_loader()), True, False
+                    self._skips.new_loader()
+                    continue
+                fresh = False
+                if "data_pos" in batch:
+                    self.data_pos.update(batch)
+                t1 = time.perf_counter()
+                losses = self.train_step(batch)
+                self._accumulate(losses, t1 - t0, time.perf_counter() - t0, batch)
+                self._after_step(bar, batch, own_loader)
         bar.close()
         if self._saved_step != self.step:
             self.save_checkpoint()
+        return True
+
+    def _should_stop(self) -> bool:
+        """Whether any rank got a stop signal; asked every ``train.signal_check_every`` steps
+        (one small all-reduce), so that all ranks stop at the same step."""
+        every = max(1, self.cfg.train.signal_check_every)
+        if self.step % every != 0 and self.step != self.total_steps:
+            return False
+        flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
+        got = int(dist_utils.all_reduce_max(flag).item())
+        if got:
+            self.stop_signal = got
+        return bool(got)
+
+    def _stop_for_signal(self) -> None:
+        """Save the state at this step boundary so that the next start resumes here."""
+        path = self.save_checkpoint() if self._saved_step != self.step else self.ckpt_dir
+        if self.dist.is_main:
+            name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+            print(f"preempted at step {self.step} ({name}): checkpoint saved in {path}",
+                  flush=True)  # fmt: skip
 
     def _accumulate(
         self, losses: dict[str, torch.Tensor], wait: float, total: float, batch: dict
@@ -334,7 +382,7 @@ class Trainer:
         if "skipped" in batch:
             self._skips.update(batch)
 
-    def _after_step(self, bar: Any, batch: dict) -> None:
+    def _after_step(self, bar: Any, batch: dict, own_loader: bool = False) -> None:
         cfg = self.cfg.train
         bar.update(1)
         if self.step % cfg.log_every == 0 or self.step == self.total_steps:
@@ -344,9 +392,14 @@ class Trainer:
                 loss=f"{scalars['loss/total']:.3f}",
                 sps=f"{scalars['perf/samples_per_s']:.0f}",
             )
+            if self.dist.is_main and not cfg.progress:
+                print(f"step {self.step}/{self.total_steps} loss {scalars['loss/total']:.4f} "
+                      f"samples/s {scalars['perf/samples_per_s']:.0f}", flush=True)  # fmt: skip
         if cfg.image_log_every and (self.step % cfg.image_log_every == 0 or self.step == 1):
             self._log_kept_tokens(batch)
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+            if own_loader and self.cfg.data.resampled and self.step < self.total_steps:
+                self._start_new_stream()  # resuming here then reads no sample twice
             self.save_checkpoint()
         if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0:
             self.periodic_eval()
@@ -441,48 +494,96 @@ class Trainer:
         dist_utils.barrier()
 
     def save_checkpoint(self) -> Path:
-        """Engine (weights, optimizer, LR schedule) + EMA + step + data position + RNG."""
+        """Engine (weights, optimizer, LR schedule) + EMA + step, and per rank its data position,
+        skip counts and RNG; visible (``latest``) only once every rank has written its part."""
         tag = f"step_{self.step:08d}"
+        tag_dir = self.ckpt_dir / tag
+        if self.dist.is_main and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # an unfinished or stale save of this step
+        dist_utils.barrier()
         client = {
             "step": self.step,
             "samples_seen": self.samples_seen,
             "ema": self.teacher.state_dict() if self.teacher is not None else None,
-            "rng": rng_state(),
             "config": to_yaml(self.cfg),
         }
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client)
-        self._saved_step = self.step
-        if self.dist.is_main:
-            (self.ckpt_dir / tag / CONFIG_FILE).write_text(client["config"])
-            self._prune_checkpoints()
+        self.engine.save_checkpoint(
+            str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False
+        )
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(self._rank_state(), tag_dir / f"rank_{self.dist.rank:05d}.pt")
         dist_utils.barrier()
-        return self.ckpt_dir / tag
+        if self.dist.is_main:
+            (tag_dir / CONFIG_FILE).write_text(client["config"])
+            ckpt.commit_checkpoint(self.ckpt_dir, tag)
+            ckpt.prune_checkpoints(self.ckpt_dir, self.cfg.train.keep_checkpoints)
+        dist_utils.barrier()
+        self._saved_step = self.step
+        return tag_dir
 
-    def _prune_checkpoints(self) -> None:
-        keep = self.cfg.train.keep_checkpoints
-        tags = sorted(p for p in self.ckpt_dir.glob("step_*") if p.is_dir())
-        for old in tags[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+    def _rank_state(self) -> dict[str, Any]:
+        """What differs between ranks: data position, skip counts, RNG."""
+        return {
+            "world_size": self.dist.world_size,
+            "data": self.data_pos.state_dict(),
+            "skips": self._skips.totals(),
+            "rng": rng_state(),
+        }
 
     def resume(self, which: str = "latest") -> bool:
-        """Load ``latest`` (or a tag / checkpoint path); returns False when there is none."""
-        ckpt_dir, tag = self.ckpt_dir, None
-        if which not in ("", "latest"):
-            path = Path(which)
-            ckpt_dir, tag = path.parent, path.name
-        if not (ckpt_dir / "latest").exists() and tag is None:
+        """Load the newest whole checkpoint (``latest``; a damaged one is passed over for the
+        one before) or a given tag directory; returns False when there is none."""
+        tag_dir = self._checkpoint_to_load(which)
+        if tag_dir is None:
             return False
-        tag_dir = ckpt_dir / (tag or (ckpt_dir / "latest").read_text().strip())
         check_compatible(self.cfg, tag_dir)
-        load_path, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        load_path, client = self.engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if load_path is None:
-            raise FileNotFoundError(f"no loadable checkpoint in {ckpt_dir} (tag {tag})")
+            raise FileNotFoundError(f"no loadable checkpoint in {tag_dir}")
         self.step, self.samples_seen = int(client["step"]), int(client["samples_seen"])
         self._saved_step = self.step
         if self.teacher is not None and client.get("ema") is not None:
             self.teacher.load_state_dict(client["ema"])
-        set_rng_state(client["rng"])
+        self._load_rank_state(tag_dir, client)
         return True
+
+    def _checkpoint_to_load(self, which: str) -> Path | None:
+        """Rank 0 picks the tag directory (verifying files), every rank gets the same one."""
+        if which not in ("", "latest"):
+            tag_dir = Path(which)
+            problem = ckpt.verify_checkpoint(tag_dir)
+            if problem and not (problem.startswith("no manifest") and tag_dir.is_dir()):
+                raise FileNotFoundError(f"checkpoint {tag_dir} is not usable: {problem}")
+            return tag_dir
+        tag = None
+        if self.dist.is_main and self.ckpt_dir.is_dir():
+            tag = ckpt.choose_checkpoint(self.ckpt_dir)
+        tag = dist_utils.broadcast_object(tag)
+        return None if tag is None else self.ckpt_dir / tag
+
+    def _load_rank_state(self, tag_dir: Path, client: dict[str, Any]) -> None:
+        """Data position, skip counts and RNG of this rank; with another world size or number of
+        workers the data stream restarts at the samples seen (not sample-exact)."""
+        path = tag_dir / f"rank_{self.dist.rank:05d}.pt"
+        state = torch.load(path, weights_only=False) if path.is_file() else None
+        pos = LoaderPosition.from_state(state["data"]) if state else None
+        if (
+            state is None
+            or state["world_size"] != self.dist.world_size
+            or pos is None
+            or pos.num_workers != self.cfg.data.workers
+        ):
+            if self.dist.is_main:
+                print(f"note: {tag_dir} was saved with another world size or number of data "
+                      f"workers; the data stream restarts at sample {self.samples_seen}",
+                      flush=True)  # fmt: skip
+            self.data_pos = LoaderPosition(self.samples_seen, self.cfg.data.workers)
+            if client.get("rng") is not None:
+                set_rng_state(client["rng"])
+            return
+        self.data_pos = pos
+        self._skips.restore(state["skips"])
+        set_rng_state(state["rng"])
 
     def write_results(self, results: dict[str, Any]) -> None:
         """Final metrics as JSON beside the checkpoints (rank 0)."""
@@ -494,3 +595,25 @@ class Trainer:
         """Flush logs."""
         if self.writer is not None:
             self.writer.close()
+
+
+class _catch_stop_signals:
+    """Within the block, SIGUSR1 / SIGTERM only set ``trainer.stop_signal`` (the loop saves and
+    stops at the next check); the previous handlers come back afterwards. Main thread only."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.saved: dict[int, Any] = {}
+
+    def _handler(self, signum: int, _frame: Any) -> None:
+        self.trainer.stop_signal = signum
+
+    def __enter__(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.saved = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS}
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)

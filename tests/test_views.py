@@ -4,12 +4,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from torchvision.ops import roi_align
+from torchvision.transforms import functional as TF
 
 from aclip.data.views import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     ACLIPViews,
+    ColorJitter,
+    adjust_hue,
     boxes_in_union,
     eval_transform,
     to_rgb,
@@ -154,3 +158,53 @@ def test_eval_transform_matches_formula():
     mean, std = np.array(OPENAI_CLIP_MEAN), np.array(OPENAI_CLIP_STD)
     ref_t = torch.from_numpy(((ref - mean) / std).transpose(2, 0, 1)).float()
     torch.testing.assert_close(t, ref_t, atol=0.05, rtol=0)
+
+
+def _random_rgb(seed: int, size: int = 48) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    arr[:4] = arr[:4, :, :1]  # some grey pixels (zero chroma)
+    arr[4:8, :, 0] = arr[4:8, :, 1]  # and ties between the max channels
+    return Image.fromarray(arr)
+
+
+@pytest.mark.parametrize("factor", [-0.5, -0.1, -0.037, 0.0, 0.05, 0.1, 0.5])
+def test_fast_hue_matches_torchvision_hsv_hue(factor):
+    """Same HSV hue rotation as torchvision's (exact) tensor path, within one uint8 level."""
+    img = _random_rgb(int(abs(factor) * 1000))
+    ours = torch.from_numpy(np.asarray(adjust_hue(img, factor)).astype(np.int16))
+    ref = TF.adjust_hue(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), factor)
+    diff = (ours.permute(2, 0, 1) - ref.to(torch.int16)).abs()
+    assert diff.max() <= 1, diff.max()
+    if factor == 0.0:
+        assert np.array_equal(np.asarray(adjust_hue(img, factor)), np.asarray(img))
+
+
+def test_fast_hue_keeps_value_and_chroma_and_refuses_bad_factors():
+    img = _random_rgb(7)
+    arr, out = np.asarray(img).astype(int), np.asarray(adjust_hue(img, 0.3)).astype(int)
+    assert np.abs(out.max(-1) - arr.max(-1)).max() <= 1
+    assert np.abs((out.max(-1) - out.min(-1)) - (arr.max(-1) - arr.min(-1))).max() <= 1
+    grey = img.convert("L")
+    assert adjust_hue(grey, 0.2) is grey
+    with pytest.raises(ValueError):
+        adjust_hue(img, 0.6)
+
+
+def test_colour_jitter_draws_like_torchvision():
+    """Our ColorJitter takes the same parameter draws from torch's RNG, in the same order, as
+    torchvision's: without hue the outputs are identical, and the RNG ends in the same state."""
+    img = gradient_image(64, 48)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = np.asarray(ColorJitter(0.4, 0.4, 0.2)(img))
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        ref = np.asarray(T.ColorJitter(0.4, 0.4, 0.2)(img))
+        assert np.array_equal(ours, ref) and torch.equal(after_ours, torch.rand(1))
+        torch.manual_seed(seed)
+        ColorJitter(0.4, 0.4, 0.2, 0.1)(img)
+        after_ours = torch.rand(1)
+        torch.manual_seed(seed)
+        T.ColorJitter(0.4, 0.4, 0.2, 0.1)(img)
+        assert torch.equal(after_ours, torch.rand(1))

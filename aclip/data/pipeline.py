@@ -230,6 +230,11 @@ class SkipCounter:
         self.base = self.base + sum(self.per_worker.values(), torch.zeros_like(self.base))
         self.per_worker = {}
 
+    def restore(self, totals: Mapping[str, int]) -> None:
+        """Start from run totals saved earlier (:meth:`totals`), with no loader counted yet."""
+        self.base = torch.tensor([int(totals.get(k, 0)) for k in COUNT_KEYS], dtype=torch.long)
+        self.per_worker, self.bad_shards = {}, {}
+
     def totals(self) -> dict[str, int]:
         """Run totals per reason (COUNT_KEYS)."""
         total = self.base + sum(self.per_worker.values(), torch.zeros_like(self.base))

@@ -17,6 +17,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageFilter
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)
 OPENAI_CLIP_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)
@@ -38,16 +39,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 class _Normalize:
-    """uint8 HWC PIL image -> normalised float CHW tensor (= ToTensor + Normalize)."""
+    """uint8 HWC PIL image -> normalised float CHW tensor (= ToTensor + Normalize).
+
+    The uint8 pixels are moved to CHW first (numpy's transpose copy is the cheapest step), so
+    the float ops broadcast over whole planes: ~3x faster than normalising an HWC float tensor,
+    whose size-3 inner dimension defeats vectorisation.
+    """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        arr = np.asarray(img)  # read-only view, [H, W, 3] uint8
-        t = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()
-        return t.sub_(self.shift).mul_(self.scale)
+        chw = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # [3, H, W] uint8 copy
+        return torch.from_numpy(chw).float().sub_(self.shift).mul_(self.scale)
 
 
 class PILGaussianBlur:
@@ -66,11 +71,72 @@ class PILGaussianBlur:
         return img.filter(ImageFilter.GaussianBlur(radius=sigma))
 
 
+def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
+    """Rotate the HSV hue of an RGB image by ``hue_factor`` turns (in [-0.5, 0.5]).
+
+    The same operation as torchvision's ``adjust_hue`` (exact HSV arithmetic, as its tensor
+    path; within 1 level of it after rounding), 2-3x faster than its PIL path, which round-trips
+    through PIL's uint8 HSV (that quantises hue to 256 steps, so it is off by up to ~15 levels).
+    Value (max) and chroma (max - min) are kept; only the hue moves. Branch-free numpy on
+    colour planes: ``np.where`` and float ``mod`` are the slow numpy ops, so neither is used.
+    Images not in RGB mode are returned unchanged (as torchvision does for L).
+    """
+    if not -0.5 <= hue_factor <= 0.5:
+        raise ValueError(f"hue_factor must be in [-0.5, 0.5], got {hue_factor}")
+    if img.mode != "RGB":
+        return img
+    r, g, b = (np.asarray(band, dtype=np.float32) for band in img.split())
+    vmax = np.maximum(np.maximum(r, g), b)
+    chroma = vmax - np.minimum(np.minimum(r, g), b)
+    is_r = r == vmax
+    is_g = np.greater(g == vmax, is_r)  # g is the max and r is not
+    is_b = ~(is_r | is_g)
+    hue6 = is_r * (g - b)  # hue in sixths of a turn, times chroma: [-1, 5] * chroma
+    hue6 += is_g * (b - r + 2.0 * chroma)
+    hue6 += is_b * (r - g + 4.0 * chroma)
+    hue6 /= np.maximum(chroma, 1.0)
+    hue6 += 6.0 * hue_factor
+    return Image.merge("RGB", [_hsv_channel(hue6, vmax, chroma, n) for n in (5.0, 3.0, 1.0)])
+
+
+def _hsv_channel(hue6: np.ndarray, vmax: np.ndarray, chroma: np.ndarray, n: float) -> Image.Image:
+    """One RGB channel of HSV (hue in sixths, value, chroma): V - C * clip(min(k, 4 - k), 0, 1)
+    with k = (n + hue6) mod 6; n = 5, 3, 1 for R, G, B (the closed form of HSV -> RGB)."""
+    k = hue6 + n
+    k -= 6.0 * np.floor(k * (1.0 / 6.0))
+    weight = np.minimum(k, 4.0 - k)
+    np.clip(weight, 0.0, 1.0, out=weight)
+    out = vmax - chroma * weight
+    out += 0.5  # round to nearest on the uint8 cast
+    return Image.fromarray(out.astype(np.uint8))
+
+
+class ColorJitter(T.ColorJitter):
+    """torchvision's ColorJitter (same parameter draws from torch's RNG, same random order of
+    the four ops) with the hue step done by the fast :func:`adjust_hue`; PIL images only."""
+
+    def forward(self, img: Image.Image) -> Image.Image:
+        """Apply brightness, contrast, saturation and hue jitter in a random order."""
+        order, bright, contrast, sat, hue = self.get_params(
+            self.brightness, self.contrast, self.saturation, self.hue
+        )
+        for op in order.tolist():
+            if op == 0 and bright is not None:
+                img = F.adjust_brightness(img, bright)
+            elif op == 1 and contrast is not None:
+                img = F.adjust_contrast(img, contrast)
+            elif op == 2 and sat is not None:
+                img = F.adjust_saturation(img, sat)
+            elif op == 3 and hue is not None:
+                img = adjust_hue(img, hue)
+        return img
+
+
 def colour_augment() -> T.Compose:
     """Per-view colour augmentation on PIL images (DESIGN step 1)."""
     return T.Compose(
         [
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
             T.RandomGrayscale(p=0.2),
             T.RandomApply([PILGaussianBlur((0.1, 2.0))], p=0.1),
             T.RandomSolarize(threshold=128, p=0.2),

@@ -1,0 +1,253 @@
+"""Exact resume, stop signals and whole-or-invisible checkpoints, on real shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from aclip import checkpoint as ckpt
+from aclip.data.synthetic import write_synthetic
+from aclip.distributed import init_distributed
+from aclip.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dist_info():
+    return init_distributed()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume_data")
+    write_synthetic(
+        root, n_train=64, n_eval_cls=0, n_eval_ret=0, image_size=48, samples_per_shard=32, seed=0
+    )
+    return root
+
+
+def _cfg(out: Path, shards: Path, **extra: object):
+    over = {
+        "data.train_shards": f"{shards}/train/{{00000..00001}}.tar",
+        "data.samples_per_epoch": 64,
+        "data.shuffle_buffer": 16,
+        "train.max_steps": 9,
+        "train.ckpt_every": 3,
+        "train.signal_check_every": 1,
+        "optim.epochs": 2,
+    }
+    return tiny_config(str(out), **(over | extra))
+
+
+def _recording(trainer: Trainer, losses: dict[int, float], stop_at: int | None = None) -> None:
+    """Record each step's loss; send ourselves SIGUSR1 right after step ``stop_at``."""
+    step = trainer.train_step
+
+    def wrapped(batch: dict) -> dict:
+        out = step(batch)
+        losses[trainer.step] = out["loss"].item()
+        if trainer.step == stop_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    trainer.train_step = wrapped  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(
+    ("workers", "resampled"),
+    [(2, True), (2, False), (0, True)],
+    ids=["2w-resampled", "2w-epochs", "0w"],
+)
+def test_resume_after_a_stop_signal_gives_the_uninterrupted_losses(
+    tmp_path, shards, dist_info, workers, resampled
+):
+    """Stopped by SIGUSR1 after step 5 (between periodic checkpoints 3 and 6), resumed: steps
+    6-9 have the uninterrupted run's losses exactly (no sample or random draw replayed)."""
+    extra = {"data.workers": workers, "data.resampled": resampled}
+    whole: dict[int, float] = {}
+    ref = Trainer(_cfg(tmp_path / "ref", shards, **extra), dist_info)
+    _recording(ref, whole)
+    assert ref.fit() is True
+    assert sorted(whole) == list(range(1, 10))
+
+    first: dict[int, float] = {}
+    stopped = Trainer(_cfg(tmp_path / "run", shards, **extra), dist_info)
+    _recording(stopped, first, stop_at=5)
+    assert stopped.fit() is False
+    assert stopped.stop_signal == signal.SIGUSR1 and stopped.step == 5
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step_00000005"
+
+    rest: dict[int, float] = {}
+    resumed = Trainer(_cfg(tmp_path / "run", shards, **extra), dist_info)
+    assert resumed.resume("latest") and resumed.step == 5
+    _recording(resumed, rest)
+    assert resumed.fit() is True
+    assert first == {k: whole[k] for k in range(1, 6)}
+    assert rest == {k: whole[k] for k in range(6, 10)}  # bit-exact
+
+
+def _save_at(trainer: Trainer, steps: list[int], batch_seed: int = 0) -> None:
+    from helpers import fake_batch
+
+    for target in steps:
+        while trainer.step < target:
+            trainer.train_step(fake_batch(trainer.cfg, 8, seed=batch_seed + trainer.step))
+        trainer.save_checkpoint()
+
+
+def _weights(trainer: Trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+
+
+def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, dist_info, capsys):
+    cfg = tiny_config(str(tmp_path), **{"train.keep_checkpoints": 3})
+    first = Trainer(cfg, dist_info)
+    _save_at(first, [2])
+    at_two = _weights(first)
+    _save_at(first, [4])
+    states = tmp_path / "checkpoints" / "step_00000004" / ckpt.MODEL_STATES
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, fails the CRC
+    states.write_bytes(bytes(data))
+
+    second = Trainer(cfg, dist_info)
+    assert second.resume("latest") and second.step == 2
+    assert torch.equal(_weights(second), at_two)
+    out = capsys.readouterr().out
+    assert "step_00000004" in out and "CRC32" in out
+
+
+def test_a_save_that_never_finished_is_invisible_and_cleaned_up(tmp_path, dist_info):
+    cfg = tiny_config(str(tmp_path), **{"train.keep_checkpoints": 2})
+    trainer = Trainer(cfg, dist_info)
+    _save_at(trainer, [1, 2, 3])
+    ckpt_dir = tmp_path / "checkpoints"
+    (ckpt_dir / "step_00000003" / ckpt.MANIFEST).unlink()  # as if killed before the commit
+    (ckpt_dir / "latest").write_text("step_00000002")
+    assert ckpt.choose_checkpoint(ckpt_dir) == "step_00000002"
+    assert [t for t in ckpt.checkpoint_tags(ckpt_dir)] == ["step_00000003", "step_00000002"]
+
+    again = Trainer(cfg, dist_info)
+    assert again.resume("latest") and again.step == 2
+    _save_at(again, [4], batch_seed=50)
+    # the unfinished step 3 is gone; two whole checkpoints kept
+    assert ckpt.checkpoint_tags(ckpt_dir) == ["step_00000004", "step_00000002"]
+    assert all(
+        ckpt.verify_checkpoint(ckpt_dir / t) is None for t in ("step_00000004", "step_00000002")
+    )
+
+
+# ------------------------------------------------------------- kill -9 of a real run
+_TINY = [
+    "model.vision_model=vit_tiny_patch16_224",
+    "model.image_size=32",
+    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+    "model.embed_dim=32",
+    "model.context_length=24",
+    "model.text_width=32",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    "loss.simclr_hidden=64",
+    "loss.simclr_out=16",
+    "loss.byol_hidden=64",
+    "loss.byol_out=16",
+    "train.global_batch_size=8",
+    "train.precision=fp32",
+    "train.zero_stage=1",
+    "train.log_every=1",
+    "train.image_log_every=0",
+    "train.ckpt_every=3",
+    "train.progress=false",
+    "train.max_steps=14",
+    "train.resume=latest",
+    "data.workers=1",
+    "data.shuffle_buffer=16",
+    "optim.epochs=2",
+]
+# A train.py whose commit step waits at step 6 (files written, manifest not yet): the moment to
+# kill it mid-save.
+_SLOW_COMMIT = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import aclip.checkpoint as ck
+commit = ck.commit_checkpoint
+def slow(ckpt_dir, tag):
+    if tag == "step_00000006":
+        Path({marker!r}).write_text("saving")
+        time.sleep(600)
+    commit(ckpt_dir, tag)
+ck.commit_checkpoint = slow
+import train
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def _start(script: str, args: list[str], log: Path) -> subprocess.Popen:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", script, *args], cwd=ROOT, env=env, stdout=out,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"ended with {proc.returncode}: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def _args(shards: Path, out: Path) -> list[str]:
+    return [
+        "--config", "configs/demo.yaml", *_TINY, f"train.output_dir={out}",
+        f"data.train_shards={shards}/train/{{00000..00001}}.tar", "eval.zeroshot_sets=[]",
+        "eval.retrieval_sets=[]",
+    ]  # fmt: skip
+
+
+def _finish(shards: Path, out: Path, log: Path) -> str:
+    """Start train.py again (train.resume=latest) and let it finish; return its output."""
+    plain = "import sys; import train; sys.exit(train.main(sys.argv[1:]))"
+    proc = _start(plain, _args(shards, out), log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    return log.read_text()
+
+
+@pytest.mark.parametrize("moment", ["mid-run", "mid-save"])
+def test_kill_9_then_the_next_start_resumes_from_the_last_whole_checkpoint(
+    tmp_path, shards, moment
+):
+    out, log, marker = tmp_path / "run", tmp_path / "log.txt", tmp_path / "saving"
+    ckpt_dir = out / "checkpoints"
+    script = _SLOW_COMMIT.format(root=str(ROOT), marker=str(marker))
+    proc = _start(script, _args(shards, out), log)
+    if moment == "mid-run":  # between checkpoints: after step 4, before the save at 6
+        _wait_for(lambda: "step 4/14" in log.read_text(), proc, log)
+    else:
+        _wait_for(marker.exists, proc, log)
+    proc.kill()
+    proc.wait()
+    assert (ckpt_dir / "latest").read_text() == "step_00000003"
+    if moment == "mid-save":
+        assert (ckpt_dir / "step_00000006").is_dir()
+        assert not (ckpt_dir / "step_00000006" / ckpt.MANIFEST).exists()
+
+    text = _finish(shards, out, log)
+    assert "resumed at step 3" in text
+    assert json.loads((out / "results.json").read_text())["step"] == 14
+    assert (ckpt_dir / "latest").read_text() == "step_00000014"
+    for tag in ckpt.checkpoint_tags(ckpt_dir):  # everything left is whole
+        assert ckpt.verify_checkpoint(ckpt_dir / tag) is None, tag
