@@ -194,7 +194,9 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def _start(script: str, args: list[str], log: Path) -> subprocess.Popen:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    rank_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rank_vars}  # this process's group
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "a") as out:
         return subprocess.Popen(
             [sys.executable, "-c", script, *args], cwd=ROOT, env=env, stdout=out,
