@@ -209,3 +209,24 @@ def test_rebuilt_loader_continues_exactly_where_it_stood(
     for want, got in zip(full[consumed:], rest, strict=True):
         for key in ("views", "ema", "boxes", "tokens", "data_pos", "worker_id"):
             assert torch.equal(want[key], got[key]), key
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_each_rank_reads_different_shards(shards, tok, monkeypatch, workers):
+    """2 ranks over 2 shards: one whole shard each, none shared; resampled streams differ."""
+    tars = [shards / "a" / "train" / "00000.tar", shards / "a" / "train" / "00001.tar"]
+    spec = str(shards / "a" / "train" / "{00000..00001}.tar")
+    per_rank = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        batches = list(_loader(spec, tok, batch_size=1, num_workers=workers))
+        per_rank.append(sorted(tok.decode(t) for b in batches for t in b["tokens"]))
+    by_shard = [sorted(_norm(c) for c in _captions([t])) for t in tars]
+    assert sorted(per_rank) == sorted(by_shard)  # one whole shard each, none shared
+    resampled = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        batches = islice(iter(_loader(spec, tok, resampled=True, batch_size=4)), 3)
+        resampled.append(torch.cat([b["tokens"] for b in batches]))
+    assert not torch.equal(resampled[0], resampled[1])  # each rank its own shard stream
