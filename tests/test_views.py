@@ -16,6 +16,7 @@ from aclip.data.views import (
     adjust_hue,
     boxes_in_union,
     eval_transform,
+    normalize_images,
     to_rgb,
     union_box,
 )
@@ -208,3 +209,15 @@ def test_colour_jitter_draws_like_torchvision():
         torch.manual_seed(seed)
         T.ColorJitter(0.4, 0.4, 0.2, 0.1)(img)
         assert torch.equal(after_ours, torch.rand(1))
+
+
+def test_uint8_output_normalised_later_equals_normalised_output():
+    img = gradient_image()
+    torch.manual_seed(3)
+    ref = ACLIPViews(32, num_views=2)(img)
+    torch.manual_seed(3)
+    raw = ACLIPViews(32, num_views=2, normalize=False)(img)
+    assert raw["views"].dtype == torch.uint8 and raw["ema"].dtype == torch.uint8
+    torch.testing.assert_close(raw["boxes"], ref["boxes"])
+    for key in ("views", "ema"):
+        torch.testing.assert_close(normalize_images(raw[key]), ref[key], rtol=0, atol=1e-5)

@@ -9,15 +9,17 @@ the box correspondence.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, ImageFilter
+from torch.nn import functional as F
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
+from torchvision.transforms import functional as TF
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)
 OPENAI_CLIP_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)
@@ -38,21 +40,81 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-class _Normalize:
-    """uint8 HWC PIL image -> normalised float CHW tensor (= ToTensor + Normalize).
+def _chw(pixels: Image.Image | torch.Tensor) -> torch.Tensor:
+    """A PIL RGB image as uint8 [3, H, W] (numpy's transpose copy: the cheapest way to planes);
+    tensors pass through."""
+    if isinstance(pixels, torch.Tensor):
+        return pixels
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(pixels).transpose(2, 0, 1)))
 
-    The uint8 pixels are moved to CHW first (numpy's transpose copy is the cheapest step), so
-    the float ops broadcast over whole planes: ~3x faster than normalising an HWC float tensor,
-    whose size-3 inner dimension defeats vectorisation.
+
+class _Normalize:
+    """uint8 RGB pixels -> normalised float CHW (= ToTensor + Normalize), written in place.
+
+    The float ops run on whole colour planes: ~3x faster than normalising an HWC float tensor,
+    whose size-3 inner dimension defeats vectorisation. ``enabled=False`` stores the uint8
+    pixels as they are (see :func:`normalize_images`).
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(self, mean: Sequence[float], std: Sequence[float], enabled: bool = True) -> None:
         self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0)
+        self.enabled = enabled
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        chw = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))  # [3, H, W] uint8 copy
-        return torch.from_numpy(chw).float().sub_(self.shift).mul_(self.scale)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored pixels."""
+        return torch.float32 if self.enabled else torch.uint8
+
+    def __call__(self, pixels: Image.Image | torch.Tensor, out_CHW: torch.Tensor) -> None:
+        """Store a PIL image or a uint8 [3, H, W] tensor into ``out_CHW``, normalised if on."""
+        out_CHW.copy_(_chw(pixels))
+        if self.enabled:
+            out_CHW.sub_(self.shift).mul_(self.scale)
+
+
+def normalize_images(
+    images: torch.Tensor,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """uint8 images [..., 3, H, W] (``ACLIPViews(normalize=False)``) -> normalised ``dtype``, on
+    their device: the same values as the loader's own normalisation, 4x fewer bytes to move.
+    The constants are made once per device (no host-to-device copy per call)."""
+    shift, scale = _norm_constants(tuple(mean), tuple(std), images.device)
+    return ((images.float() - shift) * scale).to(dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _norm_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = _Normalize(mean, std)
+    return norm.shift.to(device), norm.scale.to(device)
+
+
+def image_tensor(img: Image.Image) -> torch.Tensor:
+    """An RGB PIL image as a uint8 [1, 3, H, W] tensor (channels-last memory, one copy)."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).unsqueeze(0)
+
+
+def resize_box(image_13HW: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """The pixel box (x0, y0, x1, y1) of a uint8 image resized to size x size: [3, S, S] uint8.
+
+    Antialiased bilinear on uint8 (torch's vectorised path, same filter as Pillow's BILINEAR
+    resize and equal to it inside the view; Pillow also reads pixels outside the box at the
+    view's edges, this reads the box only, as crop-then-resize does). ~2x faster than Pillow.
+    """
+    x0, y0, x1, y1 = box
+    crop = image_13HW[:, :, y0:y1, x0:x1].contiguous(memory_format=torch.channels_last)
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True)
+    return out[0]
+
+
+def to_pil(pixels_3HW: torch.Tensor) -> Image.Image:
+    """A uint8 [3, H, W] tensor (channels-last memory) as a PIL RGB image."""
+    return Image.fromarray(pixels_3HW.permute(1, 2, 0).contiguous().numpy())
 
 
 class PILGaussianBlur:
@@ -122,11 +184,11 @@ class ColorJitter(T.ColorJitter):
         )
         for op in order.tolist():
             if op == 0 and bright is not None:
-                img = F.adjust_brightness(img, bright)
+                img = TF.adjust_brightness(img, bright)
             elif op == 1 and contrast is not None:
-                img = F.adjust_contrast(img, contrast)
+                img = TF.adjust_contrast(img, contrast)
             elif op == 2 and sat is not None:
-                img = F.adjust_saturation(img, sat)
+                img = TF.adjust_saturation(img, sat)
             elif op == 3 and hue is not None:
                 img = adjust_hue(img, hue)
         return img
@@ -170,7 +232,9 @@ class ACLIPViews:
     """Sample the online views, the EMA (union) view and the crop boxes of one image.
 
     Randomness comes from torch's global RNG only (box sampling and colour ops), so seeding
-    `torch.manual_seed` makes a call reproducible.
+    `torch.manual_seed` makes a call reproducible. With ``normalize=False`` the views and the
+    EMA view are returned as uint8 pixels, for :func:`normalize_images` on the GPU (4x fewer
+    bytes through collation, shared memory and the host-to-device copy).
     """
 
     def __init__(
@@ -181,6 +245,7 @@ class ACLIPViews:
         mean: Sequence[float] = OPENAI_CLIP_MEAN,
         std: Sequence[float] = OPENAI_CLIP_STD,
         color_aug: bool = True,
+        normalize: bool = True,
     ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
@@ -190,7 +255,7 @@ class ACLIPViews:
         self.num_views = num_views
         self.scale = (float(scale[0]), float(scale[1]))
         self.color = colour_augment() if color_aug else None
-        self.normalize = _Normalize(mean, std)
+        self.normalize = _Normalize(mean, std, enabled=normalize)
 
     def sample_boxes(self, img: Image.Image) -> list[tuple[int, int, int, int]]:
         """Draw `num_views` RandomResizedCrop boxes as pixel (x0, y0, x1, y1)."""
@@ -200,23 +265,21 @@ class ACLIPViews:
             boxes.append((left, top, left + w, top + h))
         return boxes
 
-    def _crop(self, img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-        size = (self.image_size, self.image_size)
-        return img.resize(size, resample=Image.Resampling.BILINEAR, box=box)
-
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         """Return {"views": [V,3,S,S], "ema": [3,S,S], "boxes": [V,4]} for one PIL image."""
         img = to_rgb(img)
         boxes = self.sample_boxes(img)
         union = union_box(boxes)
-        ema = self.normalize(self._crop(img, union))
-        views = []
-        for box in boxes:
-            view = self._crop(img, box)
+        pixels, size = image_tensor(img), self.image_size
+        ema = torch.empty(3, size, size, dtype=self.normalize.dtype)
+        self.normalize(resize_box(pixels, union, size), ema)
+        views = torch.empty(self.num_views, 3, size, size, dtype=self.normalize.dtype)
+        for view_out, box in zip(views, boxes, strict=True):
+            view = resize_box(pixels, box, size)
             if self.color is not None:
-                view = self.color(view)
-            views.append(self.normalize(view))
-        return {"views": torch.stack(views), "ema": ema, "boxes": boxes_in_union(boxes, union)}
+                view = self.color(to_pil(view))
+            self.normalize(view, view_out)
+        return {"views": views, "ema": ema, "boxes": boxes_in_union(boxes, union)}
 
 
 def eval_transform(
