@@ -34,6 +34,8 @@ class ModelConfig:
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
+    grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
+    compile: bool = False  # torch.compile the student's forward (ACLIPModel)
 
 
 @dataclass

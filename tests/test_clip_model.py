@@ -1,5 +1,7 @@
 """CLIP / ACLIPModel / heads / build_model: shapes, temperature, projections, head structure."""
 
+import copy
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 from torch import nn
 
 from aclip.config import LossConfig, ModelConfig
-from aclip.model import build_model
+from aclip.model import build_model, compile_student
 from aclip.model.clip import CLIP, ACLIPModel
 from aclip.model.heads import byol_predictor, byol_projector, mlp, simclr_head
 from aclip.model.text import TextTransformer
@@ -217,3 +219,35 @@ def test_aclip_model_refuses_half_byol(clip: CLIP) -> None:
 def test_text_tower_type(clip: CLIP) -> None:
     assert isinstance(clip.text, TextTransformer)
     assert isinstance(clip.visual, VisionTower)
+
+
+def test_speed_switches_are_wired_by_build_model() -> None:
+    cfg = dataclasses.replace(MODEL_CFG, grad_checkpointing=True, compile=True)
+    model = build_model(cfg, SMALL_LOSS)
+    assert model.clip.visual.grad_checkpointing and model.clip.text.grad_checkpointing
+    assert model._compiled_call_impl is not None  # compiled lazily, on the first call
+    plain = build_model(MODEL_CFG, SMALL_LOSS)
+    assert not plain.clip.visual.grad_checkpointing and plain._compiled_call_impl is None
+    assert list(model.state_dict()) == list(plain.state_dict())  # no _orig_mod. prefix
+
+
+def test_compiled_student_matches_eager() -> None:
+    """compile_student (traced by dynamo; the aot_eager backend keeps the test fast) gives the
+    eager outputs and gradients; the teacher's copy of the vision tower stays eager."""
+    models = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(MODEL_CFG, grad_checkpointing=True), SMALL_LOSS)
+        models.append(compile_student(model, backend="aot_eager") if compiled else model)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([[0, 2, 5, 7], [1, 3, 8, 9], [4, 6, 10, 15], [11, 12, 13, 14]])
+    outs = [m(x, tokens(4), keep) for m in models]
+    for key in outs[0]:
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=0, atol=1e-6)
+    for out in outs:
+        (out["image_emb"].sum() + out["simclr_z"].square().sum()).backward()
+    for p_eager, p_comp in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        if p_eager.grad is not None:
+            torch.testing.assert_close(p_comp.grad, p_eager.grad, rtol=0, atol=1e-6)
+    teacher = copy.deepcopy(models[1].clip.visual)
+    assert teacher._compiled_call_impl is None

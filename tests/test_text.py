@@ -127,3 +127,13 @@ def test_clip_init_statistics() -> None:
     assert abs(model.blocks[1].attn.proj.weight.std().item() - proj_std) < 0.003
     assert abs(model.blocks[2].fc1.weight.std().item() - 512**-0.5) < 0.003
     assert abs(model.blocks[3].fc2.weight.std().item() - proj_std) < 0.003
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    grads = []
+    for recompute in (False, True):
+        model = tiny(seed=2).train()
+        model.set_grad_checkpointing(recompute)
+        model(tokens_with_eot([3, 7, 14])).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

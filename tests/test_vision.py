@@ -247,3 +247,16 @@ def test_refuses_patch_dropout_and_non_vit() -> None:
         VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, {**TINY, "patch_drop_rate": 0.5})
     with pytest.raises(TypeError):
         VisionTower("resnet18", IMAGE_SIZE)
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    keep = torch.tensor([[0, 3, 5, 9, 12], [1, 2, 7, 8, 15], [4, 6, 10, 11, 14]])
+    grads = []
+    for recompute in (False, True):
+        tower = make_tower(seed=3)
+        tower.train()
+        tower.set_grad_checkpointing(recompute)
+        assert tower.grad_checkpointing is recompute
+        tower(images(), keep).square().sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in tower.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

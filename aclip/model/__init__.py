@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aclip.config import LossConfig, ModelConfig
 from aclip.model.clip import CLIP, ACLIPModel
 from aclip.model.heads import byol_predictor, byol_projector, simclr_head
@@ -14,6 +16,7 @@ __all__ = [
     "TextTransformer",
     "VisionTower",
     "build_model",
+    "compile_student",
     "gather_tokens",
 ]
 
@@ -41,4 +44,22 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
     if loss_cfg.w_byol > 0:
         projector = byol_projector(visual.width, loss_cfg.byol_hidden, loss_cfg.byol_out)
         predictor = byol_predictor(loss_cfg.byol_out, loss_cfg.byol_hidden)
-    return ACLIPModel(clip, simclr, projector, predictor)
+    model = ACLIPModel(clip, simclr, projector, predictor)
+    if model_cfg.grad_checkpointing:
+        visual.set_grad_checkpointing(True)
+        text.set_grad_checkpointing(True)
+    if model_cfg.compile:
+        compile_student(model)
+    return model
+
+
+def compile_student(model: ACLIPModel, **compile_kwargs: Any) -> ACLIPModel:
+    """``torch.compile`` the student's forward in place (``nn.Module.compile``).
+
+    In place, so parameter names and state dicts do not change (no ``_orig_mod.`` prefix) and
+    the DeepSpeed engine wraps the module as usual. Only ``ACLIPModel.__call__`` is compiled:
+    the EMA teacher, a deep copy of the vision tower, keeps the eager path that its relevance
+    hooks need, and ``clip.encode_image`` / ``encode_text`` (evaluation) stay eager.
+    """
+    model.compile(**compile_kwargs)
+    return model

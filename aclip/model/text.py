@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 
 class CausalSelfAttention(nn.Module):
@@ -68,7 +69,12 @@ class TextTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
         self.blocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
+        self.grad_checkpointing = False
         self.init_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
 
     def init_parameters(self) -> None:
         """CLIP init: embeddings N(0, 0.02) / N(0, 0.01); output projections scaled by depth."""
@@ -91,8 +97,9 @@ class TextTransformer(nn.Module):
         if length > self.context_length:
             raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
         x_BLD = self.token_embedding(tokens_BL) + self.positional_embedding[:length]
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BLD = block(x_BLD)
+            x_BLD = checkpoint(block, x_BLD, use_reentrant=False) if recompute else block(x_BLD)
         return self.ln_final(x_BLD)
 
     def forward(self, tokens_BL: Tensor) -> Tensor:

@@ -129,6 +129,16 @@ class VisionTower(nn.Module):
             for param in vit.patch_embed.parameters():
                 param.requires_grad_(False)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them
+        (timm's ``checkpoint_seq``); only passes with grad enabled are affected."""
+        self.vit.set_grad_checkpointing(enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Whether block activations are recomputed in the backward pass."""
+        return bool(self.vit.grad_checkpointing)
+
     @property
     def blocks(self) -> nn.Sequential:
         """The timm ViT's transformer blocks (``self.vit.blocks``)."""
