@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from aclip.config import Config, ConfigError, load_config
-from aclip.data.pipeline import SkipLimitExceeded
+from aclip.data.pipeline import LoaderStalled, SkipLimitExceeded
 from aclip.preflight import check_paths
 
 EXIT_STOPPED = 3  # stopped on a signal, checkpoint saved: run again with train.resume=latest
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = run(cfg)
-    except (ConfigError, SkipLimitExceeded) as err:  # another model's checkpoint; bad shards
+    # another model's checkpoint; bad shards; unreadable data
+    except (ConfigError, SkipLimitExceeded, LoaderStalled) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return after_stop(results) if "stopped" in results else 0

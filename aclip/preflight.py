@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
 from aclip.config import Config, ConfigError
@@ -13,11 +15,10 @@ def check_paths(cfg: Config) -> None:
 
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards': no training shards given")
-    for source in expand_urls(cfg.data.train_shards):
-        local = [u for u in source if "://" not in u and not u.startswith("pipe:")]
-        missing = [u for u in local if not Path(u).is_file()]
-        if local and len(missing) == len(local):
-            raise FileNotFoundError(f"data.train_shards: no shard found for {source[0]} ...")
+    sources = expand_urls(cfg.data.train_shards)
+    for source in sources:
+        _check_source(source)
+    _check_split(sources, cfg)
     for key, roots in (
         ("eval.zeroshot_sets", cfg.eval.zeroshot_sets),
         ("eval.retrieval_sets", cfg.eval.retrieval_sets),
@@ -26,6 +27,47 @@ def check_paths(cfg: Config) -> None:
             if not Path(root).is_dir():
                 raise FileNotFoundError(f"{key}: eval set directory not found: {root}")
     _check_writable(Path(cfg.train.output_dir))
+
+
+def _check_source(source: list[str]) -> None:
+    """Refuse a source none of whose local shards exists; warn, naming them, when some are
+    missing (the loader skips those and counts them as ``missing_shard``)."""
+    local = [u for u in source if "://" not in u and not u.startswith("pipe:")]
+    missing = [u for u in local if not Path(u).is_file()]
+    if not missing:
+        return
+    if len(missing) == len(local):
+        raise FileNotFoundError(
+            f"data.train_shards: no shard found for {source[0]} ... (none of its "
+            f"{len(local)} files exists)"
+        )
+    listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+    warnings.warn(
+        f"data.train_shards: {len(missing)} of {len(local)} shards are missing and will be "
+        f"skipped: {listed}",
+        stacklevel=3,
+    )
+
+
+def world_size_from_env(env: dict[str, str] | None = None) -> int:
+    """The number of ranks the launcher started, before the process group is up (torchrun and
+    the deepspeed launcher set WORLD_SIZE, srun SLURM_NTASKS; 1 otherwise)."""
+    env = dict(os.environ) if env is None else env
+    if "RANK" in env:
+        return int(env.get("WORLD_SIZE", "1"))
+    if "SLURM_PROCID" in env:
+        return int(env.get("SLURM_NTASKS", "1"))
+    return 1
+
+
+def _check_split(sources: list[list[str]], cfg: Config) -> None:
+    """Refuse a finite stream whose shards cannot give every rank and loader worker one."""
+    from aclip.data.pipeline import check_shard_split
+
+    try:
+        check_shard_split(sources, world_size_from_env(), cfg.data.workers, cfg.data.resampled)
+    except ValueError as err:
+        raise ConfigError(f"config key 'data.workers': {err}") from None
 
 
 def _check_writable(out: Path) -> None:

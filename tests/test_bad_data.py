@@ -1,8 +1,13 @@
 """Bad training data is skipped or converted, counted by reason, and never hangs the loader."""
 
 import io
+import itertools
+import os
+import signal
 import tarfile
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -209,7 +214,8 @@ def test_skip_counter_takes_max_per_worker_and_sums_workers():
 def test_loader_over_only_bad_data_ends(bad_dir, tok, tmp_path, num_workers):
     jpg = _jpg(_members(bad_dir / "0.tar"))
     _write_tar(tmp_path / "0.tar", _bad_members(jpg))
-    spec = f"{tmp_path / '0.tar'}::{bad_dir / '{2..3}.tar'}"
+    _write_tar(tmp_path / "1.tar", _bad_members(jpg)[::-1])
+    spec = f"{tmp_path / '{0..1}.tar'}::{bad_dir / '{2..3}.tar'}"
     loader = _loader(spec, tok, num_workers=num_workers, weights=[1.0, 1.0])
     assert list(loader) == []
     if num_workers == 0:
@@ -229,3 +235,214 @@ def test_check_skip_fraction_names_the_bad_shards(bad_dir, tok):
     for name in ("0.tar", "1.tar", "2.tar", "3.tar"):
         assert str(bad_dir / name) in msg
     check_skip_fraction(dict.fromkeys(COUNT_KEYS, 0), 0, 0.0)  # nothing seen yet: no error
+
+
+# ---------------------------------------------------------------- the loader never hangs
+def test_too_few_shards_for_ranks_and_workers_are_refused_at_build(good, tok, monkeypatch):
+    spec = str(good / "{00000..00001}.tar")
+    with pytest.raises(ValueError, match=r"2 shard\(s\).* 1 rank\(s\) x 3 loader worker\(s\) = 3"):
+        _loader(spec, tok, num_workers=3)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"= 4: .*data.workers <= 1, .*at least 4 shards"):
+        _loader(spec, tok, num_workers=2)
+    _loader(spec, tok, num_workers=1)  # 2 ranks x 1 worker: one shard each
+    _loader(spec, tok, num_workers=2, resampled=True)  # each worker draws its own shards
+
+
+def test_preflight_refuses_a_split_that_leaves_a_worker_without_shards(good, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    from aclip.config import ConfigError, load_config
+    from aclip.preflight import check_paths
+
+    def cfg(*extra: str):
+        base = [f"data.train_shards={good}/{{00000..00001}}.tar", f"train.output_dir={tmp_path}"]
+        return load_config(None, base + list(extra))
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_paths(cfg("data.workers=2"))  # resampled (the default): fine
+    with pytest.raises(ConfigError, match=r"data.workers.*2 rank\(s\) x 2 loader worker"):
+        check_paths(cfg("data.workers=2", "data.resampled=false"))
+    monkeypatch.delenv("RANK")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")  # under srun, before RANK is set
+    with pytest.raises(ConfigError, match=r"4 rank\(s\) x 1 loader worker"):
+        check_paths(cfg("data.workers=0", "data.resampled=false"))
+
+
+def test_preflight_names_missing_shards(good, tmp_path):
+    from aclip.config import load_config
+    from aclip.preflight import check_paths
+
+    def cfg(spec: str):
+        return load_config(None, [f"data.train_shards={spec}", f"train.output_dir={tmp_path}"])
+
+    with pytest.raises(FileNotFoundError, match=r"none of its 5 files exists"):
+        check_paths(cfg(f"{tmp_path}/nothing_{{0..4}}.tar"))
+    with pytest.warns(UserWarning, match=r"1 of 3 shards are missing .*00002.tar"):
+        check_paths(cfg(f"{good}/{{00000..00002}}.tar"))
+
+
+def _first_batch_error(loader) -> tuple[Exception, float]:
+    """The error of the first batch and the seconds it took; the loader's workers are shut down
+    (garbage-collecting a failed loader joins each worker with a 5 s timeout)."""
+    start = time.perf_counter()
+    with pytest.raises(Exception) as err:  # noqa: B017 - the type is asserted by the caller
+        next(iter(loader))
+    seconds = time.perf_counter() - start
+    _shut_down(loader)
+    return err.value, seconds
+
+
+def _shut_down(loader) -> None:
+    workers = getattr(loader.pipeline[0], "_iterator", None)
+    if workers is not None and hasattr(workers, "_shutdown_workers"):
+        workers._shutdown_workers()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("case", ["no_file", "unreadable", "one_source_unreadable"])
+def test_resampled_stream_over_unreadable_shards_raises_at_once(good, bad_dir, tok, tmp_path,
+                                                                num_workers, case):  # fmt: skip
+    spec = {
+        "no_file": f"{tmp_path}/nothing_{{0..4}}.tar",  # a spec matching no file
+        "unreadable": f"{bad_dir}/{{2..3}}.tar",  # not a tar, missing
+        "one_source_unreadable": f"{good}/{{00000..00001}}.tar::{bad_dir}/{{2..3}}.tar",
+    }[case]
+    weights = [1.0, 1.0] if "::" in spec else None
+    loader = _loader(spec, tok, resampled=True, num_workers=num_workers, weights=weights)
+    exn, seconds = _first_batch_error(loader)
+    assert isinstance(exn, pipeline.LoaderStalled), repr(exn)
+    msg = str(exn)
+    assert "no sample could be read from 16 shards in a row" in msg, msg
+    assert ("nothing_" if case == "no_file" else "3.tar") in msg and "missing_shard=" in msg
+    assert seconds < 20
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resampled_stream_without_a_good_sample_raises(good, tok, tmp_path, num_workers):
+    for i in range(2):  # readable shards in another layout: captions in .json, not .txt
+        members = [(n.replace(".txt", ".json"), d) for n, d in _members(good / f"0000{i}.tar")]
+        _write_tar(tmp_path / f"{i}.tar", members)
+    loader = _loader(str(tmp_path / "{0..1}.tar"), tok, resampled=True, num_workers=num_workers)
+    exn, seconds = _first_batch_error(loader)
+    assert isinstance(exn, pipeline.LoaderStalled), repr(exn)
+    msg = str(exn)
+    assert "no good sample from 16 shard reads in a row" in msg and "no_caption=" in msg, msg
+    assert str(tmp_path / "0.tar") in msg or str(tmp_path / "1.tar") in msg
+    assert seconds < 20
+
+
+@pytest.mark.timeout(60)
+def test_resampled_stream_with_some_bad_shards_goes_on(good, bad_dir, tok, tmp_path):
+    for i in range(2):
+        (tmp_path / f"{i}.tar").write_bytes((good / f"0000{i}.tar").read_bytes())
+    (tmp_path / "2.tar").write_bytes((bad_dir / "2.tar").read_bytes())  # not a tar; 3 missing
+    loader = _loader(str(tmp_path / "{0..3}.tar"), tok, resampled=True, batch_size=4)
+    batches = list(itertools.islice(iter(loader), 50))  # 200 samples: 20 good shard reads
+    assert len(batches) == 50
+    counts = loader.skip_stats.counts
+    assert counts["missing_shard"] >= 5 and counts["bad_tar"] >= 5
+
+
+class _KillingTokenizer:
+    """Kills the loader worker process that calls it (as the kernel's OOM killer would)."""
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return torch.zeros(len(texts), 16, dtype=torch.long)
+
+
+def _broken_collate(samples: list[dict]) -> dict:
+    raise RuntimeError("collate broke (not a sample error)")
+
+
+@pytest.fixture(scope="module")
+def dist_info():
+    from aclip.distributed import init_distributed
+
+    return init_distributed()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("failure", ["worker_killed", "worker_raises"])
+def test_a_failing_loader_worker_stops_the_trainer_at_once(good, tmp_path, dist_info,
+                                                           monkeypatch, failure):  # fmt: skip
+    from helpers import tiny_config
+
+    from aclip.trainer import Trainer
+
+    trainer = Trainer(tiny_config(str(tmp_path / "run")), dist_info)
+    tokenizer: Any = Tokenizer(context_length=16)
+    if failure == "worker_killed":
+        tokenizer, match = _KillingTokenizer(), r"DataLoader worker \(pid.*\) (is killed|exited)"
+    else:
+        monkeypatch.setattr(pipeline, "collate", _broken_collate)
+        match = r"(?s)Caught RuntimeError in DataLoader worker.*collate broke"
+    loader = build_train_loader(str(good / "{00000..00001}.tar"), tokenizer, ACLIPViews(32), 8, 1)
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit(loader=loader)
+    assert time.perf_counter() - start < 20
+    assert trainer.step == 0
+    _shut_down(loader)
+
+
+def _rank_with_bad_data(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1's loader fails at its third batch while rank 0 trains on."""
+    from helpers import fake_batch, rank_slice, set_rank_env, tiny_config
+
+    from aclip.distributed import init_distributed
+    from aclip.trainer import Trainer
+
+    set_rank_env(rank, world, port)
+    trainer = Trainer(tiny_config(out, **{"train.max_steps": 50}), init_distributed())
+
+    def batches():
+        for i in itertools.count():
+            if rank == 1 and i == 2:
+                raise pipeline.LoaderStalled("rank 1's shards are all unreadable")
+            yield rank_slice(fake_batch(trainer.cfg, 8, seed=i), rank, world)
+
+    try:
+        trainer.fit(loader=batches())
+    except Exception as exn:
+        Path(out, f"rank{rank}.txt").write_text(f"{type(exn).__name__}: {exn}")
+        raise
+
+
+@pytest.mark.timeout(180)
+def test_a_loader_error_on_one_rank_ends_every_rank(tmp_path):
+    """The failing rank exits non-zero at once; the other, waiting in a collective, gets an
+    error from gloo when its peer is gone (with NCCL the launcher ends it: srun
+    --kill-on-bad-exit=1, torchrun)."""
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    with pytest.raises(mp.ProcessRaisedException, match="all unreadable"):
+        mp.spawn(_rank_with_bad_data, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "rank1.txt").read_text().startswith("LoaderStalled")
+
+
+def test_train_cli_exits_2_naming_unreadable_shards(bad_dir, tmp_path, capsys):
+    """Shards that exist but are no tar archives pass the path check; the resampled stream
+    then stops the run at once instead of spinning."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_train_cli import TINY
+
+    import train
+
+    for i in range(2):
+        (tmp_path / f"{i}.tar").write_bytes((bad_dir / "2.tar").read_bytes())
+    argv = [*TINY, f"data.train_shards={tmp_path}/{{0..1}}.tar", "data.samples_per_epoch=64",
+            f"train.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: no sample could be read from 16 shards in a row" in err, err
+    assert f"{tmp_path}/0.tar" in err and "bad_tar=" in err

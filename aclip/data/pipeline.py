@@ -97,6 +97,11 @@ COUNT_KEYS: tuple[str, ...] = SKIP_REASONS + CONVERT_REASONS
 MAX_DECODE_PIXELS = 32 * 1024 * 1024  # ~100 MB as RGB; larger images are reduced or skipped
 MIN_IMAGE_SIDE = 8  # smaller images carry no usable content for 2 random crops: skipped
 RECENT_BAD_URLS = 4  # shards of the last skipped samples kept per worker for error messages
+# A resampled stream never ends, so a source it cannot read would spin forever: a source raises
+# LoaderStalled after max(MIN_STALL_READS, 2 x its shards) shard reads in a row gave no sample,
+# and the stream after MIN_STALL_READS..MAX_STALL_READS reads in a row gave no good sample.
+MIN_STALL_READS = 16
+MAX_STALL_READS = 64
 
 _skipped = {"count": 0}
 
@@ -111,6 +116,10 @@ class BadSample(ValueError):
 
 class SkipLimitExceeded(RuntimeError):
     """Too large a fraction of the training samples were bad (see `check_skip_fraction`)."""
+
+
+class LoaderStalled(RuntimeError):
+    """A resampled stream can make no progress: many shard reads in a row gave no (good) sample."""
 
 
 def skipped_samples() -> int:
@@ -173,10 +182,17 @@ class SkipStats:
         return True
 
     def __call__(self, exn: Exception) -> bool:
-        """webdataset handler of the per-sample stage: count by reason and continue."""
+        """webdataset handler of the per-sample stage: count by reason and continue
+        (`LoaderStalled` is raised on)."""
+        if isinstance(exn, LoaderStalled):
+            raise exn
         reason = exn.reason if isinstance(exn, BadSample) else "other"
         self.skip(reason, _url_of(exn), exn)
         return True
+
+    def reasons(self) -> str:
+        """The non-zero skip counts of this worker, e.g. "missing_shard=3, bad_tar=1"."""
+        return ", ".join(f"{k}={self.counts[k]}" for k in SKIP_REASONS if self.counts[k]) or "none"
 
     def tensor(self) -> torch.Tensor:
         """Cumulative counts as a LongTensor in COUNT_KEYS order."""
@@ -270,6 +286,28 @@ def check_skip_fraction(
     )
 
 
+def check_shard_split(
+    sources: Sequence[Sequence[str]], world_size: int, num_workers: int, resampled: bool
+) -> None:
+    """Refuse a finite stream (`resampled=False`) in which a rank or loader worker would get no
+    shard of some source: each source's shards are split over world_size x workers, and a rank
+    left without data would hang the others at their next collective. Raises ValueError."""
+    if resampled:
+        return
+    workers = max(1, num_workers)
+    need = world_size * workers
+    for i, urls in enumerate(sources):
+        if len(urls) >= need:
+            continue
+        fix = f"data.workers <= {len(urls) // world_size}, " if len(urls) >= world_size else ""
+        raise ValueError(
+            f"source {i + 1} of the training data ({urls[0]} ...) has {len(urls)} shard(s), but "
+            f"with data.resampled=false they are split over {world_size} rank(s) x {workers} "
+            f"loader worker(s) = {need}: some would get no shard. Use data.resampled=true, "
+            f"{fix}or split the data into at least {need} shards"
+        )
+
+
 def _derive_seed(*parts: int | str) -> int:
     """Stable 63-bit seed from ints/strings (independent of PYTHONHASHSEED)."""
     return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63)
@@ -334,16 +372,84 @@ class _Position:
                 yield sample
 
 
+class _ShardRun:
+    """Stall guard of one resampled source (stages around its tar reader).
+
+    `shards` counts the shard reads and raises LoaderStalled when `limit` reads in a row gave
+    no sample (every shard missing or unreadable: the stream would spin forever); `samples`
+    ends the run and tags each sample with its read (`__read__`) for `_GoodSampleGuard`.
+    """
+
+    def __init__(self, index: int, urls: list[str], stats: SkipStats) -> None:
+        self.index, self.num_urls, self.stats = index, len(urls), stats
+        self.limit = max(MIN_STALL_READS, 2 * len(urls))
+        self.reads, self.run = 0, 0
+        self.recent: deque[str] = deque(maxlen=RECENT_BAD_URLS)
+
+    def shards(self, src: Iterable[dict]) -> Iterator[dict]:
+        for item in src:
+            if self.run >= self.limit:
+                raise LoaderStalled(
+                    f"no sample could be read from {self.run} shards in a row of source "
+                    f"{self.index + 1} ({self.num_urls} shards; last tried: "
+                    f"{', '.join(self.recent)}); skipped here: {self.stats.reasons()}. "
+                    "Are the paths right and the files readable tar archives?"
+                )
+            self.reads, self.run = self.reads + 1, self.run + 1
+            self.recent.append(str(item.get("url")))
+            yield item
+
+    def samples(self, src: Iterable[dict]) -> Iterator[dict]:
+        for sample in src:
+            self.run = 0
+            sample["__read__"] = (self.index, self.reads)
+            yield sample
+
+
+class _GoodSampleGuard:
+    """The sample transform of a resampled stream, raising LoaderStalled when the bad samples
+    since the last good one came from `limit` different shard reads (e.g. shards in another
+    format: every sample would be skipped and the stream spin forever)."""
+
+    def __init__(self, transform: Callable[[dict], dict], limit: int, stats: SkipStats) -> None:
+        self.transform, self.limit, self.stats = transform, limit, stats
+        self.bad_reads: set = set()
+
+    def __call__(self, sample: dict) -> dict:
+        try:
+            out = self.transform(sample)
+        except Exception as exn:
+            self.bad_reads.add(sample.get("__read__"))
+            if len(self.bad_reads) >= self.limit:
+                raise LoaderStalled(
+                    f"no good sample from {len(self.bad_reads)} shard reads in a row (recent "
+                    f"bad shards: {', '.join(self.stats.bad_urls) or 'unknown'}); skipped here: "
+                    f"{self.stats.reasons()}; last error: {exn}. Does each sample hold an image "
+                    f"({', '.join(IMAGE_EXTS)}) and a .txt caption?"
+                ) from exn
+            raise
+        self.bad_reads.clear()
+        return out
+
+
 def _source(
-    urls: list[str], resampled: bool, seed: int, epoch: int, stats: SkipStats, offset: int
+    index: int,
+    urls: list[str],
+    resampled: bool,
+    seed: int,
+    epoch: int,
+    stats: SkipStats,
+    offset: int,
 ) -> wds.DataPipeline:
     """Samples of one source: shard list split by node and worker, tar -> dict samples."""
-    if resampled:  # each rank/worker draws its own shard stream
-        shards: list = [_ResampledShards(urls, seed, epoch, offset)]
-    else:  # same permutation on all ranks, then disjoint slices per rank and worker
-        shards = [wds.SimpleShardList(urls, seed=_derive_seed(seed, epoch)), wds.split_by_node]
-        shards.append(_SplitByWorker(offset))
-    return wds.DataPipeline(*shards, wds.tarfile_to_samples(handler=stats.tar_handler))
+    read = wds.tarfile_to_samples(handler=stats.tar_handler)
+    if resampled:  # each rank/worker draws its own shard stream; guarded against spinning
+        run = _ShardRun(index, urls, stats)
+        return wds.DataPipeline(_ResampledShards(urls, seed, epoch, offset), run.shards, read,
+                                run.samples)  # fmt: skip
+    # same permutation on all ranks, then disjoint slices per rank and worker
+    shards = wds.SimpleShardList(urls, seed=_derive_seed(seed, epoch))
+    return wds.DataPipeline(shards, wds.split_by_node, _SplitByWorker(offset), read)
 
 
 class _WeightedMix(torch.utils.data.IterableDataset):
@@ -571,6 +677,16 @@ def _worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _guarded(
+    transform: SampleTransform, sources: list[list[str]], resampled: bool, stats: SkipStats
+) -> Callable[[dict], dict]:
+    """The sample transform, guarded against spinning when the stream is resampled."""
+    if not resampled:
+        return transform
+    limit = max(MIN_STALL_READS, min(2 * sum(len(u) for u in sources), MAX_STALL_READS))
+    return _GoodSampleGuard(transform, limit, stats)
+
+
 def build_train_loader(
     spec: str,
     tokenizer: Tokenizer,
@@ -596,9 +712,11 @@ def build_train_loader(
     cumulative counts `skipped` [len(COUNT_KEYS)] long, `worker_id` [] long and `bad_shards`
     (uint8, newline-joined urls of recent bad shards); fold them with `SkipCounter`. Counts
     made after a worker's last full batch never reach the main process (with num_workers=0
-    read `loader.skip_stats.counts` instead) (only matters for
-    finite streams). With `resampled=True` and no good shard at all the stream would spin:
-    the caller should stop on `check_skip_fraction`.
+    read `loader.skip_stats.counts` instead) (only matters for finite streams). The loader
+    never hangs on bad data: with `resampled=False` a source with fewer shards than ranks x
+    workers is refused here (ValueError); with `resampled=True` a worker raises
+    `LoaderStalled` when max(MIN_STALL_READS, 2 x its shards) reads in a row of one source gave
+    no sample, or when up to MAX_STALL_READS reads in a row gave no good sample.
     Only full batches are yielded. Build a new loader for each epoch (pass `epoch`): the
     stream's seeds are fixed at construction. Each batch also carries `data_pos` [B] long, the
     samples' positions in their worker's stream; `LoaderPosition` folds them, and its
@@ -608,8 +726,12 @@ def build_train_loader(
     sources = expand_urls(spec)
     if weights is not None and len(weights) != len(sources):
         raise ValueError(f"{len(weights)} weights for {len(sources)} sources in {spec!r}")
+    check_shard_split(sources, pytorch_worker_info()[1], num_workers, resampled)
     stats, off = SkipStats(), worker_offset
-    pipes = [_source(urls, resampled, seed, epoch, stats, off) for urls in sources]
+    pipes = [_source(i, urls, resampled, seed, epoch, stats, off) for i, urls in enumerate(sources)]
+    transform = _guarded(
+        SampleTransform(views, tokenizer, seed, epoch, stats, off), sources, resampled, stats
+    )
     if len(pipes) == 1:
         head = pipes[0]
     else:
@@ -618,7 +740,7 @@ def build_train_loader(
         head,
         _Shuffle(max(1, shuffle_buffer), seed, epoch, off),
         _Position(start, off),
-        wds.map(SampleTransform(views, tokenizer, seed, epoch, stats, off), handler=stats),
+        wds.map(transform, handler=stats),
         wds.batched(batch_size, collation_fn=collate, partial=False),
         partial(stats.attach, offset=off),
     )
