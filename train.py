@@ -16,6 +16,7 @@ import sys
 
 from aclip.config import Config, ConfigError, load_config
 from aclip.data.pipeline import LoaderStalled, SkipLimitExceeded
+from aclip.numerics import NonFiniteLoss
 from aclip.preflight import check_paths
 
 EXIT_STOPPED = 3  # stopped on a signal, checkpoint saved: run again with train.resume=latest
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = run(cfg)
-    # another model's checkpoint; bad shards; unreadable data
-    except (ConfigError, SkipLimitExceeded, LoaderStalled) as err:
+    # another model's checkpoint; bad shards; unreadable data; NaN/Inf steps (last good saved)
+    except (ConfigError, SkipLimitExceeded, LoaderStalled, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return after_stop(results) if "stopped" in results else 0

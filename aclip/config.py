@@ -126,6 +126,7 @@ class TrainConfig:
     resume: str = ""
     max_steps: int = 0
     progress: bool = True
+    max_bad_steps: int = 20  # NaN/Inf loss or gradient: step skipped; this many in a row stop
 
 
 @dataclass

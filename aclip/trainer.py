@@ -221,20 +221,29 @@ class Trainer:
         return gen
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One optimizer step on this rank's part of the global batch; returns detached losses."""
+        """One optimizer step on this rank's part of the global batch; returns detached losses.
+
+        When the loss or a gradient is NaN/Inf on any rank, every rank skips the step alike
+        (nothing changes but the data position; ``self.numerics.last_skipped`` is set) and
+        ``train.max_bad_steps`` skips in a row save a checkpoint and raise `NonFiniteLoss`.
+        """
         views = batch["views"].to(self.device, non_blocking=True)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         ema = batch["ema"].to(self.device, non_blocking=True)
         boxes = batch["boxes"].to(self.device, non_blocking=True).float()
         batch_size, num_views = views.shape[:2]
         keep_idx, byol_target, _ = self.teacher_pass(ema, boxes)
+        self.numerics.snapshot()
         out = self.engine(views.flatten(0, 1).to(self.input_dtype), tokens, keep_idx)
         loss = self._loss(out, byol_target, batch_size, num_views)
-        self.engine.backward(loss.total)
-        self.engine.step()
-        self.ema_update()
-        self.step += 1
-        self.samples_seen += batch_size * self.dist.world_size
+        self.samples_seen += batch_size * self.dist.world_size  # the data position moves on
+        bad = self._backward_and_step(loss.total)
+        if bad:
+            self._skip_step(bad)
+        else:
+            self.ema_update()
+            self.step += 1
+            self.numerics.good()
         terms = (loss.total, loss.clip, loss.simclr, loss.byol)
         return {key: val.detach() for key, val in zip(LOSS_KEYS, terms, strict=True)}
 
@@ -266,6 +275,72 @@ class Trainer:
         """Move the teacher toward the student (after each optimizer step)."""
         if self.teacher is not None:
             self.teacher.update(self._ema_source, self.momentum())
+
+    @property
+    def numerics(self) -> Any:
+        """The skipped-step bookkeeping (`aclip.numerics.StepGuard`), made on first use."""
+        guard = self.__dict__.get("_numerics")
+        if guard is None:
+            from aclip.numerics import StepGuard
+
+            guard = self._numerics = StepGuard(self.model, self.cfg.train.max_bad_steps)
+        return guard
+
+    def _backward_and_step(self, loss: torch.Tensor) -> str:
+        """Backward and optimizer step, unless the loss or a gradient is NaN/Inf on any rank.
+
+        Returns "" when the step was applied, else "loss" or "gradients". DeepSpeed's own
+        optimizers (ZeRO 1/2, bf16, fp16) find non-finite gradients themselves (global grad
+        norm, all-reduced) and skip; the loss is checked before backward (all-reduced, so every
+        rank runs backward's collectives or none). A plain fp32 optimizer (ZeRO 0) has no such
+        check: loss and gradients (all-reduced in backward) are checked together before stepping.
+        """
+        from aclip.numerics import (
+            engine_counters,
+            grad_norm_sum,
+            nonfinite_anywhere,
+            set_engine_counters,
+        )
+
+        if hasattr(self.engine.optimizer, "overflow"):
+            if nonfinite_anywhere(loss)[0]:
+                return "loss"
+            self.engine.backward(loss)
+            counters = engine_counters(self.engine)
+            self.engine.step()
+            if self.engine.was_step_applied():
+                return ""
+            set_engine_counters(self.engine, counters)  # a skipped step is not a step
+            return "gradients"
+        self.engine.backward(loss)
+        checked = torch.stack([loss.detach().float(), grad_norm_sum(self.model.parameters())])
+        bad_loss, bad_grads = nonfinite_anywhere(checked)
+        if bad_loss or bad_grads:
+            self.engine.zero_grad()
+            return "loss" if bad_loss else "gradients"
+        self.engine.step()
+        return ""
+
+    def _skip_step(self, what: str) -> None:
+        """A step skipped for a non-finite ``what``: undo the forward pass's buffer updates,
+        count and report it; at ``train.max_bad_steps`` in a row save and raise NonFiniteLoss."""
+        from aclip.numerics import NonFiniteLoss
+
+        self.numerics.restore()
+        stop = self.numerics.bad()
+        guard, limit = self.numerics, self.cfg.train.max_bad_steps
+        if self.dist.is_main:
+            print(f"step {self.step}: non-finite {what} on some rank, step skipped "
+                  f"({guard.in_a_row} in a row, {guard.skipped} in all; the run stops at "
+                  f"train.max_bad_steps={limit} in a row)", flush=True)  # fmt: skip
+        if stop:
+            path = self.save_checkpoint()
+            raise NonFiniteLoss(
+                f"{guard.in_a_row} steps in a row had a non-finite (NaN/Inf) {what} "
+                f"(train.max_bad_steps={limit}); the last good state, step {self.step}, is "
+                f"saved in {path} (train.resume=latest goes on from it; check the data, lower "
+                f"optim.lr)"
+            )
 
     # ----------------------------------------------------------------- loop
     def build_loader(self) -> Any:
@@ -445,6 +520,7 @@ class Trainer:
             "train/logit_scale": float(self.model.clip.logit_scale_exp().item()),
             "train/ema_momentum": self.momentum(),
             "train/kept_fraction": kept,
+            "train/skipped_steps": float(self.numerics.skipped),
             "perf/samples_per_s": t["samples"] / max(t["total"], 1e-9),
             "perf/data_wait_fraction": t["data"] / max(t["total"], 1e-9),
             "data/skipped": float(sum(counts_all[k] for k in SKIP_REASONS)),
