@@ -30,11 +30,11 @@ def nonfinite_anywhere(values: torch.Tensor) -> list[bool]:
     return [mean > 0 for mean in dist_utils.all_reduce_mean(flags).tolist()]
 
 
-def grad_norm_sum(params: Iterable[nn.Parameter]) -> torch.Tensor:
+def grad_norm_sum(params: Iterable[nn.Parameter], device: torch.device) -> torch.Tensor:
     """Sum of the per-tensor gradient norms (NaN/Inf iff some gradient is), fused (foreach)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=device)
     return torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
 
 

@@ -313,7 +313,8 @@ class Trainer:
             set_engine_counters(self.engine, counters)  # a skipped step is not a step
             return "gradients"
         self.engine.backward(loss)
-        checked = torch.stack([loss.detach().float(), grad_norm_sum(self.model.parameters())])
+        grads = grad_norm_sum(self.model.parameters(), loss.device)
+        checked = torch.stack([loss.detach().float(), grads])
         bad_loss, bad_grads = nonfinite_anywhere(checked)
         if bad_loss or bad_grads:
             self.engine.zero_grad()
