@@ -63,11 +63,11 @@ def requeue_slurm_job() -> bool:
     job = os.environ.get("SLURM_JOB_ID")
     if not job or shutil.which("scontrol") is None:
         return False
+    print(f"requeueing job {job}", flush=True)  # SLURM ends this job's tasks at once
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
         print(f"scontrol requeue {job} failed: {done.stderr.strip()}", file=sys.stderr)
         return False
-    print(f"requeued job {job}", flush=True)
     return True
 
 

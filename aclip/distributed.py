@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,8 +70,20 @@ def _prepare_deepspeed_for_cpu() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def _quiet_collective_deprecations() -> None:
+    """torch 2.14 marks the autograd collectives (``torch.distributed.nn.functional``, what the
+    loss's gather needs) and DeepSpeed's ``all_gather_into_tensor`` deprecated; the warnings
+    would fill every rank's log. They stay the calls to use until their replacements are public."""
+    for pattern in (
+        r"torch\.distributed\.nn\.functional\.\w+ is deprecated",
+        r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
 def init_distributed() -> DistInfo:
     """Discover ranks, pick the device and start the process group (NCCL on GPU, gloo on CPU)."""
+    _quiet_collective_deprecations()
     env = discover_ranks()
     local_rank = int(env["LOCAL_RANK"])
     if torch.cuda.is_available():

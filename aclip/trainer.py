@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -392,39 +393,51 @@ class Trainer:
             disable=not (self.dist.is_main and self.cfg.train.progress),
         )  # fmt: skip
         own_loader = loader is None
-        batches = iter(self.build_loader() if own_loader else loader)
-        fresh = True
+        stream = self._batch_stream(loader)
         with _catch_stop_signals(self):
             while self.step < self.total_steps:
                 if self._should_stop():
                     bar.close()
                     self._stop_for_signal()
                     return False
-                if self._new_loader and own_loader:
-                    batches, fresh, self._new_loader = iter(self.build_loader()), True, False
-                    self._skips.new_loader()
                 t0 = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:
-                    if fresh:
-                        raise RuntimeError(
-                            f"the training data yielded no batch: {self.cfg.data.train_shards}"
-                        )
-                    self._start_new_stream()  # the next epoch of a finite stream
-                    batches, fresh, self._new_loader = iter(self.build_loader()), True, False
-                    self._skips.new_loader()
-                    continue
-                fresh = False
+                batch = next(stream)
                 if "data_pos" in batch:
                     self.data_pos.update(batch)
-                t1 = time.perf_counter()
+                t1, before = time.perf_counter(), self.step
                 losses = self.train_step(batch)
+                if self.step == before:  # non-finite, skipped: no step to log or save
+                    if "skipped" in batch:
+                        self._skips.update(batch)
+                    continue
                 self._accumulate(losses, t1 - t0, time.perf_counter() - t0, batch)
                 self._after_step(bar, batch, own_loader)
         bar.close()
         if self._saved_step != self.step:
             self.save_checkpoint()
         return True
+
+    def _batch_stream(self, loader: Any | None) -> Iterator[dict]:
+        """Batches without end: from ``loader`` (or our own), rebuilt when a finite one runs out
+        (next epoch) and when a new stream is due; an empty one is an error at once."""
+        own_loader = loader is None
+        batches, fresh = iter(self.build_loader() if own_loader else loader), True
+        while True:
+            if self._new_loader and own_loader:
+                batches, fresh, self._new_loader = iter(self.build_loader()), True, False
+                self._skips.new_loader()
+            batch = next(batches, None)
+            if batch is None:
+                if fresh:
+                    raise RuntimeError(
+                        f"the training data yielded no batch: {self.cfg.data.train_shards}"
+                    )
+                self._start_new_stream()  # the next epoch of a finite stream
+                batches, fresh, self._new_loader = iter(self.build_loader()), True, False
+                self._skips.new_loader()
+                continue
+            fresh = False
+            yield batch
 
     def _should_stop(self) -> bool:
         """Whether any rank got a stop signal; asked every ``train.signal_check_every`` steps
@@ -575,6 +588,8 @@ class Trainer:
         skip counts and RNG; visible (``latest``) only once every rank has written its part."""
         tag = f"step_{self.step:08d}"
         tag_dir = self.ckpt_dir / tag
+        if self._saved_step == self.step and (tag_dir / ckpt.MANIFEST).is_file():
+            return tag_dir  # this step's state is saved already (e.g. skipped steps since)
         if self.dist.is_main and tag_dir.exists():
             shutil.rmtree(tag_dir)  # an unfinished or stale save of this step
         dist_utils.barrier()

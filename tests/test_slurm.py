@@ -214,10 +214,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes_at_the_same_step(
     assert len(preempted) == 1, job.tail()
     step = int(preempted[0])
     assert seen <= step < max_steps, (seen, step)
-    assert f"requeued job {job.id}" in log, job.tail()
+    assert f"requeueing job {job.id}" in log, job.tail()
     resumed = re.findall(r"resumed at step (\d+)", log)
     assert resumed == [str(step)], job.tail()
-    assert log.index("preempted at step") < log.index("requeued job") < log.index("resumed at")
+    assert log.index("preempted at step") < log.index("requeueing job") < log.index("resumed at")
     assert "(restart 1)" in log  # the script ran again in the same job, appending to its log
 
     ckpts = job.run_dir / "checkpoints"
