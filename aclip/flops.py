@@ -1,0 +1,185 @@
+"""Analytic FLOP counts of one training step, for model FLOPs utilisation (MFU).
+
+Only matrix products are counted (as ``torch.utils.flop_counter.FlopCounterMode`` does): the
+patch embedding, attention projections, the two attention products, MLPs, projections, SSL
+heads and the loss logits; one multiply-add is 2 FLOPs. Attention is counted over the full
+T×T square (causal text attention too, as FlopCounterMode and the usual MFU conventions do).
+
+A trained pass costs 3× its forward (forward + backward of activations and weights); the EMA
+teacher's pass is forward only. Model FLOPs, not hardware FLOPs: recomputation by gradient
+checkpointing is not counted, so MFU stays comparable with and without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from aclip.config import Config
+from aclip.masking import num_keep
+from aclip.model import ACLIPModel, TextTransformer, VisionTower
+
+BACKWARD_FACTOR = 3  # forward + backward = 3 forward passes of matmul FLOPs
+
+
+@dataclass(frozen=True)
+class ViTDims:
+    """The sizes of a ViT that decide its FLOPs."""
+
+    width: int
+    depth: int
+    mlp_hidden: int
+    patch_in: int  # channels * patch_h * patch_w: the inputs of one patch-embedding row
+    num_patches: int
+    num_prefix: int
+
+    @classmethod
+    def of(cls, tower: VisionTower) -> ViTDims:
+        """Read the sizes off a built :class:`VisionTower`."""
+        vit = tower.vit
+        proj = vit.patch_embed.proj
+        patch_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+        return cls(
+            width=tower.width,
+            depth=len(vit.blocks),
+            mlp_hidden=vit.blocks[0].mlp.fc1.out_features,
+            patch_in=patch_in,
+            num_patches=tower.num_patches,
+            num_prefix=tower.num_prefix_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class TextDims:
+    """The sizes of a CLIP text transformer that decide its FLOPs."""
+
+    width: int
+    layers: int
+    mlp_hidden: int
+    context: int
+
+    @classmethod
+    def of(cls, text: TextTransformer) -> TextDims:
+        """Read the sizes off a built :class:`TextTransformer`."""
+        return cls(text.width, text.layers, text.blocks[0].fc1.out_features, text.context_length)
+
+
+def transformer_block_flops(tokens: int, width: int, mlp_hidden: int) -> int:
+    """One pre-LN block over ``tokens``: qkv, attention products, output projection, MLP."""
+    projections = 2 * tokens * width * (3 * width + width)
+    attention = 2 * 2 * tokens * tokens * width  # q·Kᵀ and probs·V, all heads together
+    mlp = 2 * 2 * tokens * width * mlp_hidden
+    return projections + attention + mlp
+
+
+def vit_forward_flops(dims: ViTDims, kept: int | None = None, relevance: bool = False) -> int:
+    """Forward FLOPs of one image keeping ``kept`` patches (None: all).
+
+    The patch embedding runs on every patch (tokens are dropped after it); ``relevance`` adds
+    the CLS-row product q_cls·Kᵀ of every layer.
+    """
+    tokens = dims.num_prefix + (dims.num_patches if kept is None else kept)
+    flops = 2 * dims.num_patches * dims.patch_in * dims.width
+    flops += dims.depth * transformer_block_flops(tokens, dims.width, dims.mlp_hidden)
+    if relevance:
+        flops += dims.depth * 2 * tokens * dims.width
+    return flops
+
+
+def text_forward_flops(dims: TextDims) -> int:
+    """Forward FLOPs of one caption (all ``context`` positions are computed)."""
+    return dims.layers * transformer_block_flops(dims.context, dims.width, dims.mlp_hidden)
+
+
+def linear_flops(module: nn.Module | None) -> int:
+    """Forward FLOPs per sample of every ``nn.Linear`` in ``module`` (each applied once)."""
+    if module is None:
+        return 0
+    return sum(
+        2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear)
+    )
+
+
+@dataclass(frozen=True)
+class StepFlops:
+    """FLOPs of one training step on one rank, split by part (forward FLOPs unless named)."""
+
+    vision: int  # student vision tower, all views
+    text: int
+    projections: int  # image_proj and text_proj
+    heads: int  # SimCLR head, BYOL projector and predictor
+    loss: int  # InfoNCE logits and NT-Xent similarities
+    teacher: int  # EMA teacher pass (relevance + BYOL target), forward only
+    batch: int
+
+    @property
+    def student_forward(self) -> int:
+        """Forward FLOPs of everything that is trained."""
+        return self.vision + self.text + self.projections + self.heads + self.loss
+
+    @property
+    def total(self) -> int:
+        """Model FLOPs of the step: 3× the trained forward plus the teacher's forward."""
+        return BACKWARD_FACTOR * self.student_forward + self.teacher
+
+    @property
+    def per_sample(self) -> float:
+        """``total`` per training sample (image-caption pair)."""
+        return self.total / self.batch
+
+    def as_dict(self) -> dict[str, float]:
+        """Every part plus the derived totals (for JSON reports)."""
+        return asdict(self) | {
+            "student_forward": self.student_forward,
+            "total": self.total,
+            "per_sample": self.per_sample,
+        }
+
+
+def _loss_flops(cfg: Config, batch: int, global_batch: int, embed_dim: int) -> int:
+    views = cfg.mask.num_views
+    flops = views * 2 * (2 * batch * global_batch * embed_dim)  # image→text and text→image
+    if cfg.loss.w_simclr > 0 and views >= 2:
+        pairs = views * (views - 1) // 2
+        flops += pairs * 2 * (2 * batch) * (2 * global_batch) * cfg.loss.simclr_out
+    return flops
+
+
+def teacher_runs(cfg: Config) -> bool:
+    """Whether the trainer runs the EMA teacher every step (as ``Trainer.teacher_pass`` does)."""
+    attentive = cfg.mask.strategy == "attentive" and cfg.mask.keep_ratio < 1.0
+    return attentive or cfg.loss.w_byol > 0 or cfg.eval.use_ema
+
+
+def kept_patches(cfg: Config, num_patches: int) -> int | None:
+    """Patches each online view keeps under ``cfg.mask`` (None: all)."""
+    if cfg.mask.strategy == "none":
+        return None
+    k = num_keep(num_patches, cfg.mask.keep_ratio)
+    return None if k == num_patches else k
+
+
+def step_flops(model: ACLIPModel, cfg: Config, batch: int, world_size: int = 1) -> StepFlops:
+    """Analytic FLOPs of one ``Trainer.train_step`` with ``batch`` samples on this rank."""
+    clip = model.clip
+    vit = ViTDims.of(clip.visual)
+    views = cfg.mask.num_views
+    kept = kept_patches(cfg, vit.num_patches)
+    image_proj, text_proj = linear_flops(clip.image_proj), linear_flops(clip.text_proj)
+    teacher = 0
+    if teacher_runs(cfg):
+        teacher = batch * vit_forward_flops(vit, None, relevance=True)
+        teacher += batch * linear_flops(model.byol_projector)
+    heads = sum(
+        linear_flops(m) for m in (model.simclr_head, model.byol_projector, model.byol_predictor)
+    )
+    return StepFlops(
+        vision=batch * views * vit_forward_flops(vit, kept),
+        text=batch * text_forward_flops(TextDims.of(clip.text)),
+        projections=batch * views * image_proj + batch * text_proj,
+        heads=batch * views * heads,
+        loss=_loss_flops(cfg, batch, batch * world_size, clip.embed_dim),
+        teacher=teacher,
+        batch=batch,
+    )
