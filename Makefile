@@ -39,3 +39,10 @@ lint: install
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+# quick CPU benchmark (tiny model + the data loader, a few minutes); GPU: see BENCHMARKS.md
+BENCH ?= runs/bench
+.PHONY: bench
+bench: install
+	$(PY) -m aclip.bench --preset tiny --threads 1 --json $(BENCH)/step_tiny.json
+	$(PY) -m aclip.bench loader --json $(BENCH)/loader.json

@@ -478,6 +478,7 @@ class Trainer:
             scalars = self._flush_scalars()
             bar.set_postfix(
                 skipped=self._skips.skipped(),
+                bad_steps=self.numerics.skipped,
                 loss=f"{scalars['loss/total']:.3f}",
                 sps=f"{scalars['perf/samples_per_s']:.0f}",
             )
