@@ -16,6 +16,7 @@ from aclip.data.views import (
     adjust_hue,
     boxes_in_union,
     eval_transform,
+    model_input,
     normalize_images,
     to_rgb,
     union_box,
@@ -221,3 +222,6 @@ def test_uint8_output_normalised_later_equals_normalised_output():
     torch.testing.assert_close(raw["boxes"], ref["boxes"])
     for key in ("views", "ema"):
         torch.testing.assert_close(normalize_images(raw[key]), ref[key], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model_input(raw[key]), ref[key], rtol=0, atol=1e-5)
+        assert model_input(ref[key]) is ref[key]  # float: already normalised
+        assert model_input(raw[key], torch.bfloat16).dtype == torch.bfloat16

@@ -86,6 +86,14 @@ def normalize_images(
     return ((images.float() - shift) * scale).to(dtype)
 
 
+def model_input(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Loader images as the model takes them: uint8 pixels (``ACLIPViews(normalize=False)``)
+    are normalised here, on their device; float images are taken as already normalised."""
+    if images.dtype == torch.uint8:
+        return normalize_images(images, dtype=dtype)
+    return images.to(dtype)
+
+
 @functools.lru_cache(maxsize=8)
 def _norm_constants(
     mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
