@@ -39,6 +39,7 @@ from aclip.data.pipeline import (
     SkipCounter,
     check_skip_fraction,
 )
+from aclip.data.views import model_input
 from aclip.distributed import DistInfo
 from aclip.ema import EMATeacher, ema_momentum
 from aclip.losses import LossOutput, aclip_loss
@@ -51,6 +52,8 @@ from aclip.visualize import kept_tokens_grid
 LOSS_KEYS = ("loss", "loss_clip", "loss_simclr", "loss_byol")
 CONFIG_FILE = "aclip_config.yaml"
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# model keys that change how the model runs, not its weights: free to change on resume
+RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile")
 # what decides the shapes of the saved weights: a checkpoint resumes only if these agree
 SHAPE_KEYS = {
     "model": None,  # every model key
@@ -63,7 +66,8 @@ def _shape_fields(cfg: Config) -> dict[str, Any]:
     for section, keys in SHAPE_KEYS.items():
         values = vars(getattr(cfg, section))
         for key in keys or values:
-            fields[f"{section}.{key}"] = values[key]
+            if key not in RUNTIME_MODEL_KEYS:
+                fields[f"{section}.{key}"] = values[key]
     fields["loss.simclr_head"] = cfg.loss.w_simclr > 0
     fields["loss.byol_heads"] = cfg.loss.w_byol > 0
     return fields
@@ -228,14 +232,15 @@ class Trainer:
         (nothing changes but the data position; ``self.numerics.last_skipped`` is set) and
         ``train.max_bad_steps`` skips in a row save a checkpoint and raise `NonFiniteLoss`.
         """
-        views = batch["views"].to(self.device, non_blocking=True)
+        # the loader sends uint8 pixels (4x fewer bytes); normalised here, on the device
+        views = model_input(batch["views"].to(self.device, non_blocking=True), self.input_dtype)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
-        ema = batch["ema"].to(self.device, non_blocking=True)
+        ema = model_input(batch["ema"].to(self.device, non_blocking=True))
         boxes = batch["boxes"].to(self.device, non_blocking=True).float()
         batch_size, num_views = views.shape[:2]
         keep_idx, byol_target, _ = self.teacher_pass(ema, boxes)
         self.numerics.snapshot()
-        out = self.engine(views.flatten(0, 1).to(self.input_dtype), tokens, keep_idx)
+        out = self.engine(views.flatten(0, 1), tokens, keep_idx)
         loss = self._loss(out, byol_target, batch_size, num_views)
         self.samples_seen += batch_size * self.dist.world_size  # the data position moves on
         bad = self._backward_and_step(loss.total)
@@ -357,6 +362,7 @@ class Trainer:
             num_views=self.cfg.mask.num_views,
             scale=(data.crop_scale_min, 1.0),
             color_aug=data.color_aug,
+            normalize=False,  # uint8 views: train_step normalises them on the device
         )
         return build_train_loader(
             data.train_shards,
@@ -559,15 +565,14 @@ class Trainer:
     def _log_kept_tokens(self, batch: dict[str, torch.Tensor], n: int = 4) -> None:
         if self.writer is None:
             return
-        views = batch["views"][:n].to(self.device)
-        keep, _, relevance = self.teacher_pass(
-            batch["ema"][:n].to(self.device), batch["boxes"][:n].to(self.device).float()
-        )
+        views = model_input(batch["views"][:n].to(self.device))
+        ema = model_input(batch["ema"][:n].to(self.device))
+        keep, _, relevance = self.teacher_pass(ema, batch["boxes"][:n].to(self.device).float())
         grid = kept_tokens_grid(
             views[:, 0],
             None if keep is None else keep.view(len(views), -1, keep.shape[-1])[:, 0],
             self.model.clip.visual.grid_hw,
-            batch["ema"][:n],
+            ema,
             relevance,
         )
         self.writer.add_image("masking/kept_tokens", grid, self.step)

@@ -164,3 +164,6 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, dist_info):
     assert other.step == 0
     same = Trainer(tiny_config(str(tmp_path), **{"optim.lr": 1e-4}), dist_info)
     assert same.resume("latest") and same.step == 1  # optimiser settings may change
+    # how the model runs (activation checkpointing) may change too: same weights
+    recompute = Trainer(tiny_config(str(tmp_path), **{"model.grad_checkpointing": True}), dist_info)
+    assert recompute.resume("latest") and recompute.step == 1
