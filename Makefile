@@ -1,4 +1,4 @@
-# aclip — make demo | make test | make lint | make install
+# aclip — make demo | make test | make test-slurm | make bench | make lint | make install
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-all lint clean
+.PHONY: install demo test test-slurm lint clean
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: install
 test: install
 	$(PY) -m ruff check aclip evals tests train.py
 	$(PY) -m pytest -q -m "not slurm"
+
+# the real-SLURM tests: needs root on Debian (installs and starts slurm-wlm + munge if missing)
+test-slurm: install
+	bash tests/slurm/start_slurm.sh
+	ACLIP_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 lint: install
 	$(PY) -m ruff check aclip evals tests train.py
