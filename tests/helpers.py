@@ -9,6 +9,22 @@ import torch
 
 from aclip.config import Config, load_config
 
+# the same tiny model as command-line overrides (train.py tests)
+TINY_MODEL_ARGS = [
+    "model.vision_model=vit_tiny_patch16_224",
+    "model.image_size=32",
+    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+    "model.embed_dim=32",
+    "model.context_length=24",
+    "model.text_width=32",
+    "model.text_layers=1",
+    "model.text_heads=2",
+    "loss.simclr_hidden=64",
+    "loss.simclr_out=16",
+    "loss.byol_hidden=64",
+    "loss.byol_out=16",
+]
+
 
 def tiny_config(out_dir: str, **overrides: object) -> Config:
     """A ViT with a 4x4 patch grid and a one-layer text tower: steps take milliseconds."""

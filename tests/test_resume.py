@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import TINY_MODEL_ARGS, tiny_config
 
 from aclip import checkpoint as ckpt
 from aclip.data.synthetic import write_synthetic
@@ -149,18 +149,7 @@ def test_a_save_that_never_finished_is_invisible_and_cleaned_up(tmp_path, dist_i
 
 # ------------------------------------------------------------- kill -9 of a real run
 _TINY = [
-    "model.vision_model=vit_tiny_patch16_224",
-    "model.image_size=32",
-    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
-    "model.embed_dim=32",
-    "model.context_length=24",
-    "model.text_width=32",
-    "model.text_layers=1",
-    "model.text_heads=2",
-    "loss.simclr_hidden=64",
-    "loss.simclr_out=16",
-    "loss.byol_hidden=64",
-    "loss.byol_out=16",
+    *TINY_MODEL_ARGS,
     "train.global_batch_size=8",
     "train.precision=fp32",
     "train.zero_stage=1",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL_ARGS
 
 from aclip.data.synthetic import write_synthetic
 
@@ -14,18 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 
 TINY = [
-    "model.vision_model=vit_tiny_patch16_224",
-    "model.image_size=32",
-    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
-    "model.embed_dim=32",
-    "model.context_length=24",
-    "model.text_width=32",
-    "model.text_layers=1",
-    "model.text_heads=2",
-    "loss.simclr_hidden=64",
-    "loss.simclr_out=16",
-    "loss.byol_hidden=64",
-    "loss.byol_out=16",
+    *TINY_MODEL_ARGS,
     "train.global_batch_size=8",
     "train.precision=fp32",
     "train.zero_stage=0",
