@@ -189,10 +189,10 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
     (``keep`` <= 0 keeps every whole one). Call only while no save is being written."""
     latest = ckpt_dir / LATEST
     named = latest.read_text().strip() if latest.is_file() else None
-    whole = [t for t in checkpoint_tags(ckpt_dir) if (ckpt_dir / t / MANIFEST).is_file()]
-    doomed = [t for t in checkpoint_tags(ckpt_dir) if t not in whole and t != named]
-    doomed += whole[keep:] if keep > 0 else []
+    tags = checkpoint_tags(ckpt_dir)
+    whole = [t for t in tags if (ckpt_dir / t / MANIFEST).is_file()]
+    unfinished = [t for t in tags if t not in whole]
+    doomed = [t for t in unfinished + (whole[keep:] if keep > 0 else []) if t != named]
     for tag in doomed:
-        if tag != named:
-            shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     return doomed

@@ -103,8 +103,6 @@ RECENT_BAD_URLS = 4  # shards of the last skipped samples kept per worker for er
 MIN_STALL_READS = 16
 MAX_STALL_READS = 64
 
-_skipped = {"count": 0}
-
 
 class BadSample(ValueError):
     """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
