@@ -167,15 +167,24 @@ def resume_candidates(ckpt_dir: Path) -> list[str]:
     return tags
 
 
+def checkpoint_problem(tag_dir: Path) -> str | None:
+    """None if ``tag_dir`` can be resumed from: it verifies against its manifest, or it is a
+    DeepSpeed checkpoint from before manifests; otherwise what is wrong with it."""
+    problem = verify_checkpoint(tag_dir)
+    if problem and problem.startswith("no manifest") and _is_legacy(tag_dir):
+        return None
+    return problem
+
+
 def choose_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print) -> str | None:
     """The newest checkpoint that verifies (see :func:`resume_candidates`); broken ones are
     reported through ``log`` and passed over. None when there is none."""
     for tag in resume_candidates(ckpt_dir):
-        tag_dir = ckpt_dir / tag
-        problem = verify_checkpoint(tag_dir)
-        if problem is None or (problem.startswith("no manifest") and _is_legacy(tag_dir)):
+        problem = checkpoint_problem(ckpt_dir / tag)
+        if problem is None:
             return tag
-        log(f"warning: checkpoint {tag_dir} is not usable ({problem}); trying the previous one")
+        log(f"warning: checkpoint {ckpt_dir / tag} is not usable ({problem}); "
+            "trying the previous one")  # fmt: skip
     return None
 
 

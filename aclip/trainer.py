@@ -45,6 +45,14 @@ from aclip.ema import EMATeacher, ema_momentum
 from aclip.losses import LossOutput, aclip_loss
 from aclip.masking import TokenSelector, map_relevance_to_views
 from aclip.model import build_model
+from aclip.numerics import (
+    NonFiniteLoss,
+    StepGuard,
+    engine_counters,
+    grad_norm_sum,
+    nonfinite_anywhere,
+    set_engine_counters,
+)
 from aclip.optim import build_optimizer, build_scheduler
 from aclip.tokenizer import Tokenizer
 from aclip.visualize import kept_tokens_grid
@@ -147,6 +155,7 @@ class Trainer:
         self.samples_seen = 0
         self.data_pos = LoaderPosition(epoch=0, num_workers=cfg.data.workers)
         self.stop_signal: int | None = None  # set by SIGUSR1/SIGTERM, acted on at a step boundary
+        self.numerics = StepGuard(self.model, cfg.train.max_bad_steps)  # skipped-step bookkeeping
         self._new_loader = False
         self._saved_step = -1
         self.writer = None
@@ -282,16 +291,6 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.update(self._ema_source, self.momentum())
 
-    @property
-    def numerics(self) -> Any:
-        """The skipped-step bookkeeping (`aclip.numerics.StepGuard`), made on first use."""
-        guard = self.__dict__.get("_numerics")
-        if guard is None:
-            from aclip.numerics import StepGuard
-
-            guard = self._numerics = StepGuard(self.model, self.cfg.train.max_bad_steps)
-        return guard
-
     def _backward_and_step(self, loss: torch.Tensor) -> str:
         """Backward and optimizer step, unless the loss or a gradient is NaN/Inf on any rank.
 
@@ -301,13 +300,6 @@ class Trainer:
         rank runs backward's collectives or none). A plain fp32 optimizer (ZeRO 0) has no such
         check: loss and gradients (all-reduced in backward) are checked together before stepping.
         """
-        from aclip.numerics import (
-            engine_counters,
-            grad_norm_sum,
-            nonfinite_anywhere,
-            set_engine_counters,
-        )
-
         if hasattr(self.engine.optimizer, "overflow"):
             if nonfinite_anywhere(loss)[0]:
                 return "loss"
@@ -331,8 +323,6 @@ class Trainer:
     def _skip_step(self, what: str) -> None:
         """A step skipped for a non-finite ``what``: undo the forward pass's buffer updates,
         count and report it; at ``train.max_bad_steps`` in a row save and raise NonFiniteLoss."""
-        from aclip.numerics import NonFiniteLoss
-
         self.numerics.restore()
         stop = self.numerics.bad()
         guard, limit = self.numerics, self.cfg.train.max_bad_steps
@@ -419,8 +409,7 @@ class Trainer:
                 self._accumulate(losses, t1 - t0, time.perf_counter() - t0, batch)
                 self._after_step(bar, batch, own_loader)
         bar.close()
-        if self._saved_step != self.step:
-            self.save_checkpoint()
+        self.save_checkpoint()  # a no-op when this step is saved already
         return True
 
     def _batch_stream(self, loader: Any | None) -> Iterator[dict]:
@@ -449,7 +438,7 @@ class Trainer:
         """Whether any rank got a stop signal; asked every ``train.signal_check_every`` steps
         (one small all-reduce), so that all ranks stop at the same step."""
         every = max(1, self.cfg.train.signal_check_every)
-        if self.step % every != 0 and self.step != self.total_steps:
+        if self.step % every != 0:
             return False
         flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
         got = int(dist_utils.all_reduce_max(flag).item())
@@ -459,7 +448,7 @@ class Trainer:
 
     def _stop_for_signal(self) -> None:
         """Save the state at this step boundary so that the next start resumes here."""
-        path = self.save_checkpoint() if self._saved_step != self.step else self.ckpt_dir
+        path = self.save_checkpoint()
         if self.dist.is_main:
             name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
             print(f"preempted at step {self.step} ({name}): checkpoint saved in {path}",
@@ -649,8 +638,8 @@ class Trainer:
         """Rank 0 picks the tag directory (verifying files), every rank gets the same one."""
         if which not in ("", "latest"):
             tag_dir = Path(which)
-            problem = ckpt.verify_checkpoint(tag_dir)
-            if problem and not (problem.startswith("no manifest") and tag_dir.is_dir()):
+            problem = ckpt.checkpoint_problem(tag_dir)
+            if problem:
                 raise FileNotFoundError(f"checkpoint {tag_dir} is not usable: {problem}")
             return tag_dir
         tag = None
