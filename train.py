@@ -74,9 +74,11 @@ def requeue_slurm_job() -> bool:
 def after_stop(results: dict) -> int:
     """Exit code after a stop signal: on SIGUSR1 (SLURM's warning before the time limit) rank 0
     requeues the job and the run exits 0; otherwise it exits EXIT_STOPPED (checkpoint saved)."""
-    if results["stopped"] == "SIGUSR1" and os.environ.get("RANK", "0") == "0":
+    if results["stopped"] != "SIGUSR1" or not os.environ.get("SLURM_JOB_ID"):
+        return EXIT_STOPPED
+    if os.environ.get("RANK", "0") == "0":
         return 0 if requeue_slurm_job() else EXIT_STOPPED
-    return 0 if results["stopped"] == "SIGUSR1" and os.environ.get("SLURM_JOB_ID") else EXIT_STOPPED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

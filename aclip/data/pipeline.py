@@ -104,6 +104,11 @@ MIN_STALL_READS = 16
 MAX_STALL_READS = 64
 
 
+def skip_reasons_text(counts: Mapping[str, int]) -> str:
+    """The non-zero skip counts, e.g. "missing_shard=3, bad_tar=1" ("" when there are none)."""
+    return ", ".join(f"{k}={counts[k]}" for k in SKIP_REASONS if counts.get(k))
+
+
 class BadSample(ValueError):
     """A sample that cannot be used; `reason` is one of SKIP_REASONS."""
 
@@ -190,7 +195,7 @@ class SkipStats:
 
     def reasons(self) -> str:
         """The non-zero skip counts of this worker, e.g. "missing_shard=3, bad_tar=1"."""
-        return ", ".join(f"{k}={self.counts[k]}" for k in SKIP_REASONS if self.counts[k]) or "none"
+        return skip_reasons_text(self.counts) or "none"
 
     def tensor(self) -> torch.Tensor:
         """Cumulative counts as a LongTensor in COUNT_KEYS order."""
@@ -276,7 +281,7 @@ def check_skip_fraction(
     total = skipped + seen
     if total == 0 or skipped / total <= max_fraction:
         return
-    reasons = ", ".join(f"{k}={counts[k]}" for k in SKIP_REASONS if counts.get(k))
+    reasons = skip_reasons_text(counts)
     shards = ", ".join(shards_hint) or "unknown"
     raise SkipLimitExceeded(
         f"{skipped} of {total} training samples were bad ({skipped / total:.1%} > "
