@@ -36,14 +36,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, list[str]]:
 def run(cfg: Config) -> dict:
     """Build everything, train (resuming when asked), evaluate, close. Returns the final metrics;
     after a stop signal, ``{"step": N, "stopped": <signal name>}`` without evaluating."""
-    from aclip.data.pipeline import samples_per_epoch
     from aclip.distributed import init_distributed
     from aclip.trainer import Trainer
 
     dist_info = init_distributed()
     if dist_info.is_main:
         print(f"world size {dist_info.world_size}, rank 0 of {dist_info.world_size}", flush=True)
-    trainer = Trainer(cfg, dist_info, samples_per_epoch(cfg.data.train_shards))
+    trainer = Trainer(cfg, dist_info)
     if cfg.train.resume and trainer.resume(cfg.train.resume) and dist_info.is_main:
         print(f"resumed at step {trainer.step}", flush=True)
     if not trainer.fit():

@@ -95,6 +95,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_epochs: float = 1.0
     epochs: float = 25.0
+    total_steps: int = 0  # length of training and of the LR/EMA schedules; 0: epochs x steps/epoch
     grad_clip: float = 0.0
 
 
@@ -124,7 +125,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     signal_check_every: int = 10
     resume: str = ""
-    max_steps: int = 0
+    stop_at_step: int = 0  # stop early after this step, schedules unchanged (0: at their end)
     progress: bool = True
     max_bad_steps: int = 20  # NaN/Inf loss or gradient: step skipped; this many in a row stop
 
@@ -154,10 +155,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        layers.append(OmegaConf.load(path))
+        layers.append(_refuse_removed_keys(OmegaConf.load(path), str(path)))
     if overrides:
         _check_override_syntax(overrides)
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_refuse_removed_keys(OmegaConf.from_dotlist(list(overrides)), "overrides"))
     try:
         merged = OmegaConf.merge(*layers)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -167,10 +168,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# keys of earlier versions: what to use instead (a user's config naming one is refused)
+REMOVED_KEYS = {
+    "train.max_steps": "it shortened the LR and EMA schedules as well as stopping; use "
+    "train.stop_at_step=N to stop early with the schedules unchanged, or optim.total_steps=N "
+    "for a shorter run with its schedules fitted to it",
+}
+
+
+def _refuse_removed_keys(layer: Any, where: str) -> Any:
+    for key, instead in REMOVED_KEYS.items():
+        if OmegaConf.select(layer, key) is not None:
+            raise ConfigError(f"config key '{key}' ({where}) was removed: {instead}")
+    return layer
+
+
+def _drop_removed_keys(layer: Any) -> Any:
+    """A run's saved config from an earlier version, without the keys since removed."""
+    for key in REMOVED_KEYS:
+        section, name = key.split(".")
+        if OmegaConf.select(layer, section) is not None and name in layer[section]:
+            layer[section].pop(name)
+    return layer
+
+
 def config_from_yaml(text: str) -> Config:
-    """A :class:`Config` from the YAML text a run wrote (``config.yaml`` or a checkpoint)."""
+    """A :class:`Config` from the YAML text a run wrote (``config.yaml`` or a checkpoint);
+    keys removed since that run was made are dropped."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        saved = _drop_removed_keys(OmegaConf.create(text))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), saved)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
         raise ConfigError(_describe(err)) from None
@@ -214,6 +241,8 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
+        (cfg.optim.total_steps >= 0, "optim.total_steps", "must be >= 0 (0: from optim.epochs)"),
+        (cfg.train.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0: no early stop)"),
         (cfg.loss.w_simclr >= 0 and cfg.loss.w_byol >= 0, "loss.w_simclr/w_byol", "must be >= 0"),
         (
             0.0 <= cfg.ema.momentum <= cfg.ema.final_momentum <= 1.0,

@@ -19,6 +19,7 @@ def check_paths(cfg: Config) -> None:
     for source in sources:
         _check_source(source)
     _check_split(sources, cfg)
+    resolve_epoch_size(cfg)
     for key, roots in (
         ("eval.zeroshot_sets", cfg.eval.zeroshot_sets),
         ("eval.retrieval_sets", cfg.eval.retrieval_sets),
@@ -29,10 +30,34 @@ def check_paths(cfg: Config) -> None:
     _check_writable(Path(cfg.train.output_dir))
 
 
+def resolve_epoch_size(cfg: Config) -> int:
+    """Set ``cfg.data.samples_per_epoch`` from the shards' stats files when it is not set (so a
+    run's config.yaml records it) and return it; refuse, naming the shards without counts."""
+    from aclip.data.pipeline import EpochSizeUnknown, samples_per_epoch
+
+    if not cfg.data.samples_per_epoch:
+        try:
+            counted = samples_per_epoch(cfg.data.train_shards)
+        except EpochSizeUnknown as err:
+            raise ConfigError(
+                f"config key 'data.samples_per_epoch': not set, and {err}. Set "
+                "data.samples_per_epoch=<samples in one epoch>, or write the missing stats files"
+            ) from None
+        if not counted:
+            raise ConfigError(
+                "config key 'data.samples_per_epoch': not set, and the stats files of the shards "
+                f"that exist count 0 samples ({cfg.data.train_shards})"
+            )
+        cfg.data.samples_per_epoch = counted
+    return int(cfg.data.samples_per_epoch)
+
+
 def _check_source(source: list[str]) -> None:
     """Refuse a source none of whose local shards exists; warn, naming them, when some are
     missing (the loader skips those and counts them as ``missing_shard``)."""
-    local = [u for u in source if "://" not in u and not u.startswith("pipe:")]
+    from aclip.data.pipeline import _is_local
+
+    local = [u for u in source if _is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if not missing:
         return

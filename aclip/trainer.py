@@ -59,7 +59,7 @@ from aclip.visualize import kept_tokens_grid
 
 LOSS_KEYS = ("loss", "loss_clip", "loss_simclr", "loss_byol")
 CONFIG_FILE = "aclip_config.yaml"
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 # model keys that change how the model runs, not its weights: free to change on resume
 RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile")
 # what decides the shapes of the saved weights: a checkpoint resumes only if these agree
@@ -125,13 +125,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Trainer:
     """Builds model, teacher, engine and loader from a :class:`Config`; runs and checkpoints."""
 
-    def __init__(self, cfg: Config, dist_info: DistInfo, samples_per_epoch: int | None = None):
+    def __init__(self, cfg: Config, dist_info: DistInfo):
         self.cfg, self.dist = cfg, dist_info
         self.device = dist_info.device
         self.run_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.per_rank_batch = check_world_size(cfg, dist_info.world_size)
-        self._init_schedule(samples_per_epoch)
+        self._init_schedule()
         seed_everything(cfg.train.seed)
         self.tokenizer = Tokenizer(cfg.model.context_length)
         self.model = dist_utils.convert_global_bn(build_model(cfg.model, cfg.loss)).to(self.device)
@@ -154,31 +154,37 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.data_pos = LoaderPosition(epoch=0, num_workers=cfg.data.workers)
-        self.stop_signal: int | None = None  # set by SIGUSR1/SIGTERM, acted on at a step boundary
+        self.stop_signal: int | None = None  # set by a stop signal, acted on at a step boundary
         self.numerics = StepGuard(self.model, cfg.train.max_bad_steps)  # skipped-step bookkeeping
         self._new_loader = False
         self._saved_step = -1
         self.writer = None
         self._sums: dict[str, torch.Tensor] = {}
-        self._skips = SkipCounter()
+        self._skips = SkipCounter(f"rank {dist_info.rank}: " if dist_info.world_size > 1 else "")
         self._timing = {"data": 0.0, "total": 0.0, "samples": 0, "steps": 0}
 
     # ----------------------------------------------------------------- set-up
-    def _init_schedule(self, samples_per_epoch: int | None) -> None:
-        n = self.cfg.data.samples_per_epoch or samples_per_epoch
-        if not n:
-            raise ConfigError(
-                "config key 'data.samples_per_epoch': not set and no _stats.json/sizes.json "
-                "found beside the shards"
-            )
-        self.samples_per_epoch = int(n)
-        self.steps_per_epoch = steps_per_epoch(
-            self.samples_per_epoch, self.cfg.train.global_batch_size
+    def _init_schedule(self) -> None:
+        """Epoch size (``data.samples_per_epoch``, else counted from the shards' stats files and
+        recorded in the config), schedule length (``total_steps``: the LR and EMA schedules run
+        over it) and the step at which this run stops (``end_step``: ``train.stop_at_step`` if
+        earlier); printed on rank 0."""
+        from aclip.preflight import resolve_epoch_size
+
+        self.samples_per_epoch = resolve_epoch_size(self.cfg)
+        batch = self.cfg.train.global_batch_size
+        self.steps_per_epoch = steps_per_epoch(self.samples_per_epoch, batch)
+        self.total_steps = self.cfg.optim.total_steps or max(
+            1, round(self.cfg.optim.epochs * self.steps_per_epoch)
         )
-        total = max(1, round(self.cfg.optim.epochs * self.steps_per_epoch))
-        self.total_steps = (
-            min(total, self.cfg.train.max_steps) if self.cfg.train.max_steps else total
-        )
+        stop = self.cfg.train.stop_at_step
+        self.end_step = min(stop, self.total_steps) if stop else self.total_steps
+        if self.dist.is_main:
+            epochs = self.total_steps / self.steps_per_epoch
+            stop_note = f", stopping at step {stop}" if self.end_step < self.total_steps else ""
+            print(f"epoch: {self.samples_per_epoch} samples = {self.steps_per_epoch} steps of "
+                  f"batch {batch}; schedule: {self.total_steps} steps ({epochs:g} epochs)"
+                  f"{stop_note}", flush=True)  # fmt: skip
 
     def _precision(self) -> str:
         """bf16/fp16 need a GPU here; the CPU runs fp32."""
@@ -373,7 +379,7 @@ class Trainer:
         self._new_loader = True
 
     def fit(self, loader: Any | None = None) -> bool:
-        """Train until ``total_steps``, logging, checkpointing and showing progress on rank 0.
+        """Train until ``end_step``, logging, checkpointing and showing progress on rank 0.
 
         A finite loader (``data.resampled=false``) is rebuilt when it runs out, with its
         shuffling seeded by the new data position; with a resampled stream a new stream begins
@@ -385,13 +391,13 @@ class Trainer:
 
         self._open_run_dir()
         bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True,
+            total=self.end_step, initial=self.step, desc="train", dynamic_ncols=True,
             disable=not (self.dist.is_main and self.cfg.train.progress),
         )  # fmt: skip
         own_loader = loader is None
         stream = self._batch_stream(loader)
         with _catch_stop_signals(self):
-            while self.step < self.total_steps:
+            while self.step < self.end_step:
                 if self._should_stop():
                     bar.close()
                     self._stop_for_signal()
@@ -469,7 +475,7 @@ class Trainer:
     def _after_step(self, bar: Any, batch: dict, own_loader: bool = False) -> None:
         cfg = self.cfg.train
         bar.update(1)
-        if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+        if self.step % cfg.log_every == 0 or self.step == self.end_step:
             scalars = self._flush_scalars()
             bar.set_postfix(
                 skipped=self._skips.skipped(),
@@ -478,12 +484,12 @@ class Trainer:
                 sps=f"{scalars['perf/samples_per_s']:.0f}",
             )
             if self.dist.is_main and not cfg.progress:
-                print(f"step {self.step}/{self.total_steps} loss {scalars['loss/total']:.4f} "
+                print(f"step {self.step}/{self.end_step} loss {scalars['loss/total']:.4f} "
                       f"samples/s {scalars['perf/samples_per_s']:.0f}", flush=True)  # fmt: skip
         if cfg.image_log_every and (self.step % cfg.image_log_every == 0 or self.step == 1):
             self._log_kept_tokens(batch)
         if cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
-            if own_loader and self.cfg.data.resampled and self.step < self.total_steps:
+            if own_loader and self.cfg.data.resampled and self.step < self.end_step:
                 self._start_new_stream()  # resuming here then reads no sample twice
             self.save_checkpoint()
         if self.cfg.eval.every_steps and self.step % self.cfg.eval.every_steps == 0:
@@ -685,14 +691,17 @@ class Trainer:
 
 
 class _catch_stop_signals:
-    """Within the block, SIGUSR1 / SIGTERM only set ``trainer.stop_signal`` (the loop saves and
-    stops at the next check); the previous handlers come back afterwards. Main thread only."""
+    """Within the block, SIGUSR1 / SIGTERM / SIGINT only set ``trainer.stop_signal`` (the loop
+    saves and stops at the next check); a second SIGINT interrupts at once (KeyboardInterrupt).
+    The previous handlers come back afterwards. Main thread only."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.saved: dict[int, Any] = {}
 
     def _handler(self, signum: int, _frame: Any) -> None:
+        if signum == signal.SIGINT and self.trainer.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
         self.trainer.stop_signal = signum
 
     def __enter__(self) -> None:

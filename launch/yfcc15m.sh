@@ -28,7 +28,11 @@
 # shell) 3 minutes before the time limit; so does `scancel --signal=USR1 <job id>`. train.py then
 # checkpoints on every rank, requeues the job (`scontrol requeue`, allowed by --requeue) and
 # exits 0; the requeued job runs this script again, and train.resume=latest continues from the
-# checkpoint at the same step. A plain SIGTERM (scancel, node shutdown) also checkpoints.
+# checkpoint at the same step. SIGTERM (`scancel --signal=TERM [--full]`, slurm's preemption,
+# a node going down) also checkpoints, on every rank, even when it reaches every process of
+# the job (loader workers ignore it), and the job ends with exit code 3 without requeueing
+# itself: a user's scancel means stop, and slurm's own preemption (PreemptMode=REQUEUE)
+# requeues the job by itself. Submit it again (same train.output_dir) to go on.
 #SBATCH --job-name=aclip-yfcc15m
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
@@ -61,9 +65,11 @@ MASTER_PORT="$((20000 + (SLURM_JOB_ID % 4000) * 10 + RESTART % 10))"
 export MASTER_ADDR MASTER_PORT
 export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"
 
-# SIGUSR1 is meant for the training tasks; should this shell get one too (scancel --full),
-# it must not die before srun returns.
+# SIGUSR1 and SIGTERM are meant for the training tasks; should this shell get one too
+# (scancel --full), it must not die before srun returns (its death would end the job, and the
+# tasks with it, before they have checkpointed).
 trap 'echo "batch shell: SIGUSR1 received (training tasks handle preemption)"' USR1
+trap 'echo "batch shell: SIGTERM received (training tasks checkpoint and stop)"' TERM
 
 echo "$(date -Is) job $SLURM_JOB_ID (restart $RESTART): $SLURM_JOB_NUM_NODES nodes," \
     "$SLURM_NTASKS tasks, $OMP_NUM_THREADS cpus/task, master $MASTER_ADDR:$MASTER_PORT"

@@ -2,7 +2,9 @@
 
 import io
 import itertools
+import logging
 import os
+import re
 import signal
 import tarfile
 import time
@@ -191,6 +193,30 @@ def test_counts_reach_main_process_from_workers(good, tok, tmp_path):
     assert counter.skipped() == 7
     assert set(counter.per_worker) == {0, 1}
     assert counter.recent_bad_shards() == [str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]
+
+
+@pytest.mark.timeout(60)
+def test_skip_lines_are_numbered_as_the_skipped_count_when_their_batch_arrives(
+    good, tok, tmp_path, caplog
+):
+    """With 2 workers prefetching, each skip is logged by the main process when the batch that
+    reports it is consumed, numbered by the run total: the lines are #1..#N without gaps or
+    repeats, and after each batch the last number is the counter's (the progress bar's) count."""
+    members = [_members(good / f"0000{i}.tar") for i in range(2)]
+    bad = _bad_members(_jpg(members[0]))
+    _write_tar(tmp_path / "0.tar", bad[:4] + members[0][:6] + bad[10:12] + members[0][6:])
+    _write_tar(tmp_path / "1.tar", bad[4:10] + members[1])
+    counter = SkipCounter()
+    numbers: list[int] = []
+    with caplog.at_level(logging.WARNING, logger="aclip.data.pipeline"):
+        for batch in _loader(str(tmp_path / "{0..1}.tar"), tok, num_workers=2):
+            caplog.clear()
+            counter.update(batch)
+            new = [int(m) for m in re.findall(r"skipping bad sample #(\d+) \(", caplog.text)]
+            numbers += new
+            assert not numbers or numbers[-1] == counter.skipped(), (numbers, counter.totals())
+    assert counter.skipped() == 7
+    assert numbers == list(range(1, 8))
 
 
 def test_skip_counter_takes_max_per_worker_and_sums_workers():
@@ -400,7 +426,7 @@ def _rank_with_bad_data(rank: int, world: int, port: int, out: str) -> None:
     from aclip.trainer import Trainer
 
     set_rank_env(rank, world, port)
-    trainer = Trainer(tiny_config(out, **{"train.max_steps": 50}), init_distributed())
+    trainer = Trainer(tiny_config(out, **{"train.stop_at_step": 50}), init_distributed())
 
     def batches():
         for i in itertools.count():

@@ -141,7 +141,7 @@ def test_periodic_eval_logs_zero_shot_metrics_to_tensorboard(tmp_path, eval_set)
     from aclip.trainer import Trainer
 
     overrides = {
-        "train.max_steps": 4,
+        "train.stop_at_step": 4,
         "train.log_every": 4,
         "eval.every_steps": 2,
         "eval.batch_size": 8,

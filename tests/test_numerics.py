@@ -125,7 +125,7 @@ def test_max_bad_steps_in_a_row_save_the_last_good_state_and_stop(tmp_path, dist
 
 
 def test_skipped_steps_reach_tensorboard_and_fit_goes_on(tmp_path, dist_info):
-    cfg = tiny_config(str(tmp_path), **{"train.max_steps": 3})
+    cfg = tiny_config(str(tmp_path), **{"train.stop_at_step": 3})
     batches = [fake_batch(cfg, 8, seed=i) for i in range(3)]
     trainer = Trainer(cfg, dist_info)
     logged: dict[str, list[float]] = {}
@@ -208,7 +208,7 @@ def test_train_cli_stops_with_exit_code_2_after_max_bad_steps(tmp_path, capsys):
     out = tmp_path / "run"
     argv = [*TINY, f"data.train_shards={tmp_path}/data/train/{{00000..00001}}.tar",
             f"train.output_dir={out}", "train.ckpt_every=0", "optim.lr=1e30",
-            "optim.warmup_epochs=0", "train.max_bad_steps=3", "train.max_steps=20",
+            "optim.warmup_epochs=0", "train.max_bad_steps=3", "train.stop_at_step=20",
             "train.image_log_every=0"]  # fmt: skip
     assert train.main(argv) == 2
     err = capsys.readouterr().err

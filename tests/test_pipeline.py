@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from aclip.data import pipeline
-from aclip.data.pipeline import build_train_loader, expand_urls, samples_per_epoch
+from aclip.data.pipeline import (
+    EpochSizeUnknown,
+    build_train_loader,
+    expand_urls,
+    samples_per_epoch,
+)
 from aclip.data.synthetic import write_synthetic
 from aclip.data.views import ACLIPViews
 from aclip.tokenizer import Tokenizer
@@ -65,12 +70,27 @@ def test_samples_per_epoch(shards, tmp_path):
     spec_a = str(shards / "a" / "train" / "{00000..00001}.tar")
     assert samples_per_epoch(spec_a) == 20
     assert samples_per_epoch(spec_a + "::" + str(shards / "b" / "train" / "00000.tar")) == 30
-    # sizes.json alone is enough; neither -> None
+    # sizes.json alone is enough; neither -> the shard is named
     (tmp_path / "00000.tar").write_bytes(b"")
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 7}))
     assert samples_per_epoch(str(tmp_path / "00000.tar")) == 7
     (tmp_path / "sizes.json").unlink()
-    assert samples_per_epoch(str(tmp_path / "00000.tar")) is None
+    with pytest.raises(EpochSizeUnknown, match=r"1 shard\(s\) have no sample count.*00000\.tar"):
+        samples_per_epoch(str(tmp_path / "00000.tar"))
+
+
+def test_samples_per_epoch_sums_the_shards_that_exist(shards, tmp_path):
+    """Missing shards count 0 (the loader skips them); a shard that exists without stats is
+    named, the others not."""
+    spec = str(shards / "a" / "train" / "{00000..00003}.tar")  # 00002, 00003 do not exist
+    assert samples_per_epoch(spec) == 20
+    for name in ("00000.tar", "00001.tar", "00002.tar"):
+        (tmp_path / name).write_bytes(b"")
+    for name in ("00000", "00002"):
+        (tmp_path / f"{name}_stats.json").write_text(json.dumps({"successes": 5}))
+    with pytest.raises(EpochSizeUnknown) as err:
+        samples_per_epoch(str(tmp_path / "{00000..00003}.tar"))
+    assert "00001.tar" in str(err.value) and "00000.tar" not in str(err.value)
 
 
 def test_batches_shapes_tokens_and_boxes(shards, tok):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def _cfg(out: Path, shards: Path, **extra: object):
         "data.train_shards": f"{shards}/train/{{00000..00001}}.tar",
         "data.samples_per_epoch": 64,
         "data.shuffle_buffer": 16,
-        "train.max_steps": 9,
+        "train.stop_at_step": 9,
         "train.ckpt_every": 3,
         "train.signal_check_every": 1,
         "optim.epochs": 2,
@@ -157,8 +158,9 @@ _TINY = [
     "train.image_log_every=0",
     "train.ckpt_every=3",
     "train.progress=false",
-    "train.max_steps=14",
+    "train.stop_at_step=14",
     "train.resume=latest",
+    "optim.total_steps=14",
     "data.workers=1",
     "data.shuffle_buffer=16",
     "optim.epochs=2",
@@ -182,14 +184,16 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def _start(script: str, args: list[str], log: Path) -> subprocess.Popen:
+def _start(script: str, args: list[str], log: Path, new_group: bool = False) -> subprocess.Popen:
+    """train.py in a subprocess writing to ``log``; ``new_group``: in a process group of its own
+    (with its loader workers), to be signalled as a whole."""
     rank_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in rank_vars}  # this process's group
     env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "a") as out:
         return subprocess.Popen(
             [sys.executable, "-c", script, *args], cwd=ROOT, env=env, stdout=out,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT, start_new_session=new_group,
         )  # fmt: skip
 
 
@@ -209,10 +213,12 @@ def _args(shards: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _finish(shards: Path, out: Path, log: Path) -> str:
+_PLAIN = "import sys; import train; sys.exit(train.main(sys.argv[1:]))"
+
+
+def _finish(shards: Path, out: Path, log: Path, *extra: str) -> str:
     """Start train.py again (train.resume=latest) and let it finish; return its output."""
-    plain = "import sys; import train; sys.exit(train.main(sys.argv[1:]))"
-    proc = _start(plain, _args(shards, out), log)
+    proc = _start(_PLAIN, [*_args(shards, out), *extra], log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     return log.read_text()
 
@@ -242,3 +248,35 @@ def test_kill_9_then_the_next_start_resumes_from_the_last_whole_checkpoint(
     assert (ckpt_dir / "latest").read_text() == "step_00000014"
     for tag in ckpt.checkpoint_tags(ckpt_dir):  # everything left is whole
         assert ckpt.verify_checkpoint(ckpt_dir / tag) is None, tag
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "workers"),
+    [(signal.SIGTERM, 0), (signal.SIGTERM, 2), (signal.SIGINT, 2)],
+    ids=["TERM-0w", "TERM-2w", "INT-2w"],
+)
+def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_resumes(
+    tmp_path, shards, sig, workers
+):
+    """``kill -TERM -- -PGID`` (timeout, schedulers, scancel) reaches the loader workers too:
+    they leave it to the main process, which saves at the step boundary and exits 3; the next
+    start resumes at that step. Ctrl-C (SIGINT to the group) does the same."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    run_long = [f"data.workers={workers}", "train.stop_at_step=100000", "optim.total_steps=100000",
+                "train.ckpt_every=0", "train.signal_check_every=1"]  # fmt: skip
+    proc = _start(_PLAIN, [*_args(shards, out), *run_long], log, new_group=True)
+    _wait_for(lambda: "step 3/" in log.read_text(), proc, log)
+    os.killpg(proc.pid, sig)
+    assert proc.wait(timeout=120) == 3, log.read_text()[-3000:]
+    text = log.read_text()
+    stopped = re.findall(rf"preempted at step (\d+) \({sig.name}\): checkpoint saved", text)
+    assert len(stopped) == 1, text[-3000:]
+    assert "killed by signal" not in text and "Traceback" not in text, text[-3000:]
+    step = int(stopped[0])
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+
+    text = _finish(shards, out, log, f"data.workers={workers}", f"train.stop_at_step={step + 2}",
+                   "optim.total_steps=100000")  # fmt: skip
+    assert f"resumed at step {step}" in text
+    assert json.loads((out / "results.json").read_text())["step"] == step + 2

@@ -165,7 +165,7 @@ def test_sbatch_two_tasks_train_with_world_size_2_and_checkpoint(
     submit: Callable[..., Job],
 ) -> None:
     """The launch script as submitted by sbatch: 2 ranks, a checkpoint, exit 0."""
-    job = submit("train.max_steps=20", "train.ckpt_every=10")
+    job = submit("train.stop_at_step=20", "train.ckpt_every=10")
     final = job.wait_done(timeout=240)
     log = job.text()
     assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", job.tail()
@@ -188,7 +188,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_at_the_same_step(
     """SIGUSR1 to the running tasks (as --signal=USR1@180 sends it before the time limit):
     checkpoint, requeue, and the restarted job resumes at the checkpoint's step and finishes."""
     max_steps = 120
-    job = submit(f"train.max_steps={max_steps}", "train.log_every=5")
+    job = submit(f"train.stop_at_step={max_steps}", "train.log_every=5")
 
     def progressed() -> bool:
         steps = [int(s) for s in re.findall(r"^step (\d+)", job.text(), re.MULTILINE)]
@@ -224,3 +224,44 @@ def test_preempted_job_checkpoints_requeues_and_resumes_at_the_same_step(
     assert _checkpoint_ranks(ckpts / f"step_{step:08d}") == ["0", "1"]
     assert (ckpts / "latest").read_text().strip() == f"step_{max_steps:08d}"
     assert json.loads((job.run_dir / "results.json").read_text())["step"] == max_steps
+
+
+def test_sigterm_to_every_task_process_checkpoints_and_a_new_job_resumes(
+    submit: Callable[..., Job],
+) -> None:
+    """``scancel --signal=TERM``: every process of the job's step, both ranks and their loader
+    workers, gets SIGTERM (as at the time limit and in slurm's preemption). Every rank
+    checkpoints at the same step and the job ends with exit code 3 (SIGTERM does not requeue: a
+    scancel means stop; slurm's own preemption requeues by itself); a new job with the same
+    output directory resumes at that step and finishes. (``--full`` would also signal srun,
+    which slurm's srun answers by SIGKILLing its tasks: see README, "Stop signals".)"""
+    max_steps = 400
+    job = submit(f"train.stop_at_step={max_steps}", "train.log_every=5", "data.workers=1")
+
+    def progressed() -> bool:
+        if job.info().get("JobState") in DONE_STATES:
+            pytest.fail(f"the job ended before it was signalled\n{job.tail()}")
+        return max(map(int, re.findall(r"^step (\d+)", job.text(), re.MULTILINE)), default=0) >= 10
+
+    job.wait_for("training to pass step 10", progressed, timeout=180)
+    signal = subprocess.run(
+        ["scancel", "--signal=TERM", job.id], capture_output=True, text=True, timeout=20
+    )
+    assert signal.returncode == 0, signal.stderr
+    final = job.wait_done(timeout=180)
+    log = job.text()
+    assert final["ExitCode"] == "3:0" and final["Restarts"] == "0", job.tail()
+    assert "killed by signal" not in log and "requeueing job" not in log, job.tail()
+    preempted = re.findall(r"preempted at step (\d+) \(SIGTERM\): checkpoint saved", log)
+    assert len(preempted) == 1, job.tail()
+    step = int(preempted[0])
+    assert step < max_steps
+    ckpts = job.run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == f"step_{step:08d}"
+    assert _checkpoint_ranks(ckpts / f"step_{step:08d}") == ["0", "1"]
+
+    again = submit(f"train.stop_at_step={step + 5}", "train.log_every=5", "data.workers=1")
+    final = again.wait_done(timeout=240)
+    assert final["JobState"] == "COMPLETED" and final["ExitCode"] == "0:0", again.tail()
+    assert re.findall(r"resumed at step (\d+)", again.text()) == [str(step)], again.tail()
+    assert json.loads((job.run_dir / "results.json").read_text())["step"] == step + 5

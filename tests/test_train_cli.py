@@ -72,7 +72,7 @@ def test_bad_config_is_refused_before_any_work(data, tmp_path, capsys, monkeypat
 def test_short_run_writes_everything_and_resumes(data, tmp_path, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     out = tmp_path / "run"
-    assert train.main(_args(data, out, "train.max_steps=3")) == 0
+    assert train.main(_args(data, out, "train.stop_at_step=3")) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["step"] == 3
     metrics = results["zeroshot/eval_cls"]
@@ -92,7 +92,7 @@ def test_short_run_writes_everything_and_resumes(data, tmp_path, monkeypatch):
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert tags == ["step_00000002", "step_00000003"]
 
-    assert train.main(_args(data, out, "train.max_steps=5", "train.resume=latest")) == 0
+    assert train.main(_args(data, out, "train.stop_at_step=5", "train.resume=latest")) == 0
     assert json.loads((out / "results.json").read_text())["step"] == 5
     tags = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert tags[-1] == "step_00000005"
@@ -107,7 +107,7 @@ def test_eval_model_loads_online_and_ema_weights(data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert (
         train.main(
-            _args(data, out, "train.max_steps=2", "ema.momentum=0.5", "ema.final_momentum=0.5")
+            _args(data, out, "train.stop_at_step=2", "ema.momentum=0.5", "ema.final_momentum=0.5")
         )
         == 0
     )
@@ -117,7 +117,7 @@ def test_eval_model_loads_online_and_ema_weights(data, tmp_path, monkeypatch):
     states = torch.load(states_file, weights_only=False)
     online, cfg = load_eval_model(out)
     ema, _ = load_eval_model(out, use_ema=True)
-    assert cfg.train.max_steps == 2 and not online.training
+    assert cfg.train.stop_at_step == 2 and not online.training
     key = "visual.vit.blocks.0.attn.qkv.weight"
     torch.testing.assert_close(online.state_dict()[key], states["module"][f"clip.{key}"])
     torch.testing.assert_close(ema.state_dict()[key], states["ema"][key])
@@ -155,7 +155,7 @@ def test_run_stops_naming_the_shard_when_too_many_samples_are_bad(data, tmp_path
     args = _args(
         bad,
         tmp_path / "run",
-        "train.max_steps=6",
+        "train.stop_at_step=6",
         "data.max_skip_fraction=0.2",
         "data.resampled=false",
     )  # every shard once per epoch
@@ -163,3 +163,32 @@ def test_run_stops_naming_the_shard_when_too_many_samples_are_bad(data, tmp_path
     err = capsys.readouterr().err
     assert "training samples were bad" in err and "corrupt_image=" in err
     assert "00001.tar" in err
+
+
+def test_epoch_size_from_the_stats_that_exist_and_a_clear_refusal(data, tmp_path, monkeypatch,
+                                                                   capsys):  # fmt: skip
+    """Shards missing: the epoch is what the others' stats count, printed and recorded in the
+    run's config.yaml; a shard without stats: refused before any work, naming it."""
+    import shutil
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    shards = tmp_path / "shards"
+    shutil.copytree(data / "train", shards)
+    (shards / "sizes.json").unlink()
+    spec = f"data.train_shards={shards}/{{00000..00003}}.tar"  # 00002 and 00003 are missing
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="2 of 4 shards are missing"):
+        # (a missing shard's read counts as one skip: allow it beside 8 samples)
+        argv = [*_args(data, out, "train.stop_at_step=1", "data.max_skip_fraction=0.5"), spec]
+        assert train.main(argv) == 0
+    printed = capsys.readouterr().out
+    want = "epoch: 64 samples = 8 steps of batch 8; schedule: 48 steps (6 epochs), stopping at "
+    assert want in printed
+    assert "samples_per_epoch: 64" in (out / "config.yaml").read_text()
+
+    (shards / "00001_stats.json").unlink()
+    assert train.main([*_args(data, tmp_path / "run2"), spec]) == 2
+    err = capsys.readouterr().err
+    assert "data.samples_per_epoch" in err and f"{shards}/00001.tar" in err
+    assert "00000.tar" not in err
+    assert not (tmp_path / "run2").exists()

@@ -137,7 +137,7 @@ def test_a_loader_that_yields_nothing_stops_the_run_at_once(tmp_path, dist_info)
 
 
 def test_a_finite_loader_is_rebuilt_when_it_runs_out(tmp_path, dist_info, monkeypatch):
-    cfg = tiny_config(str(tmp_path), **{"train.max_steps": 5})
+    cfg = tiny_config(str(tmp_path), **{"train.stop_at_step": 5})
     trainer = Trainer(cfg, dist_info)
     built = []
 
@@ -167,3 +167,40 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, dist_info):
     # how the model runs (activation checkpointing) may change too: same weights
     recompute = Trainer(tiny_config(str(tmp_path), **{"model.grad_checkpointing": True}), dist_info)
     assert recompute.resume("latest") and recompute.step == 1
+
+
+def _lr_and_momentum_per_step(trainer: Trainer, steps: int) -> list[tuple[float, float]]:
+    out = []
+    for i in range(steps):
+        trainer.train_step(fake_batch(trainer.cfg, 8, seed=30 + i))
+        out.append((trainer.engine.get_lr()[0], trainer.momentum()))
+    return out
+
+
+def test_stopping_early_leaves_the_lr_and_ema_schedules_alone(tmp_path, dist_info):
+    """train.stop_at_step=k stops after step k; the LR and EMA momentum at steps 1..k are the
+    full run's (the schedules keep their length); optim.total_steps=k fits them to k steps."""
+    over = {"optim.warmup_epochs": 0.02, "optim.epochs": 1, "ema.final_momentum": 1.0}
+    full = Trainer(tiny_config(str(tmp_path / "full"), **over), dist_info)
+    stop = Trainer(tiny_config(str(tmp_path / "stop"), **over, **{"train.stop_at_step": 3}),
+                   dist_info)  # fmt: skip
+    short = Trainer(tiny_config(str(tmp_path / "short"), **over, **{"optim.total_steps": 3}),
+                    dist_info)  # fmt: skip
+    assert full.total_steps == stop.total_steps == 100 and full.end_step == 100
+    assert stop.end_step == 3 and short.total_steps == short.end_step == 3
+    stop.fit(loader=[fake_batch(stop.cfg, 8, seed=30 + i) for i in range(3)])
+    assert stop.step == 3
+    reference = _lr_and_momentum_per_step(full, 3)
+    assert (stop.engine.get_lr()[0], stop.momentum()) == reference[-1]
+    assert reference[-1][0] > 0.9 * full.cfg.optim.lr  # mid-schedule: near the peak LR
+    shortened = _lr_and_momentum_per_step(short, 3)
+    assert shortened[-1] == (pytest.approx(short.cfg.optim.min_lr), 1.0)  # its schedule's end
+
+
+def test_the_removed_max_steps_key_is_refused_naming_its_replacements(tmp_path):
+    from aclip.config import ConfigError, config_from_yaml, to_yaml
+
+    with pytest.raises(ConfigError, match=r"train\.max_steps.*stop_at_step.*optim\.total_steps"):
+        tiny_config(str(tmp_path), **{"train.max_steps": 3})
+    old_run = to_yaml(tiny_config(str(tmp_path))).replace("stop_at_step: 0", "max_steps: 5")
+    assert config_from_yaml(old_run).train.stop_at_step == 0  # an old run's config still reads

@@ -63,15 +63,35 @@ def _shard_count(url: str) -> int | None:
     return None
 
 
-def samples_per_epoch(spec: str) -> int | None:
-    """Total samples over all shards of `spec` (img2dataset stats or sizes.json); None if any
-    shard's count is unknown."""
-    total = 0
+class EpochSizeUnknown(ValueError):
+    """Some shard of a spec has no sample count (no `_stats.json`, no `sizes.json` entry)."""
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def samples_per_epoch(spec: str) -> int:
+    """Total samples over the shards of `spec` that exist, from img2dataset's
+    `<shard>_stats.json` or a `sizes.json` beside them (missing shards count 0: the loader
+    skips them). Raises `EpochSizeUnknown` naming the shards whose count is unknown
+    (remote shards included)."""
+    total, unknown = 0, []
     for url in (u for source in expand_urls(spec) for u in source):
-        n = _shard_count(url)
+        if _is_local(url) and not Path(url).is_file():
+            continue
+        n = _shard_count(url) if _is_local(url) else None
         if n is None:
-            return None
-        total += n
+            unknown.append(url)
+        else:
+            total += n
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        listed = ", ".join(unknown[:5]) + more
+        raise EpochSizeUnknown(
+            f"{len(unknown)} shard(s) have no sample count (no <shard>_stats.json as img2dataset "
+            f"writes, no entry in a sizes.json beside them): {listed}"
+        )
     return total
 
 
@@ -97,6 +117,7 @@ COUNT_KEYS: tuple[str, ...] = SKIP_REASONS + CONVERT_REASONS
 MAX_DECODE_PIXELS = 32 * 1024 * 1024  # ~100 MB as RGB; larger images are reduced or skipped
 MIN_IMAGE_SIDE = 8  # smaller images carry no usable content for 2 random crops: skipped
 RECENT_BAD_URLS = 4  # shards of the last skipped samples kept per worker for error messages
+LOGGED_SKIPS = 20  # the first this many skipped samples are logged one by one, then every 1000th
 # A resampled stream never ends, so a source it cannot read would spin forever: a source raises
 # LoaderStalled after max(MIN_STALL_READS, 2 x its shards) shard reads in a row gave no sample,
 # and the stream after MIN_STALL_READS..MAX_STALL_READS reads in a row gave no good sample.
@@ -160,20 +181,20 @@ class SkipStats:
     def __init__(self) -> None:
         self.counts = dict.fromkeys(COUNT_KEYS, 0)
         self.bad_urls: deque[str] = deque(maxlen=RECENT_BAD_URLS)
+        self.pending: deque[str] = deque(maxlen=LOGGED_SKIPS)  # skips not yet sent with a batch
 
     def convert(self, reason: str) -> None:
         """Count a sample that was kept after a conversion (one of CONVERT_REASONS)."""
         self.counts[reason] += 1
 
     def skip(self, reason: str, url: str, exn: Exception) -> None:
-        """Count one skipped sample or shard and remember its shard."""
+        """Count one skipped sample or shard and remember its shard and what went wrong (sent
+        with the next batch; `SkipCounter` logs it when the batch is consumed)."""
         self.counts[reason] += 1
         _skipped["count"] += 1
         if url and url not in self.bad_urls:
             self.bad_urls.append(url)
-        n = _skipped["count"]
-        if n <= 20 or n % 1000 == 0:
-            log.warning("skipping bad sample #%d (%s): %r", n, reason, exn)
+        self.pending.append(f"{reason}: {exn!r}"[:1000])
 
     def tar_handler(self, exn: Exception) -> bool:
         """webdataset handler of the shard-reading stage: count and go on to the next shard."""
@@ -202,21 +223,24 @@ class SkipStats:
         return torch.tensor([self.counts[k] for k in COUNT_KEYS], dtype=torch.long)
 
     def attach(self, batches: Iterable[dict], offset: int = 0) -> Iterator[dict]:
-        """Pipeline stage adding this worker's counts, its (logical) id and recent bad shards
-        to each batch."""
+        """Pipeline stage adding this worker's counts, its (logical) id, recent bad shards and
+        what was skipped since its previous batch (`skip_log`) to each batch."""
         worker = torch.tensor(logical_worker(offset)[2], dtype=torch.long)
         for batch in batches:
             batch["skipped"], batch["worker_id"] = self.tensor(), worker
-            batch["bad_shards"] = _encode_urls(self.bad_urls)
+            batch["bad_shards"] = _encode_lines(self.bad_urls)
+            batch["skip_log"] = _encode_lines(self.pending)
+            self.pending.clear()
             yield batch
 
 
-def _encode_urls(urls: Iterable[str]) -> torch.Tensor:
-    """Newline-joined urls as a uint8 tensor (batches hold only tensors)."""
-    return torch.tensor(list("\n".join(urls).encode()), dtype=torch.uint8)
+def _encode_lines(lines: Iterable[str]) -> torch.Tensor:
+    """Lines (urls, messages without newlines) as one uint8 tensor: batches hold only tensors."""
+    text = "\n".join(line.replace("\n", " ") for line in lines)
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
 
 
-def _decode_urls(data: torch.Tensor) -> list[str]:
+def _decode_lines(data: torch.Tensor) -> list[str]:
     text = bytes(data.tolist()).decode(errors="replace")
     return [u for u in text.split("\n") if u]
 
@@ -226,23 +250,40 @@ class SkipCounter:
 
     Each worker sends its cumulative counts with every batch; the total is the max per worker
     (the latest), summed over workers. Call `new_loader()` when a fresh loader (new epoch)
-    starts, since its workers count from zero again.
+    starts, since its workers count from zero again. The skips a batch reports (`skip_log`) are
+    logged here, when the batch is consumed, numbered by the run total: "skipping bad sample
+    #N" is the N-th skip the progress bar's `skipped` count includes (the first LOGGED_SKIPS,
+    then every 1000th). ``prefix`` starts each line (e.g. the rank).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "") -> None:
         self.per_worker: dict[int, torch.Tensor] = {}
         self.base = torch.zeros(len(COUNT_KEYS), dtype=torch.long)
         self.bad_shards: dict[int, list[str]] = {}
+        self.prefix = prefix
 
     def update(self, batch: Mapping[str, torch.Tensor]) -> dict[str, int]:
-        """Fold one batch's worker counts in; return the run totals."""
+        """Fold one batch's worker counts in, log its skips; return the run totals."""
         if "skipped" in batch:
+            before = self.skipped()
             wid = int(batch["worker_id"])
             prev = self.per_worker.get(wid, torch.zeros_like(batch["skipped"]))
             self.per_worker[wid] = torch.maximum(prev, batch["skipped"].cpu())
             if "bad_shards" in batch:
-                self.bad_shards[wid] = _decode_urls(batch["bad_shards"])
+                self.bad_shards[wid] = _decode_lines(batch["bad_shards"])
+            if "skip_log" in batch:
+                self._log(_decode_lines(batch["skip_log"]), before, self.skipped())
         return self.totals()
+
+    def _log(self, messages: list[str], before: int, after: int) -> None:
+        """Log the skips numbered before+1..after (``messages`` are the last of them)."""
+        first = after - len(messages) + 1
+        for number, message in enumerate(messages, start=first):
+            if number > before and (number <= LOGGED_SKIPS or number % 1000 == 0):
+                log.warning("%sskipping bad sample #%d (%s)", self.prefix, number, message)
+        thousand = after // 1000 * 1000
+        if thousand > max(before, LOGGED_SKIPS) and thousand < first:  # its message was dropped
+            log.warning("%s%d bad samples skipped so far", self.prefix, thousand)
 
     def new_loader(self) -> None:
         """Keep the totals so far and start counting a fresh loader's workers from zero."""
@@ -673,11 +714,16 @@ class LoaderPosition:
         return pos
 
 
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _worker_init(_: int) -> None:
-    """Loader workers leave preemption signals to the main process: SIGUSR1 is ignored and
-    SIGTERM ends the worker (fork copies the trainer's flag-setting handlers)."""
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """Loader workers leave the stop signals to the main process: SIGTERM, SIGUSR1 and SIGINT
+    are ignored here (``timeout``, ``scancel`` and Ctrl-C signal the whole process group, workers
+    included; the main process checkpoints and stops). A worker whose main process is gone exits
+    by itself (PyTorch's worker watchdog)."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _guarded(
