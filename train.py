@@ -49,9 +49,12 @@ def run(cfg: Config) -> dict:
         trainer.close()
         name = signal.Signals(trainer.stop_signal or signal.SIGTERM).name
         return {"step": trainer.step, "stopped": name}
-    results = {"step": trainer.step} | trainer.evaluate()
+    results: dict = {"step": trainer.step}
+    try:  # a set that fails is recorded as {"error": ...}; results.json is written regardless
+        results |= trainer.evaluate()
+    finally:
+        trainer.write_results(results)  # rank 0 only
     if dist_info.is_main:
-        trainer.write_results(results)
         print(f"run directory: {trainer.run_dir} (tensorboard --logdir {trainer.run_dir / 'tb'})")
     trainer.close()
     return results

@@ -46,6 +46,27 @@ def find_checkpoint(path: str | Path) -> Path:
     return states
 
 
+def read_model_states(file: Path) -> dict:
+    """The dict an aclip checkpoint's model-states file holds (``module``, ``config``, ...);
+    ValueError naming ``file`` when it is not one (another project's checkpoint, a bare state
+    dict, a file torch cannot read)."""
+    try:
+        states = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle, zip and format errors all mean: not a torch checkpoint
+        raise ValueError(
+            f"{file} is not an aclip checkpoint: torch.load cannot read it ({err}); expected a "
+            f"run directory, its checkpoints/ or a step directory holding {MODEL_STATES}"
+        ) from None
+    missing = [k for k in ("module", "config") if not isinstance(states, dict) or k not in states]
+    if missing:
+        found = sorted(states)[:8] if isinstance(states, dict) else type(states).__name__
+        raise ValueError(
+            f"{file} is not an aclip checkpoint: it lacks {' and '.join(map(repr, missing))} "
+            f"(found {found}); expected the {MODEL_STATES} that aclip's trainer saves"
+        )
+    return states
+
+
 def load_eval_model(
     path: str | Path, use_ema: bool = False, device: str | torch.device = "cpu"
 ) -> tuple[CLIP, Config]:
@@ -54,7 +75,7 @@ def load_eval_model(
     With ``use_ema`` the image side (vision tower and image projection) comes from the EMA
     teacher; the text side is always the online one.
     """
-    states = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    states = read_model_states(find_checkpoint(path))
     cfg = config_from_yaml(states["config"])
     model = build_model(cfg.model, cfg.loss)
     model.load_state_dict({k: v.float() for k, v in states["module"].items()})

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassRecall,
+    MultilabelAveragePrecision,
+)
 from tqdm import tqdm
 
 from aclip.model.clip import CLIP
@@ -58,20 +63,35 @@ def mean_per_class_recall(pred_B: torch.Tensor, labels_B: torch.Tensor, num_clas
     return recall_C[present_C].mean().item()
 
 
+def mean_average_precision(logits_BC: torch.Tensor, targets_BC: torch.Tensor) -> float:
+    """Multilabel mAP as CLIP_benchmark reports it (``mean_average_precision``): per class the
+    non-interpolated average precision of the scores against the 0/1 targets, averaged over
+    all classes, a class without positives counting 0 (CLIP_benchmark's
+    ``average_precision_per_class``; tied scores are grouped here, as sklearn does)."""
+    num_classes = logits_BC.shape[1]
+    metric = MultilabelAveragePrecision(num_classes, average="none", thresholds=None)
+    ap_C = metric(logits_BC.float(), targets_BC.round().long())
+    return torch.nan_to_num(ap_C, nan=0.0).mean().item()
+
+
 @torch.no_grad()
 def classification_metrics(
     logits_BC: torch.Tensor, labels_B: torch.Tensor, num_classes: int
 ) -> dict[str, float]:
     """top-1, top-5 (micro) accuracy and mean per-class recall (over classes with samples).
 
-    With fewer than 5 classes the second key is ``top{num_classes}``.
+    The second key is always ``top5``; with fewer than 5 classes it is top-``num_classes``
+    accuracy (1.0). Multi-hot ``labels_BC`` (a multilabel set) give
+    ``{"mean_average_precision": ...}`` instead, as CLIP_benchmark reports such sets.
     """
+    if labels_B.ndim == 2:
+        return {"mean_average_precision": mean_average_precision(logits_BC, labels_B)}
     top5 = min(5, num_classes)
     return {
         "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")(
             logits_BC, labels_B
         ).item(),
-        f"top{top5}": MulticlassAccuracy(num_classes, top_k=top5, average="micro")(
+        "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro")(
             logits_BC, labels_B
         ).item(),
         "mean_per_class_recall": mean_per_class_recall(
@@ -161,20 +181,34 @@ def retrieval_on_wds(
 
 
 def evaluate_sets(
-    model: CLIP, tokenizer: Callable[[list[str]], torch.Tensor], cfg, device
-) -> dict[str, dict[str, float]]:
-    """Every configured set: ``zeroshot/<set name>`` and ``retrieval/<set name>``."""
+    model: CLIP,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    zeroshot_sets: Sequence[str],
+    retrieval_sets: Sequence[str],
+    image_size: int,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict]:
+    """Every set: ``zeroshot/<set name>`` and ``retrieval/<set name>`` -> its metrics.
+
+    A set whose evaluation raises gets ``{"error": "<type>: <message>"}`` (also printed on
+    stderr) and the others still run: a failed evaluation never loses a trained run.
+    """
     was_training = model.training
     model.eval()
-    results = {}
-    for kind, roots, fn in (
-        ("zeroshot", cfg.eval.zeroshot_sets, zero_shot_on_wds),
-        ("retrieval", cfg.eval.retrieval_sets, retrieval_on_wds),
-    ):
-        for root in roots:
-            name = root.rstrip("/").split("/")[-1]
-            results[f"{kind}/{name}"] = fn(
-                model, tokenizer, root, cfg.model.image_size, device, cfg.eval.batch_size
-            )
-    model.train(was_training)
+    results: dict[str, dict] = {}
+    try:
+        for kind, roots, fn in (
+            ("zeroshot", zeroshot_sets, zero_shot_on_wds),
+            ("retrieval", retrieval_sets, retrieval_on_wds),
+        ):
+            for root in roots:
+                name = f"{kind}/{str(root).rstrip('/').split('/')[-1]}"
+                try:
+                    results[name] = fn(model, tokenizer, root, image_size, device, batch_size)
+                except Exception as err:  # recorded; the other sets still run
+                    results[name] = {"error": f"{type(err).__name__}: {err}"}
+                    print(f"warning: evaluation {name} ({root}) failed: {err}", file=sys.stderr)
+    finally:
+        model.train(was_training)
     return results

@@ -20,14 +20,26 @@ def check_paths(cfg: Config) -> None:
         _check_source(source)
     _check_split(sources, cfg)
     resolve_epoch_size(cfg)
-    for key, roots in (
-        ("eval.zeroshot_sets", cfg.eval.zeroshot_sets),
-        ("eval.retrieval_sets", cfg.eval.retrieval_sets),
+    _check_eval_sets(cfg)
+    _check_writable(Path(cfg.train.output_dir))
+
+
+def _check_eval_sets(cfg: Config) -> None:
+    """Refuse an eval set that is missing, of the wrong kind or laid out wrong, naming the key
+    (the final evaluation would otherwise find it only after training)."""
+    from aclip.data.evalsets import check_eval_set
+
+    for key, task, roots in (
+        ("eval.zeroshot_sets", "zeroshot", cfg.eval.zeroshot_sets),
+        ("eval.retrieval_sets", "retrieval", cfg.eval.retrieval_sets),
     ):
         for root in roots:
-            if not Path(root).is_dir():
-                raise FileNotFoundError(f"{key}: eval set directory not found: {root}")
-    _check_writable(Path(cfg.train.output_dir))
+            try:
+                check_eval_set(root, task)
+            except FileNotFoundError as err:
+                raise FileNotFoundError(f"{key}: {err}") from None
+            except ValueError as err:
+                raise ConfigError(f"{key}: {err}") from None
 
 
 def resolve_epoch_size(cfg: Config) -> int:

@@ -502,7 +502,11 @@ class Trainer:
             from aclip.evaluation import evaluate_sets
 
             with self.autocast:
-                results = evaluate_sets(self.model.clip, self.tokenizer, self.cfg, self.device)
+                ev = self.cfg.eval
+                results = evaluate_sets(
+                    self.model.clip, self.tokenizer, ev.zeroshot_sets, ev.retrieval_sets,
+                    self.cfg.model.image_size, ev.batch_size, self.device,
+                )  # fmt: skip
         dist_utils.barrier()
         return results
 

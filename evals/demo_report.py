@@ -19,9 +19,11 @@ def _classes(root: Path) -> int:
 
 
 def _final_results(run: Path) -> dict:
-    """The metrics train.py wrote at the end of the run (online weights), if any."""
+    """The metrics train.py wrote at the end of the run (online weights), if any; a set whose
+    evaluation failed there (``{"error": ...}``) is left out, to be evaluated again here."""
     path = run / "results.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    return {k: v for k, v in results.items() if not (isinstance(v, dict) and "error" in v)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from aclip.model.vision import VisionTower
 from aclip.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO / "train.py"  # the study trains with the checkout's train.py
 
 
 @dataclass(frozen=True)
@@ -87,14 +88,19 @@ def grid(
 
 def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dict:
     """Train one grid point (or reuse its finished results) and return its results.json."""
-    run_dir = out / point.name
+    run_dir = out.resolve() / point.name
     results = run_dir / "results.json"
     if not results.is_file():
+        if not TRAIN_PY.is_file():
+            raise FileNotFoundError(
+                f"the study trains with train.py, not found at {TRAIN_PY}: run it from a "
+                "checkout of the repository (or an editable install, pip install -e .)"
+            )
         cmd = [
             sys.executable,
-            str(REPO / "train.py"),
+            str(TRAIN_PY),
             "--config",
-            config,
+            str(Path(config).resolve()),
             *extra,
             *point.overrides(),
             f"train.output_dir={run_dir}",
@@ -102,7 +108,8 @@ def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dic
         ]
         log = out / f"{point.name}.log"
         with log.open("w") as fh:
-            done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+            # in the caller's directory: relative paths of the overrides mean what they mean here
+            done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             raise RuntimeError(f"run {point.name} failed (exit {done.returncode}); see {log}")
     return json.loads(results.read_text())
@@ -115,7 +122,10 @@ def _top1(results: dict, eval_set: str | None = None) -> float:
         raise ValueError("the study needs eval.zeroshot_sets in the config")
     if eval_set is not None and eval_set not in sets:
         raise ValueError(f"no zero-shot results for {eval_set!r}; have {sorted(sets)}")
-    return 100.0 * sets[eval_set or next(iter(sets))]["top1"]
+    name = eval_set or next(iter(sets))
+    if "top1" not in sets[name]:
+        raise ValueError(f"zero-shot set {name!r} has no top-1 in this run: {sets[name]}")
+    return 100.0 * sets[name]["top1"]
 
 
 def summarise(rows: list[tuple[GridPoint, float]]) -> list[dict]:
@@ -233,9 +243,13 @@ def study(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     points = grid(args.strategies, args.keep_ratios, args.views, args.seeds)
     rows = []
-    for point in tqdm(points, desc="study"):
-        results = run_point(point, args.config, out, args.overrides)
-        rows.append((point, _top1(results, args.eval_set)))
+    try:
+        for point in tqdm(points, desc="study"):
+            results = run_point(point, args.config, out, args.overrides)
+            rows.append((point, _top1(results, args.eval_set)))
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # no train.py; a failed run
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, RuntimeError) else 2
     table = summarise(rows)
     write_outputs(table, out, args.title)
     print((out / "results.md").read_text())
@@ -349,7 +363,7 @@ def evaluate_point(
     metrics = classification_metrics(logits, labels, num_classes)
     return {
         "top1": 100.0 * metrics["top1"],
-        "top5": 100.0 * metrics[f"top{min(5, num_classes)}"],
+        "top5": 100.0 * metrics["top5"],
         "images_per_s": encoder.images_per_s(),
         "n": len(labels),
     }
@@ -376,10 +390,12 @@ def checkpoint_sweep(
     from tqdm import tqdm
 
     from aclip.checkpoint import find_checkpoint
-    from aclip.data.evalsets import shard_paths
+    from aclip.data.evalsets import check_eval_set
 
     find_checkpoint(checkpoint)  # refuse missing paths before loading any model
-    shard_paths(data)
+    if check_eval_set(data, "zeroshot") == "multilabel":
+        raise ValueError(f"{data} is a multilabel set; the keep-ratio sweep reports top-1/top-5 "
+                         "and needs a single-label classification set")  # fmt: skip
     device = torch.device(device)
     clip, cfg = load_eval_model(checkpoint, use_ema=False, device=device)
     teacher = None

@@ -4,6 +4,8 @@
     python -m evals.retrieval --checkpoint runs/x --karpathy-json dataset_flickr30k.json \\
                               --images flickr30k_images [--split test] [--json out.json]
 
+``aclip-retrieval`` (installed with the package) takes the same arguments.
+
 ``image_retrieval_recall@k`` is text -> image, ``text_retrieval_recall@k`` is image -> text.
 """
 
@@ -15,7 +17,7 @@ import sys
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.checkpoint import find_checkpoint, load_eval_model
-from aclip.data.evalsets import load_wds_retrieval, retrieval_collate, shard_paths
+from aclip.data.evalsets import check_eval_set, load_wds_retrieval, retrieval_collate
 from aclip.data.karpathy import KarpathyDataset, karpathy_entries
 from aclip.data.views import eval_transform
 from aclip.retrieval import evaluate_retrieval
@@ -28,7 +30,7 @@ def _dataset_builder(data: str | None, karpathy_json: str | None, images: str | 
     if (data is None) == (karpathy_json is None):
         raise ValueError("give either a wds set (data) or a Karpathy json (karpathy_json)")
     if data is not None:
-        shard_paths(data, split)
+        check_eval_set(data, "retrieval", split)  # kind and layout, before the model
         return lambda transform: load_wds_retrieval(data, transform, split)
     if images is None:
         raise ValueError("a Karpathy json needs the images folder (images)")
@@ -78,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--karpathy-json", help="dataset_flickr30k.json / dataset_coco.json")
     parser.add_argument("--images", help="image folder of the Karpathy json")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_args(parser)
     return parser
 
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             args.batch_size,
             args.workers,
             args.device,
+            not args.no_progress,
         ),  # fmt: skip
         args.json,
     )

@@ -4,9 +4,13 @@
     python -m evals.zeroshot --checkpoint runs/x --imagefolder imagenet/val \\
                              [--classnames names.txt] [--templates openai|simple|FILE]
 
+``aclip-zeroshot`` (installed with the package) takes the same arguments.
+
 An ImageFolder tree of the 1000 ImageNet WordNet-id folders takes open_clip's ImageNet class
 names; any other tree takes its folder names (underscores as spaces) or ``--classnames``.
-Metrics: top1, top5 (micro accuracy), mean_per_class_recall, and n (images evaluated).
+Metrics: top1, top5 (micro accuracy; top-min(5, C) with C < 5 classes, the key stays top5),
+mean_per_class_recall, and n (images evaluated). A multilabel set (CLIP_benchmark's ``.npy``
+labels, e.g. VOC2007 multilabel) gives mean_average_precision and n, as CLIP_benchmark does.
 """
 
 from __future__ import annotations

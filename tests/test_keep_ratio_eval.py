@@ -128,7 +128,7 @@ def test_command_line_writes_the_files(checkpoint, eval_set, tmp_path, capsys):
 def test_command_line_refuses_missing_paths(checkpoint, eval_set, tmp_path, capsys):
     base = ["checkpoint", "--out", str(tmp_path / "out"), "--workers", "0"]
     assert main(base + ["--checkpoint", str(checkpoint), "--data", str(tmp_path / "no")]) == 2
-    assert "nshards.txt" in capsys.readouterr().err
+    assert f"evaluation set directory not found: {tmp_path / 'no'}" in capsys.readouterr().err
     assert main(base + ["--checkpoint", str(tmp_path / "none"), "--data", str(eval_set)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -221,3 +221,57 @@ def test_cli(tmp_path, ret_set, capsys):
     karpathy = ["--karpathy-json", str(tmp_path / "none.json"), "--images", str(tmp_path)]
     assert retrieval_main([*argv[:2], *karpathy]) == 2
     assert "none.json" in capsys.readouterr().err
+
+
+def test_cli_no_progress_silences_the_bar(tmp_path, ret_set, capsys):
+    _fake_checkpoint(tmp_path)
+    argv = ["--checkpoint", str(tmp_path), "--data", str(ret_set), "--batch-size", "5"]
+    assert retrieval_main([*argv, "--device", "cpu"]) == 0
+    assert "retrieval" in capsys.readouterr().err  # the bar, by default
+    assert retrieval_main([*argv, "--device", "cpu", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    _check(json.loads(captured.out))
+
+
+def test_cli_refuses_a_classification_set_before_the_model(tmp_path, capsys, monkeypatch):
+    import evals.retrieval as ret_cli
+
+    _fake_checkpoint(tmp_path)
+    write_synthetic(tmp_path / "sets", n_train=0, n_eval_cls=6, n_eval_ret=0, image_size=32,
+                    samples_per_shard=8)  # fmt: skip
+    monkeypatch.setattr(ret_cli, "load_eval_model", lambda *a, **k: pytest.fail("model loaded"))
+    cls_set = tmp_path / "sets" / "eval_cls"
+    assert retrieval_main(["--checkpoint", str(tmp_path), "--data", str(cls_set)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: evaluation set {cls_set} is a classification set")
+    assert "expected a retrieval set (samples with .txt captions" in err
+
+
+def test_cli_names_a_clip_benchmark_caption_list_given_as_karpathy_json(tmp_path, capsys):
+    _fake_checkpoint(tmp_path)
+    images = tmp_path / "flickr30k-images"
+    images.mkdir()
+    listing = tmp_path / "flickr30k_test_karpathy.txt"  # CLIP_benchmark's annotation file
+    listing.write_text("image,caption\n1000092795.jpg,Two young guys with shaggy hair .\n")
+    argv = ["--checkpoint", str(tmp_path), "--karpathy-json", str(listing), "--images", str(images)]
+    assert retrieval_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {listing} is not JSON")
+    assert "CLIP_benchmark's image,caption list" in err
+    assert 'expected Karpathy\'s JSON {"images": [{"filename"' in err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"image": "a.jpg", "caption": ["x"]}]', "no 'images' list"),  # CLIP_benchmark's COCO
+        ('{"images": [{"split": "test", "sentences": []}]}', "image record 0 has no 'filename'"),
+    ],
+)
+def test_karpathy_json_of_another_layout_is_named(tmp_path, content, message):
+    path = tmp_path / "other.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        load_karpathy(path, tmp_path)
+    assert str(path) in str(err.value) and '{"images": [' in str(err.value)

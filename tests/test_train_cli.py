@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -67,6 +68,53 @@ def test_bad_config_is_refused_before_any_work(data, tmp_path, capsys, monkeypat
     assert train.main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "set_name", "message"),
+    [
+        ("eval.retrieval_sets", "eval_cls", "is a classification set"),
+        ("eval.zeroshot_sets", "eval_ret", "is a retrieval set"),
+    ],
+)
+def test_eval_set_of_the_wrong_kind_is_refused_before_any_model(
+    data, tmp_path, capsys, monkeypatch, key, set_name, message
+):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(train, "run", lambda cfg: pytest.fail("the run started"))
+    assert train.main(_args(data, tmp_path / "run", f"{key}=[{data}/{set_name}]")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}: evaluation set {data}/{set_name} {message}")
+    assert "expected a" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_failing_final_evaluation_is_recorded_and_loses_nothing(data, tmp_path, monkeypatch,
+                                                                 capsys):  # fmt: skip
+    import shutil
+    import tarfile
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    bad = tmp_path / "bad_ret"  # its first sample is fine (pre-flight passes); the fifth lacks .txt
+    shutil.copytree(data / "eval_ret", bad)
+    shard = bad / "test" / "0.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.name != "s0000004.txt"]
+    with tarfile.open(shard, "w") as tar:
+        for info, payload in members:
+            tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "run"
+    retrieval = f"eval.retrieval_sets=[{data}/eval_ret,{bad}]"
+    assert train.main(_args(data, out, "train.stop_at_step=2", retrieval)) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["step"] == 2
+    assert results["zeroshot/eval_cls"]["n"] == 20  # the other sets still ran
+    assert results["retrieval/eval_ret"]["n_images"] == 8
+    assert results["retrieval/bad_ret"] == {
+        "error": f"ValueError: sample s0000004 in {shard} has no .txt captions"
+    }
+    assert "evaluation retrieval/bad_ret" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step_00000002").is_dir()
 
 
 def test_short_run_writes_everything_and_resumes(data, tmp_path, monkeypatch):

@@ -20,7 +20,11 @@ from aclip.data.imagefolder import (
     load_templates,
     tree_classnames,
 )
-from aclip.evaluation import classification_metrics, zero_shot_classifier
+from aclip.evaluation import (
+    classification_metrics,
+    mean_average_precision,
+    zero_shot_classifier,
+)
 from aclip.model import build_model
 from aclip.tokenizer import Tokenizer
 from tests.helpers import tiny_config
@@ -104,7 +108,8 @@ def test_metrics_by_hand_micro_and_macro_differ():
     m = classification_metrics(_one_hot_logits([0, 0, 0, 1, 1, 0], 3), labels, 3)
     assert m["top1"] == pytest.approx(4 / 6)
     assert m["mean_per_class_recall"] == pytest.approx(1.75 / 3)
-    assert m["top3"] == pytest.approx(1.0)
+    assert m["top5"] == pytest.approx(1.0)  # the key stays top5: top-3 with 3 classes
+    assert "top3" not in m
 
 
 def test_mean_recall_ignores_predicted_class_without_samples():
@@ -174,8 +179,8 @@ def test_cli_end_to_end(tiny, tree, tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert metrics == json.loads(capsys.readouterr().out)
     assert metrics["n"] == len(COLOURS) * PER_CLASS
-    assert set(metrics) == {"top1", "top3", "mean_per_class_recall", "n"}
-    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["top3"] == pytest.approx(1.0)
+    assert set(metrics) == {"top1", "top5", "mean_per_class_recall", "n"}  # 3 classes: top-3
+    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["top5"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("case", ["no_tree", "no_checkpoint", "bad_classnames", "no_wds"])
@@ -220,3 +225,110 @@ def test_cli_wds_set_and_python_entry_agree(tiny, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["n"] == 12
     assert zs_cli.zeroshot(str(run), data, False, 5, "cpu", False) == metrics
+
+
+def test_second_key_is_top5_for_any_number_of_classes():
+    # 4 classes, label ranked 4th of 4 in one sample, 1st in the other: top-min(5, 4) = top-4
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0]])
+    m = classification_metrics(logits, torch.tensor([3, 0]), 4)
+    assert set(m) == {"top1", "top5", "mean_per_class_recall"}
+    assert m["top1"] == pytest.approx(0.5) and m["top5"] == pytest.approx(1.0)
+
+
+# (d) multilabel sets (CLIP_benchmark's .npy labels), mAP as CLIP_benchmark computes it --------
+
+
+@pytest.fixture(scope="module")
+def cb_sets(tmp_path_factory):
+    from tests.cb_sets import write_clip_benchmark_sets
+
+    return write_clip_benchmark_sets(tmp_path_factory.mktemp("clip_benchmark"))
+
+
+def _clip_benchmark_map(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    from tests.cb_sets import clip_benchmark
+
+    zc = clip_benchmark("metrics.zeroshot_classification")
+    return zc.average_precision_per_class(logits, targets).mean().item()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mean_average_precision_matches_clip_benchmark(seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(60, 7, generator=gen)
+    targets = (torch.rand(60, 7, generator=gen) < 0.3).float()
+    targets[:, 6] = 0  # a class without positives counts 0, as in CLIP_benchmark
+    got = mean_average_precision(logits, targets)
+    assert got == pytest.approx(_clip_benchmark_map(logits, targets), abs=1e-6)
+    assert classification_metrics(logits, targets, 7) == {"mean_average_precision": got}
+
+
+def test_cli_multilabel_set_reports_clip_benchmark_map(tiny, cb_sets, capsys):
+    import io
+    import tarfile
+
+    import numpy as np
+
+    from aclip.data.evalsets import load_wds_classification
+    from aclip.data.views import eval_transform
+    from aclip.evaluation import zero_shot_logits
+
+    run, clip, cfg = tiny
+    data = cb_sets["cb_multilabel"]
+    assert zs_cli.main(["--checkpoint", str(run), "--data", str(data), "--no-progress"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"mean_average_precision", "n"} and metrics["n"] == 8
+    # the reference: CLIP_benchmark's AP on the same logits, targets read from the tar by numpy
+    with tarfile.open(data / "test" / "0.tar") as tar:
+        npys = sorted((m.name, tar.extractfile(m).read()) for m in tar if m.name.endswith(".npy"))
+    targets = torch.tensor(np.stack([np.load(io.BytesIO(b)) for _, b in npys]))
+    dataset, names, templates = load_wds_classification(data, eval_transform(cfg.model.image_size))
+    classifier = zero_shot_classifier(clip, Tokenizer(cfg.model.context_length), names, templates)
+    logits, labels = zero_shot_logits(clip, classifier, torch.utils.data.DataLoader(dataset))
+    torch.testing.assert_close(labels, targets)
+    want = _clip_benchmark_map(logits, targets)
+    assert metrics["mean_average_precision"] == pytest.approx(want, abs=1e-6)
+
+
+# (e) what is not an aclip checkpoint, and the final evaluation's error records ---------------
+
+
+@pytest.mark.parametrize("case", ["other_project", "state_dict", "text_file"])
+def test_cli_names_a_file_that_is_not_an_aclip_checkpoint(tree, tmp_path, capsys, case):
+    path = tmp_path / f"{case}.pt"
+    if case == "other_project":  # a DeepSpeed-style file of another project: no config
+        torch.save({"module": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    elif case == "state_dict":
+        torch.save({"w": torch.zeros(2)}, path)
+    else:
+        path.write_text("image,caption\n")
+    argv = ["--checkpoint", str(path), "--imagefolder", str(tree), "--no-progress"]
+    assert zs_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not an aclip checkpoint")
+    assert "mp_rank_00_model_states.pt" in err
+
+
+def test_evaluate_sets_records_a_failing_set_and_runs_the_others(tiny, tmp_path, capsys):
+    from aclip.data.synthetic import write_synthetic
+    from aclip.evaluation import evaluate_sets
+
+    _, clip, cfg = tiny
+    write_synthetic(tmp_path, n_train=0, n_eval_cls=6, n_eval_ret=4, image_size=32,
+                    samples_per_shard=8)  # fmt: skip
+    tokenizer = Tokenizer(cfg.model.context_length)
+    clip.train()
+    results = evaluate_sets(
+        clip, tokenizer, [str(tmp_path / "eval_cls"), str(tmp_path / "missing")],
+        [str(tmp_path / "eval_cls"), str(tmp_path / "eval_ret")], cfg.model.image_size, 4,
+    )  # fmt: skip
+    assert clip.training  # the mode it came in
+    clip.eval()
+    assert results["zeroshot/eval_cls"]["n"] == 6
+    assert results["zeroshot/missing"] == {
+        "error": f"FileNotFoundError: evaluation set directory not found: {tmp_path / 'missing'}"
+    }
+    assert results["retrieval/eval_cls"]["error"].startswith("ValueError: evaluation set")
+    assert results["retrieval/eval_ret"]["n_images"] == 4
+    err = capsys.readouterr().err
+    assert "evaluation zeroshot/missing" in err and "evaluation retrieval/eval_cls" in err

@@ -29,18 +29,44 @@ Transform = Callable[[Image.Image], torch.Tensor]
 Entry = tuple[Path, list[str]]
 
 
+EXPECTED_LAYOUT = (
+    'expected Karpathy\'s JSON {"images": [{"filename": ..., "split": "test", '
+    '"sentences": [{"raw": ...}, ...]}, ...]} (dataset_flickr30k.json / dataset_coco.json)'
+)
+
+
 def _read_json(json_path: Path) -> list[dict]:
     if not json_path.is_file():
         raise FileNotFoundError(f"Karpathy split json missing: {json_path}")
-    data = json.loads(json_path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{json_path} is not JSON ({err}){_hint(json_path)}; {EXPECTED_LAYOUT}"
+        ) from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ValueError(f"{json_path} is not a Karpathy split json (no 'images' list)")
+        raise ValueError(
+            f"{json_path} is not a Karpathy split json (no 'images' list); {EXPECTED_LAYOUT}"
+        )
     return data["images"]
 
 
-def _entry(record: dict, images_root: Path) -> Entry:
-    path = images_root / record.get("filepath", "") / record["filename"]
-    captions = [s["raw"].strip() for s in record.get("sentences", [])]
+def _hint(json_path: Path) -> str:
+    """What the file looks like, when it is a file met in practice in place of the json."""
+    with json_path.open("rb") as f:
+        head = f.readline().strip().lower()
+    if head in (b"image,caption", b"image\tcaption"):  # CLIP_benchmark's flickr*_karpathy.txt
+        return ": it looks like CLIP_benchmark's image,caption list (flickr30k_test_karpathy.txt)"
+    return ""
+
+
+def _entry(record: dict, images_root: Path, json_path: Path, index: int) -> Entry:
+    try:
+        path = images_root / record.get("filepath", "") / record["filename"]
+        captions = [s["raw"].strip() for s in record.get("sentences", [])]
+    except (KeyError, TypeError, AttributeError) as err:
+        what = f"has no {err}" if isinstance(err, KeyError) else f"is malformed ({err})"
+        raise ValueError(f"{json_path}: image record {index} {what}; {EXPECTED_LAYOUT}") from None
     return path, captions
 
 
@@ -71,8 +97,13 @@ def karpathy_entries(
     images_root = Path(images_root)
     if not images_root.is_dir():
         raise FileNotFoundError(f"images folder missing: {images_root}")
-    records = _read_json(Path(json_path))
-    entries = [_entry(r, images_root) for r in records if r.get("split") == split]
+    json_path = Path(json_path)
+    records = _read_json(json_path)
+    entries = [
+        _entry(r, images_root, json_path, i)
+        for i, r in enumerate(records)
+        if isinstance(r, dict) and r.get("split") == split
+    ]
     if not entries:
         raise ValueError(f"{json_path} has no images in split {split!r}")
     _check_images(entries, images_root)
