@@ -1069,9 +1069,10 @@ def to_timm_model(clip: CLIP, head: bool = True) -> VisionTransformer:
     """A stand-alone timm copy of the vision tower (fp32, eval); with ``head`` its classifier
     head is the image projection (bias zero), so its output is ``encode_image``'s."""
     model = copy.deepcopy(clip.visual.vit).float().eval()
-    cfg = model.pretrained_cfg  # the architecture's, not these weights': keep what describes it
-    keep = ("architecture", "first_conv", "classifier", "fixed_input_size")
-    model.pretrained_cfg = {k: cfg[k] for k in keep if k in cfg}
+    # the architecture's pretrained_cfg describes someone else's weights: drop what names them
+    drop = ("tag", "license", "notes", "hf_hub_id", "url", "file", "source", "paper_ids",
+            "paper_name", "origin_url", "hf_hub_filename")  # fmt: skip
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in drop}
     if head:
         model.reset_classifier(clip.embed_dim)
         with torch.no_grad():
@@ -1099,3 +1100,41 @@ def export_timm(clip: CLIP, out_dir: str | Path, preprocess: Preprocess) -> Path
     out = Path(out_dir)
     save_for_hf(to_timm_model(clip), str(out), safe_serialization=True, data_config=data_config)
     return out
+
+
+# ------------------------------------------------------------------ describe
+def model_yaml(model_cfg: ModelConfig) -> str:
+    """The ``model:`` section of a run config that builds exactly this architecture."""
+    from omegaconf import OmegaConf
+
+    keys = ("vision_model", "image_size", "vision_kwargs", "embed_dim", "context_length",
+            "vocab_size", "text_width", "text_layers", "text_heads", "text_act")  # fmt: skip
+    section = {k: getattr(model_cfg, k) for k in keys}
+    section["vision_kwargs"] = dict(section["vision_kwargs"])
+    return OmegaConf.to_yaml({"model": section})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m aclip.interop PATH [--model-name NAME]``: print the ``model:`` config section
+    and the preprocess of a pretrained CLIP (to write a run config that starts from it)."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("path", help="OpenAI file, open_clip checkpoint or folder, aclip run")
+    parser.add_argument("--model-name", help="open_clip model name or open_clip_config.json")
+    args = parser.parse_args(argv)
+    try:
+        weights = read_weights(args.path, args.model_name)
+    except (WeightsError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(model_yaml(weights.model_cfg), end="")
+    print(f"# preprocess: {weights.preprocess}")
+    for note in weights.notes:
+        print(f"# {note}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
