@@ -701,21 +701,24 @@ def read_weights(
     takes the EMA image side), an open_clip folder (``local-dir:DIR`` or a folder holding
     ``open_clip_config.json``), or a weights file. ``model_name``: the open_clip registry name or
     an ``open_clip_config.json`` for a file; without it the file is read as an OpenAI release
-    (shapes give the sizes; QuickGELU, as OpenAI trained, unless ``quick_gelu=False``).
+    (shapes give the sizes; QuickGELU, as OpenAI trained, unless ``quick_gelu=False``);
+    ``quick_gelu`` also overrides an open_clip config's flag (as open_clip's force_quick_gelu).
     """
     spec = str(path)
     folder = Path(spec.removeprefix(LOCAL_DIR))
-    if spec.startswith(LOCAL_DIR) or (folder / OPEN_CLIP_CONFIG).is_file():
-        return _read_open_clip_dir(folder)
-    if _aclip_run(folder):
+    is_open_clip_dir = spec.startswith(LOCAL_DIR) or (folder / OPEN_CLIP_CONFIG).is_file()
+    if not is_open_clip_dir and _aclip_run(folder):
         return _read_aclip_run(folder, use_ema)
     if use_ema:
         raise WeightsError(f"{path}: use_ema needs an aclip run (only it holds an EMA teacher)")
+    if is_open_clip_dir:
+        return _read_open_clip_dir(folder, quick_gelu)
     if folder.is_dir():
         raise WeightsError(f"{path}: a folder that is neither an aclip run nor an open_clip folder")
     raw, jit = read_state_dict(folder)
     if model_name is not None:
-        return _from_open_clip_cfg(raw, _open_clip_cfg_from(model_name), None, str(path))
+        cfg = _open_clip_cfg_from(model_name)
+        return _from_open_clip_cfg(raw, cfg, None, str(path), quick_gelu)
     if layout_of(raw) not in ("openai", "open_clip_custom_text"):
         raise WeightsError(
             f"{path}: a {layout_of(raw)} state dict carries no architecture; give its open_clip "
@@ -728,7 +731,7 @@ def read_weights(
     return Weights(to_aclip_state_dict(sd), cfg, pre, "openai", "openai", [note])
 
 
-def _read_open_clip_dir(folder: Path) -> Weights:
+def _read_open_clip_dir(folder: Path, quick_gelu: bool | None = None) -> Weights:
     config_path = folder / OPEN_CLIP_CONFIG
     if not config_path.is_file():
         raise WeightsError(f"{folder}: no {OPEN_CLIP_CONFIG}")
@@ -747,12 +750,19 @@ def _read_open_clip_dir(folder: Path) -> Weights:
     if weights is None:
         raise WeightsError(f"{folder}: no weights file (looked for {', '.join(names)})")
     raw, _ = read_state_dict(weights)
-    return _from_open_clip_cfg(raw, config["model_cfg"], config.get("preprocess_cfg"), str(folder))
+    pre = config.get("preprocess_cfg")
+    return _from_open_clip_cfg(raw, config["model_cfg"], pre, str(folder), quick_gelu)
 
 
 def _from_open_clip_cfg(
-    raw: dict[str, Tensor], model_cfg: Mapping[str, Any], preprocess: Any, where: str
+    raw: dict[str, Tensor],
+    model_cfg: Mapping[str, Any],
+    preprocess: Any,
+    where: str,
+    quick_gelu: bool | None = None,
 ) -> Weights:
+    if quick_gelu is not None:  # as open_clip's force_quick_gelu
+        model_cfg = {**model_cfg, "quick_gelu": quick_gelu}
     cfg = open_clip_model_config(model_cfg)
     layout = _base_layout(raw)
     sd = to_aclip_state_dict(raw)

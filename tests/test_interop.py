@@ -507,3 +507,22 @@ def test_describe_prints_a_config_that_init_from_accepts(tmp_path, capsys, small
     assert_parity(model.clip.eval(), ref, 32, 16)
     assert interop.main([str(tmp_path / "none.pt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_preprocess_matches_open_clips_transform(tmp_path) -> None:
+    """The preprocess an export carries gives, through open_clip, what aclip's eval gives."""
+    from PIL import Image
+
+    clip, _ = aclip_clip(CLIP_ARCH_TINY)
+    interop.export_open_clip(clip, tmp_path / "oc", interop.Preprocess(32))
+    with _quiet():
+        _, _, theirs = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
+    gen = torch.Generator().manual_seed(5)
+    pixels = (torch.rand(45, 70, 3, generator=gen) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    _, _, pre = interop.load_clip(f"local-dir:{tmp_path / 'oc'}")
+    torch.testing.assert_close(pre.transform()(image), theirs(image), rtol=0, atol=0)
+    squash = interop.Preprocess(32, resize_mode="squash").transform()
+    assert squash(image).shape == (3, 32, 32)
+    with pytest.raises(WeightsError, match="use_ema needs an aclip run"):
+        interop.load_clip(f"local-dir:{tmp_path / 'oc'}", use_ema=True)
