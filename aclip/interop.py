@@ -256,22 +256,35 @@ def activation_name(module: nn.Module) -> str | None:
     return "quick_gelu" if name == "QuickGELU" else None
 
 
-def _block_problems(i: int, blk: nn.Module) -> list[str]:
+def _block_problems(blk: nn.Module) -> list[str]:
     if type(blk) is not Block or not isinstance(blk.attn, Attention) or type(blk.mlp) is not Mlp:
-        return [f"block {i} is a {type(blk).__name__}, not timm's plain Block/Attention/Mlp"]
+        return [f"a {type(blk).__name__}, not timm's plain Block/Attention/Mlp"]
     attn, mlp = blk.attn, blk.mlp
     problems = []
     if not (_is_clip_ln(blk.norm1) and _is_clip_ln(blk.norm2)):
-        problems.append(f"block {i}: norms are not LayerNorm(eps={LN_EPS})")
+        problems.append(f"norms are not LayerNorm(eps={LN_EPS})")
     if not all(isinstance(m, nn.Identity) for m in (blk.ls1, blk.ls2, mlp.norm, attn.norm)):
-        problems.append(f"block {i}: has layer scale or extra norms")
+        problems.append("layer scale or extra norms")
     if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
-        problems.append(f"block {i}: has qk-norm")
+        problems.append("qk-norm")
     if any(lin.bias is None for lin in (attn.qkv, attn.proj, mlp.fc1, mlp.fc2)):
-        problems.append(f"block {i}: a linear layer has no bias")
+        problems.append("a linear layer without bias")
     if activation_name(mlp.act) is None:
-        problems.append(f"block {i}: activation {type(mlp.act).__name__} is not GELU/QuickGELU")
+        problems.append(f"activation {type(mlp.act).__name__}, not GELU/QuickGELU")
     return problems
+
+
+def _blocks_problems(blocks: nn.Sequential) -> list[str]:
+    """Each kind of block problem once, with the blocks that have it."""
+    where: dict[str, list[int]] = {}
+    for i, blk in enumerate(blocks):
+        for problem in _block_problems(blk):
+            where.setdefault(problem, []).append(i)
+    n = len(blocks)
+    return [
+        f"{'all blocks' if len(idx) == n else 'blocks ' + ','.join(map(str, idx))}: {problem}"
+        for problem, idx in where.items()
+    ]
 
 
 def clip_vision_problems(vit: VisionTransformer) -> list[str]:
@@ -301,9 +314,7 @@ def clip_vision_problems(vit: VisionTransformer) -> list[str]:
         problems.append("the patch embedding has a norm")
     if proj.kernel_size[0] != proj.kernel_size[1] or len(set(vit.patch_embed.img_size)) != 1:
         problems.append("needs square patches and a square image")
-    for i, blk in enumerate(vit.blocks):
-        problems.extend(p for p in _block_problems(i, blk) if p not in problems)
-    return problems
+    return problems + _blocks_problems(vit.blocks)
 
 
 def clip_vision_arch(vit: VisionTransformer) -> ClipVisionArch:
