@@ -34,6 +34,7 @@ class ModelConfig:
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
+    text_act: str = "gelu"  # text MLP activation: gelu, or quick_gelu (OpenAI CLIP weights)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the student's forward (ACLIPModel)
 
@@ -229,6 +230,11 @@ def validate(cfg: Config) -> None:
             f"must be in (0, 1] (got {cfg.mask.keep_ratio})",
         ),
         (cfg.mask.num_views >= 1, "mask.num_views", "must be >= 1"),
+        (
+            cfg.model.text_act in ("gelu", "quick_gelu"),
+            "model.text_act",
+            f"must be gelu or quick_gelu (got {cfg.model.text_act!r})",
+        ),
         (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
         (
             cfg.train.precision in ("fp32", "bf16", "fp16"),

@@ -35,6 +35,7 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
         width=model_cfg.text_width,
         layers=model_cfg.text_layers,
         heads=model_cfg.text_heads,
+        act=model_cfg.text_act,
     )
     clip = CLIP(visual, text, model_cfg.embed_dim)
     simclr = None

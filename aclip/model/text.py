@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+TEXT_ACTS = ("gelu", "quick_gelu")
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """OpenAI CLIP's GELU approximation x * sigmoid(1.702 x) (as open_clip's ``QuickGELU``)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def text_activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The MLP activation named ``name``: ``gelu`` (exact, erf) or ``quick_gelu`` (OpenAI)."""
+    if name == "gelu":
+        return F.gelu
+    if name == "quick_gelu":
+        return quick_gelu
+    raise ValueError(f"text activation must be one of {', '.join(TEXT_ACTS)} (got {name!r})")
 
 
 class CausalSelfAttention(nn.Module):
@@ -29,11 +47,13 @@ class CausalSelfAttention(nn.Module):
 
 
 class TextBlock(nn.Module):
-    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x)) with a GELU MLP."""
+    """Pre-LN residual block: x + attn(ln1(x)), then x + mlp(ln2(x)); the MLP's activation is
+    GELU or, for OpenAI's weights, QuickGELU (``act``)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, act: str = "gelu") -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
+        self.act = text_activation(act)
         self.ln1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, heads)
         self.ln2 = nn.LayerNorm(width)
@@ -43,7 +63,7 @@ class TextBlock(nn.Module):
     def forward(self, x_BLD: Tensor) -> Tensor:
         """[B, L, D] -> [B, L, D]."""
         x_BLD = x_BLD + self.attn(self.ln1(x_BLD))
-        return x_BLD + self.fc2(F.gelu(self.fc1(self.ln2(x_BLD))))
+        return x_BLD + self.fc2(self.act(self.fc1(self.ln2(x_BLD))))
 
 
 class TextTransformer(nn.Module):
@@ -59,15 +79,17 @@ class TextTransformer(nn.Module):
         layers: int = 12,
         heads: int = 8,
         mlp_ratio: float = 4.0,
+        act: str = "gelu",
     ) -> None:
         super().__init__()
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.width = width
         self.layers = layers
+        self.act = act
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio) for _ in range(layers))
+        self.blocks = nn.ModuleList(TextBlock(width, heads, mlp_ratio, act) for _ in range(layers))
         self.ln_final = nn.LayerNorm(width)
         self.grad_checkpointing = False
         self.init_parameters()
