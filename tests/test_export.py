@@ -138,7 +138,7 @@ def test_trained_run_exports_and_reimports(tmp_path, monkeypatch) -> None:
     argv = [
         "--config", "configs/demo.yaml", *CLIP_TINY,
         "train.global_batch_size=8", "train.precision=fp32", "train.zero_stage=0",
-        "train.progress=false", "train.max_steps=2", "train.ckpt_every=2",
+        "train.progress=false", "train.stop_at_step=2", "train.ckpt_every=2",
         "train.image_log_every=0", "data.workers=0", "data.shuffle_buffer=16",
         f"data.train_shards={data}/train/00000.tar", "eval.zeroshot_sets=[]",
         "eval.retrieval_sets=[]", f"train.output_dir={tmp_path / 'run'}",
