@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from aclip.config import Config, ConfigError, load_config
-from aclip.data.pipeline import LoaderStalled, SkipLimitExceeded
+from aclip.data.skips import LoaderStalled, SkipLimitExceeded
 from aclip.numerics import NonFiniteLoss
 from aclip.preflight import check_paths
 

@@ -1,26 +1,43 @@
-"""Training checkpoints on disk: whole-or-invisible saves, choosing one to resume from, and
-reading one outside the trainer (evaluation, studies).
+"""Training checkpoints: what one holds, saving it whole or not at all, choosing one, verifying
+it, resuming from it, and reading one outside the trainer (evaluation, export, studies).
 
-A checkpoint is a DeepSpeed tag directory ``step_NNNNNNNN`` plus one ``rank_NNNNN.pt`` per rank;
-it becomes visible only when rank 0 has written ``manifest.json`` (every file's size and CRC32)
-and then moved ``latest`` to it. A crash mid-save leaves a directory without a manifest, which
-is never resumed from and is deleted at the next save; a file damaged later fails its CRC and the
-previous whole checkpoint is used instead.
+What a checkpoint holds, in the DeepSpeed tag directory ``checkpoints/step_NNNNNNNN/``:
+
+- the engine's files (``mp_rank_00_model_states.pt``: the student's weights, DeepSpeed's own
+  counters, and our client state: ``step``, ``samples_seen``, the run's ``config`` (YAML) and the
+  method's state, e.g. A-CLIP's EMA teacher as ``ema``; ``*optim_states.pt``: the optimizer and
+  LR schedule, one file per rank under ZeRO);
+- ``rank_NNNNN.pt`` per rank: the world size, that rank's data stream (position ``data`` and skip
+  counts ``skips``) and its RNG states ``rng``;
+- ``aclip_config.yaml`` (the config again, readable) and ``manifest.json`` (every file's size
+  and CRC32).
+
+It becomes visible only when rank 0 has written ``manifest.json`` and then moved ``latest`` to
+it. A crash mid-save leaves a directory without a manifest, which is never resumed from and is
+deleted at the next save; a file damaged later fails its CRC and the previous whole checkpoint is
+used instead. A checkpoint resumes a run whose method and model shapes agree
+(:func:`check_compatible`); exactly (same batches, same random draws) when the world size and
+number of loader workers agree too, else the data stream restarts at the samples seen.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from aclip.config import Config, config_from_yaml
-from aclip.model import build_model
+from aclip import distributed as dist_utils
+from aclip.config import Config, ConfigError, config_from_yaml
+from aclip.model import build_clip
 from aclip.model.clip import CLIP
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -77,9 +94,11 @@ def load_eval_model(
     """
     states = read_model_states(find_checkpoint(path))
     cfg = config_from_yaml(states["config"])
-    model = build_model(cfg.model, cfg.loss)
-    model.load_state_dict({k: v.float() for k, v in states["module"].items()})
-    clip = model.clip
+    clip = build_clip(cfg.model)
+    clip_keys = {
+        k.removeprefix("clip."): v for k, v in states["module"].items() if k[:5] == "clip."
+    }
+    clip.load_state_dict({k: v.float() for k, v in clip_keys.items()})
     if use_ema:
         ema = states.get("ema")
         if ema is None:
@@ -226,3 +245,153 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> list[str]:
     for tag in doomed:
         shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     return doomed
+
+
+# ---------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every rank the same: identical initial weights)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """The RNG states a resumed run needs to continue as the uninterrupted one."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- save and resume
+CONFIG_FILE = "aclip_config.yaml"
+FieldsOf = Callable[[Config], dict[str, Any]]
+
+
+def check_compatible(cfg: Config, tag_dir: Path, fields_of: FieldsOf) -> None:
+    """Refuse to resume from a checkpoint whose method or model shapes differ from ``cfg``'s
+    (``fields_of``: the config values that decide them), naming the differing keys."""
+    saved_file = tag_dir / CONFIG_FILE
+    if not saved_file.is_file():
+        return  # written by every save; absent only for checkpoints from elsewhere
+    saved, ours = fields_of(config_from_yaml(saved_file.read_text())), fields_of(cfg)
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, config {ours.get(k)!r}"
+        for k in {**saved, **ours}
+        if saved.get(k) != ours.get(k)
+    ]
+    if diff:
+        raise ConfigError(
+            f"checkpoint {tag_dir} was made with another model; differing keys: " + "; ".join(diff)
+        )
+
+
+@dataclass
+class Counters:
+    """The trainer's counters: optimizer steps taken and training samples seen (all ranks)."""
+
+    step: int = 0
+    samples_seen: int = 0
+
+
+class Checkpointer:
+    """Saves and resumes the run's checkpoints in ``ckpt_dir`` (see the module docstring).
+
+    ``method`` and ``stream`` are the run's training method and data stream: each gives its
+    state (``state_dict``) and takes it back (``load_state_dict``); ``fields_of`` says which
+    config values a checkpoint must share with the run to resume it.
+    """
+
+    def __init__(
+        self, ckpt_dir: Path, dist: dist_utils.DistInfo, keep: int, fields_of: FieldsOf
+    ) -> None:
+        self.ckpt_dir, self.dist, self.keep, self.fields_of = ckpt_dir, dist, keep, fields_of
+        self.saved_step = -1
+
+    def save(self, engine: Any, counters: Counters, method: Any, stream: Any, config: str) -> Path:
+        """Engine, counters, method state and config, and per rank its stream and RNG; visible
+        (``latest``) only once every rank has written its part. A step saved already is not
+        saved again."""
+        tag = f"step_{counters.step:08d}"
+        tag_dir = self.ckpt_dir / tag
+        if self.saved_step == counters.step and (tag_dir / MANIFEST).is_file():
+            return tag_dir
+        if self.dist.is_main and tag_dir.exists():
+            shutil.rmtree(tag_dir)  # an unfinished or stale save of this step
+        dist_utils.barrier()
+        client = {"step": counters.step, "samples_seen": counters.samples_seen}
+        client |= method.state_dict() | {"config": config}
+        engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client, save_latest=False)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        rank_state = {"world_size": self.dist.world_size, **stream.state_dict(), "rng": rng_state()}
+        torch.save(rank_state, tag_dir / f"rank_{self.dist.rank:05d}.pt")
+        dist_utils.barrier()
+        if self.dist.is_main:
+            (tag_dir / CONFIG_FILE).write_text(config)
+            commit_checkpoint(self.ckpt_dir, tag)
+            prune_checkpoints(self.ckpt_dir, self.keep)
+        dist_utils.barrier()
+        self.saved_step = counters.step
+        return tag_dir
+
+    def choose(self, which: str = "latest") -> Path | None:
+        """The tag directory to resume from: ``latest`` (or "") picks the newest whole one (rank
+        0 verifies, every rank gets the same), any other value is a tag directory, checked."""
+        if which not in ("", "latest"):
+            tag_dir = Path(which)
+            problem = checkpoint_problem(tag_dir)
+            if problem:
+                raise FileNotFoundError(f"checkpoint {tag_dir} is not usable: {problem}")
+            return tag_dir
+        tag = None
+        if self.dist.is_main and self.ckpt_dir.is_dir():
+            tag = choose_checkpoint(self.ckpt_dir)
+        tag = dist_utils.broadcast_object(tag)
+        return None if tag is None else self.ckpt_dir / tag
+
+    def resume(
+        self, engine: Any, method: Any, stream: Any, cfg: Config, which: str = "latest"
+    ) -> Counters | None:
+        """Load the checkpoint :meth:`choose` picks into the engine, the method and the stream;
+        its counters, or None when there is none. Refused (ConfigError) for another model."""
+        tag_dir = self.choose(which)
+        if tag_dir is None:
+            return None
+        check_compatible(cfg, tag_dir, self.fields_of)
+        load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        if load_path is None:
+            raise FileNotFoundError(f"no loadable checkpoint in {tag_dir}")
+        counters = Counters(int(client["step"]), int(client["samples_seen"]))
+        self.saved_step = counters.step
+        method.load_state_dict(client)
+        self._resume_rank(tag_dir, client, stream, counters.samples_seen)
+        return counters
+
+    def _resume_rank(self, tag_dir: Path, client: dict, stream: Any, samples_seen: int) -> None:
+        """This rank's stream and RNG; saved with another world size or number of workers, the
+        stream restarts at the samples seen instead (not sample-exact), and says so."""
+        path = tag_dir / f"rank_{self.dist.rank:05d}.pt"
+        state = torch.load(path, weights_only=False) if path.is_file() else None
+        same_world = state is not None and state["world_size"] == self.dist.world_size
+        if same_world and stream.load_state_dict(state, samples_seen):
+            set_rng_state(state["rng"])
+            return
+        if not same_world:
+            stream.load_state_dict(None, samples_seen)
+        if self.dist.is_main:
+            print(f"note: {tag_dir} was saved with another world size or number of data "
+                  f"workers; the data stream restarts at sample {samples_seen}",
+                  flush=True)  # fmt: skip
+        if client.get("rng") is not None:
+            set_rng_state(client["rng"])

@@ -51,7 +51,7 @@ class MaskConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights and self-supervised head sizes (DESIGN step 6)."""
+    """Loss weights and self-supervised head sizes (docs/design.md, A-CLIP step 6)."""
 
     w_simclr: float = 1.0
     w_byol: float = 2.0
@@ -133,8 +133,10 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """The whole run."""
+    """The whole run: the training method (``aclip``, ``clip``, ``flip``; see aclip.methods) and
+    one section per component."""
 
+    method: str = "aclip"
     model: ModelConfig = field(default_factory=ModelConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -259,12 +261,23 @@ def validate(cfg: Config) -> None:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"config key '{key}': {why}")
-    if cfg.loss.w_simclr > 0 and cfg.mask.num_views < 2:
-        raise ConfigError("config key 'loss.w_simclr': SimCLR needs mask.num_views >= 2")
-    if cfg.data.weights is not None and len(cfg.data.weights) != len(
-        cfg.data.train_shards.split("::")
-    ):
-        raise ConfigError("config key 'data.weights': needs one weight per '::'-joined source")
+    if cfg.data.weights is not None:
+        _check_weights(cfg.data.weights, cfg.data.train_shards)
+
+
+def _check_weights(weights: list[float], spec: str) -> None:
+    """One weight per source of the spec (counted as the loader counts them)."""
+    from aclip.data.shards import source_count
+
+    try:
+        sources = source_count(spec)
+    except ValueError as err:
+        raise ConfigError(f"config key 'data.weights': {err}") from None
+    if len(weights) != sources:
+        raise ConfigError(
+            f"config key 'data.weights': {len(weights)} weights for {sources} '::'-joined "
+            f"source(s) of data.train_shards"
+        )
 
 
 def check_world_size(cfg: Config, world_size: int) -> int:

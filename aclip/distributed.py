@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,19 +40,26 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def discover_ranks(env: dict[str, str] | None = None) -> dict[str, str]:
-    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in ``env`` and return it.
+def launcher_ranks(env: Mapping[str, str]) -> tuple[int, int, int]:
+    """(rank, world size, local rank) as the launcher set them: torchrun and the deepspeed
+    launcher set RANK / WORLD_SIZE / LOCAL_RANK; under ``srun`` the SLURM_PROCID / SLURM_NTASKS /
+    SLURM_LOCALID variables count (``deepspeed.init_distributed`` reads no SLURM variable); with
+    neither, one rank."""
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0"))
+    if "SLURM_PROCID" in env:
+        return (int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", "1")),
+                int(env.get("SLURM_LOCALID", "0")))  # fmt: skip
+    return 0, 1, 0
 
-    torchrun and the deepspeed launcher set RANK themselves; under ``srun`` the SLURM_PROCID /
-    SLURM_NTASKS / SLURM_LOCALID variables are mapped (``deepspeed.init_distributed`` reads no SLURM
-    variable); with neither, this is a single-rank run on a free local port.
-    """
+
+def discover_ranks(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in ``env`` and return it
+    (ranks as :func:`launcher_ranks` reads them; a single rank gets a free local port)."""
     env = os.environ if env is None else env  # type: ignore[assignment]
-    if "RANK" not in env and "SLURM_PROCID" in env:
-        env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env.get("SLURM_NTASKS", "1")
-        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-    env.setdefault("RANK", "0")
+    if "RANK" not in env:
+        rank, world, local = launcher_ranks(env)
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -1,4 +1,5 @@
-"""EMA teacher (DESIGN step 7): a frozen copy of the student, updated by momentum after each step.
+"""EMA teacher (docs/design.md, A-CLIP step 7): a frozen copy of the student, updated by
+momentum after each step.
 
 The teacher is deliberately *not* an ``nn.Module`` attribute of the model: its parameters never
 reach the optimizer, the DeepSpeed engine, DDP or ``student.parameters()``.

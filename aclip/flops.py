@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from aclip.config import Config
-from aclip.masking import num_keep
+from aclip.methods import get_method
+from aclip.methods.base import Cost
 from aclip.model import ACLIPModel, TextTransformer, VisionTower
 
 BACKWARD_FACTOR = 3  # forward + backward = 3 forward passes of matmul FLOPs
@@ -137,49 +138,36 @@ class StepFlops:
         }
 
 
-def _loss_flops(cfg: Config, batch: int, global_batch: int, embed_dim: int) -> int:
-    views = cfg.mask.num_views
+def _loss_flops(cost: Cost, cfg: Config, batch: int, global_batch: int, embed_dim: int) -> int:
+    views = cost.num_views
     flops = views * 2 * (2 * batch * global_batch * embed_dim)  # image→text and text→image
-    if cfg.loss.w_simclr > 0 and views >= 2:
+    if cost.simclr:
         pairs = views * (views - 1) // 2
         flops += pairs * 2 * (2 * batch) * (2 * global_batch) * cfg.loss.simclr_out
     return flops
 
 
-def teacher_runs(cfg: Config) -> bool:
-    """Whether the trainer runs the EMA teacher every step (as ``Trainer.teacher_pass`` does)."""
-    attentive = cfg.mask.strategy == "attentive" and cfg.mask.keep_ratio < 1.0
-    return attentive or cfg.loss.w_byol > 0 or cfg.eval.use_ema
-
-
-def kept_patches(cfg: Config, num_patches: int) -> int | None:
-    """Patches each online view keeps under ``cfg.mask`` (None: all)."""
-    if cfg.mask.strategy == "none":
-        return None
-    k = num_keep(num_patches, cfg.mask.keep_ratio)
-    return None if k == num_patches else k
-
-
 def step_flops(model: ACLIPModel, cfg: Config, batch: int, world_size: int = 1) -> StepFlops:
-    """Analytic FLOPs of one ``Trainer.train_step`` with ``batch`` samples on this rank."""
+    """Analytic FLOPs of one ``Trainer.train_step`` with ``batch`` samples on this rank, for the
+    method ``cfg.method`` (its views, kept tokens, teacher and NT-Xent: ``Method.cost``)."""
     clip = model.clip
     vit = ViTDims.of(clip.visual)
-    views = cfg.mask.num_views
-    kept = kept_patches(cfg, vit.num_patches)
+    cost = get_method(cfg.method).cost(cfg, vit.num_patches)
+    views = cost.num_views
     image_proj, text_proj = linear_flops(clip.image_proj), linear_flops(clip.text_proj)
     teacher = 0
-    if teacher_runs(cfg):
+    if cost.teacher:
         teacher = batch * vit_forward_flops(vit, None, relevance=True)
         teacher += batch * linear_flops(model.byol_projector)
     heads = sum(
         linear_flops(m) for m in (model.simclr_head, model.byol_projector, model.byol_predictor)
     )
     return StepFlops(
-        vision=batch * views * vit_forward_flops(vit, kept),
+        vision=batch * views * vit_forward_flops(vit, cost.kept),
         text=batch * text_forward_flops(TextDims.of(clip.text)),
         projections=batch * views * image_proj + batch * text_proj,
         heads=batch * views * heads,
-        loss=_loss_flops(cfg, batch, batch * world_size, clip.embed_dim),
+        loss=_loss_flops(cost, cfg, batch, batch * world_size, clip.embed_dim),
         teacher=teacher,
         batch=batch,
     )

@@ -46,8 +46,8 @@ from timm.layers import Attention, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from aclip.config import LossConfig, ModelConfig
-from aclip.model import build_model
+from aclip.config import ModelConfig
+from aclip.model import build_clip
 from aclip.model.clip import CLIP
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -427,7 +427,7 @@ def _heads(width: int, head_width: int, what: str) -> int:
 
 def openai_model_config(sd: Mapping[str, Tensor], quick_gelu: bool = True) -> ModelConfig:
     """The ModelConfig of an OpenAI-layout ViT state dict, from its shapes (as OpenAI's own
-    ``build_model`` reads them: 64-wide heads; both towers QuickGELU unless ``quick_gelu=False``).
+    ``build_clip`` reads them: 64-wide heads; both towers QuickGELU unless ``quick_gelu=False``).
     """
     if "visual.proj" not in sd:
         raise WeightsError("no visual.proj: only ViT image towers are supported (not ResNets)")
@@ -792,11 +792,6 @@ def _read_aclip_run(path: Path, use_ema: bool) -> Weights:
 
 
 # ------------------------------------------------------------------ into a model
-def build_clip(model_cfg: ModelConfig) -> CLIP:
-    """The CLIP model of ``model_cfg`` (no SSL heads), randomly initialised."""
-    return build_model(model_cfg, LossConfig(w_simclr=0.0, w_byol=0.0)).clip
-
-
 def _signature(module: nn.Module) -> list[str]:
     """The module's structure as lines, dropout rates aside (training-time only)."""
     text = re.sub(r"Dropout\(p=[^)]*\)", "Dropout()", repr(module))

@@ -84,6 +84,16 @@ def clip_infonce(
     return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
 
 
+def multi_view_infonce(
+    image_emb_views: list[Tensor], text_emb: Tensor, logit_scale_exp: Tensor
+) -> Tensor:
+    """Mean over views of :func:`clip_infonce` (view v's images against the captions), with one
+    gather of the text features for all views."""
+    all_text, _ = gather_with_grad(text_emb)
+    per_view = [clip_infonce(emb, text_emb, logit_scale_exp, all_text) for emb in image_emb_views]
+    return torch.stack(per_view).mean()
+
+
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     """SimCLR NT-Xent between two different views, gathered across ranks.
 
@@ -135,7 +145,7 @@ def aclip_loss(
     w_byol: float,
     simclr_temperature: float = 0.1,
 ) -> LossOutput:
-    """A-CLIP objective (DESIGN step 6).
+    """A-CLIP objective (docs/design.md, A-CLIP step 6).
 
     total = mean_v InfoNCE(image_emb_views[v], text) + w_simclr * NT-Xent(z_1, z_2)
             + w_byol * mean_v BYOL(byol_pred[v], byol_target).
@@ -143,10 +153,7 @@ def aclip_loss(
     The SimCLR term needs at least two views (it is zero with one; with more than two it is the
     mean over all view pairs). ``simclr_z``/``byol_pred`` = None disable those terms.
     """
-    all_text, _ = gather_with_grad(text_emb)
-    clip = torch.stack(
-        [clip_infonce(emb, text_emb, logit_scale_exp, all_text) for emb in image_emb_views]
-    ).mean()
+    clip = multi_view_infonce(image_emb_views, text_emb, logit_scale_exp)
     zero = clip.new_zeros(())
     simclr = zero
     if simclr_z is not None and len(simclr_z) >= 2:

@@ -1,9 +1,9 @@
 """Token selection for the online views: relevance mapping and keep strategies.
 
-A-CLIP (DESIGN.md steps 3-4): the EMA teacher yields a relevance score per patch of the EMA view;
-each online view's box is cropped out of that map and resampled onto the view's patch grid, and the
-top-k patches of each view are kept. ``random`` (FLIP) keeps a uniformly random subset instead and
-``none`` keeps every token.
+A-CLIP (docs/design.md, steps 3-4): the EMA teacher yields a relevance score per patch of the EMA
+view; each online view's box is cropped out of that map and resampled onto the view's patch grid,
+and the top-k patches of each view are kept. ``random`` (FLIP) keeps a uniformly random subset
+instead and ``none`` keeps every token.
 
 Patch indices are row-major over ``grid_hw``; every returned index tensor is sorted ascending so
 the kept tokens stay in raster order.

@@ -97,3 +97,33 @@ class StepGuard:
         self.in_a_row += 1
         self.last_skipped = True
         return self.in_a_row >= self.max_bad_steps
+
+
+def apply_step(engine: Any, model: nn.Module, loss: torch.Tensor) -> str:
+    """Backward and optimizer step, unless the loss or a gradient is NaN/Inf on any rank.
+
+    Returns "" when the step was applied, else "loss" or "gradients". DeepSpeed's own
+    optimizers (ZeRO 1/2, bf16, fp16) find non-finite gradients themselves (global grad norm,
+    all-reduced) and skip; the loss is checked before backward (all-reduced, so every rank runs
+    backward's collectives or none). A plain fp32 optimizer (ZeRO 0) has no such check: loss
+    and gradients (all-reduced in backward) are checked together before stepping.
+    """
+    if hasattr(engine.optimizer, "overflow"):
+        if nonfinite_anywhere(loss)[0]:
+            return "loss"
+        engine.backward(loss)
+        counters = engine_counters(engine)
+        engine.step()
+        if engine.was_step_applied():
+            return ""
+        set_engine_counters(engine, counters)  # a skipped step is not a step
+        return "gradients"
+    engine.backward(loss)
+    grads = grad_norm_sum(model.parameters(), loss.device)
+    checked = torch.stack([loss.detach().float(), grads])
+    bad_loss, bad_grads = nonfinite_anywhere(checked)
+    if bad_loss or bad_grads:
+        engine.zero_grad()
+        return "loss" if bad_loss else "gradients"
+    engine.step()
+    return ""

@@ -1,13 +1,46 @@
-"""AdamW parameter groups and the per-step warm-up + cosine learning-rate schedule."""
+"""AdamW parameter groups, the run's length and the per-step warm-up + cosine LR schedule."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from aclip.config import OptimConfig
+from aclip.config import Config, OptimConfig, steps_per_epoch
+
+
+@dataclass(frozen=True)
+class RunLength:
+    """How long a run is: its epoch, the schedule (``total_steps``: the LR and EMA schedules run
+    over it) and the step it stops at (``end_step``: ``train.stop_at_step`` if earlier)."""
+
+    samples_per_epoch: int
+    batch: int
+    steps_per_epoch: int
+    total_steps: int
+    end_step: int
+
+    def describe(self) -> str:
+        """One line for the run's log."""
+        epochs = self.total_steps / self.steps_per_epoch
+        stop = f", stopping at step {self.end_step}" if self.end_step < self.total_steps else ""
+        return (
+            f"epoch: {self.samples_per_epoch} samples = {self.steps_per_epoch} steps of batch "
+            f"{self.batch}; schedule: {self.total_steps} steps ({epochs:g} epochs){stop}"
+        )
+
+
+def run_length(cfg: Config, samples_per_epoch: int) -> RunLength:
+    """The run's length from its epoch size, ``optim.epochs`` / ``optim.total_steps`` and
+    ``train.stop_at_step``."""
+    batch = cfg.train.global_batch_size
+    per_epoch = steps_per_epoch(samples_per_epoch, batch)
+    total = cfg.optim.total_steps or max(1, round(cfg.optim.epochs * per_epoch))
+    stop = cfg.train.stop_at_step
+    end = min(stop, total) if stop else total
+    return RunLength(samples_per_epoch, batch, per_epoch, total, end)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -10,9 +10,12 @@ from aclip.config import Config, ConfigError
 
 
 def check_paths(cfg: Config) -> None:
-    """Raise with a message naming the problem when an input is missing or the output unwritable."""
-    from aclip.data.pipeline import expand_urls
+    """Raise with a message naming the problem when the method's settings cannot run, an input is
+    missing or of the wrong kind, the epoch size is unknown or the output unwritable."""
+    from aclip.data.shards import expand_urls
+    from aclip.methods import get_method
 
+    get_method(cfg.method).validate(cfg)
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards': no training shards given")
     sources = expand_urls(cfg.data.train_shards)
@@ -45,7 +48,7 @@ def _check_eval_sets(cfg: Config) -> None:
 def resolve_epoch_size(cfg: Config) -> int:
     """Set ``cfg.data.samples_per_epoch`` from the shards' stats files when it is not set (so a
     run's config.yaml records it) and return it; refuse, naming the shards without counts."""
-    from aclip.data.pipeline import EpochSizeUnknown, samples_per_epoch
+    from aclip.data.shards import EpochSizeUnknown, samples_per_epoch
 
     if not cfg.data.samples_per_epoch:
         try:
@@ -67,9 +70,9 @@ def resolve_epoch_size(cfg: Config) -> int:
 def _check_source(source: list[str]) -> None:
     """Refuse a source none of whose local shards exists; warn, naming them, when some are
     missing (the loader skips those and counts them as ``missing_shard``)."""
-    from aclip.data.pipeline import _is_local
+    from aclip.data.shards import is_local
 
-    local = [u for u in source if _is_local(u)]
+    local = [u for u in source if is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if not missing:
         return
@@ -86,23 +89,14 @@ def _check_source(source: list[str]) -> None:
     )
 
 
-def world_size_from_env(env: dict[str, str] | None = None) -> int:
-    """The number of ranks the launcher started, before the process group is up (torchrun and
-    the deepspeed launcher set WORLD_SIZE, srun SLURM_NTASKS; 1 otherwise)."""
-    env = dict(os.environ) if env is None else env
-    if "RANK" in env:
-        return int(env.get("WORLD_SIZE", "1"))
-    if "SLURM_PROCID" in env:
-        return int(env.get("SLURM_NTASKS", "1"))
-    return 1
-
-
 def _check_split(sources: list[list[str]], cfg: Config) -> None:
     """Refuse a finite stream whose shards cannot give every rank and loader worker one."""
-    from aclip.data.pipeline import check_shard_split
+    from aclip.data.shards import check_shard_split
+    from aclip.distributed import launcher_ranks
 
     try:
-        check_shard_split(sources, world_size_from_env(), cfg.data.workers, cfg.data.resampled)
+        world = launcher_ranks(os.environ)[1]
+        check_shard_split(sources, world, cfg.data.workers, cfg.data.resampled)
     except ValueError as err:
         raise ConfigError(f"config key 'data.workers': {err}") from None
 

@@ -15,13 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from aclip.data import pipeline
-from aclip.data.pipeline import (
+from aclip.data import pipeline as pipeline_module
+from aclip.data import skips
+from aclip.data.pipeline import build_train_loader
+from aclip.data.skips import (
     COUNT_KEYS,
     SKIP_REASONS,
+    LoaderStalled,
     SkipCounter,
     SkipLimitExceeded,
-    build_train_loader,
     check_skip_fraction,
 )
 from aclip.data.synthetic import write_synthetic
@@ -156,7 +158,7 @@ WANT_IN_PROCESS = {
 
 @pytest.mark.timeout(60)
 def test_every_bad_case_is_skipped_or_converted_and_counted(bad_dir, tok):
-    before = pipeline.skipped_samples()
+    before = skips.skipped_samples()
     loader = _loader(str(bad_dir / "{0..3}.tar"), tok)
     batches = list(loader)
     assert len(batches) == 10 + 6 + 5
@@ -165,7 +167,7 @@ def test_every_bad_case_is_skipped_or_converted_and_counted(bad_dir, tok):
         assert torch.isfinite(b["views"]).all()
     assert loader.skip_stats.counts == WANT_IN_PROCESS
     n_skipped = sum(WANT_IN_PROCESS[k] for k in SKIP_REASONS)
-    assert pipeline.skipped_samples() - before == n_skipped
+    assert skips.skipped_samples() - before == n_skipped
     # the counts ride on the batches too (up to the last batch)
     last = dict(zip(COUNT_KEYS, batches[-1]["skipped"].tolist(), strict=True))
     assert all(last[k] <= WANT_IN_PROCESS[k] for k in COUNT_KEYS)
@@ -208,7 +210,7 @@ def test_skip_lines_are_numbered_as_the_skipped_count_when_their_batch_arrives(
     _write_tar(tmp_path / "1.tar", bad[4:10] + members[1])
     counter = SkipCounter()
     numbers: list[int] = []
-    with caplog.at_level(logging.WARNING, logger="aclip.data.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="aclip.data.skips"):
         for batch in _loader(str(tmp_path / "{0..1}.tar"), tok, num_workers=2):
             caplog.clear()
             counter.update(batch)
@@ -340,7 +342,7 @@ def test_resampled_stream_over_unreadable_shards_raises_at_once(good, bad_dir, t
     weights = [1.0, 1.0] if "::" in spec else None
     loader = _loader(spec, tok, resampled=True, num_workers=num_workers, weights=weights)
     exn, seconds = _first_batch_error(loader)
-    assert isinstance(exn, pipeline.LoaderStalled), repr(exn)
+    assert isinstance(exn, LoaderStalled), repr(exn)
     msg = str(exn)
     assert "no sample could be read from 16 shards in a row" in msg, msg
     assert ("nothing_" if case == "no_file" else "3.tar") in msg and "missing_shard=" in msg
@@ -355,7 +357,7 @@ def test_resampled_stream_without_a_good_sample_raises(good, tok, tmp_path, num_
         _write_tar(tmp_path / f"{i}.tar", members)
     loader = _loader(str(tmp_path / "{0..1}.tar"), tok, resampled=True, num_workers=num_workers)
     exn, seconds = _first_batch_error(loader)
-    assert isinstance(exn, pipeline.LoaderStalled), repr(exn)
+    assert isinstance(exn, LoaderStalled), repr(exn)
     msg = str(exn)
     assert "no good sample from 16 shard reads in a row" in msg and "no_caption=" in msg, msg
     assert str(tmp_path / "0.tar") in msg or str(tmp_path / "1.tar") in msg
@@ -387,13 +389,6 @@ def _broken_collate(samples: list[dict]) -> dict:
     raise RuntimeError("collate broke (not a sample error)")
 
 
-@pytest.fixture(scope="module")
-def dist_info():
-    from aclip.distributed import init_distributed
-
-    return init_distributed()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("failure", ["worker_killed", "worker_raises"])
 def test_a_failing_loader_worker_stops_the_trainer_at_once(good, tmp_path, dist_info,
@@ -407,7 +402,7 @@ def test_a_failing_loader_worker_stops_the_trainer_at_once(good, tmp_path, dist_
     if failure == "worker_killed":
         tokenizer, match = _KillingTokenizer(), r"DataLoader worker \(pid.*\) (is killed|exited)"
     else:
-        monkeypatch.setattr(pipeline, "collate", _broken_collate)
+        monkeypatch.setattr(pipeline_module, "collate", _broken_collate)
         match = r"(?s)Caught RuntimeError in DataLoader worker.*collate broke"
     loader = build_train_loader(str(good / "{00000..00001}.tar"), tokenizer, ACLIPViews(32), 8, 1)
     start = time.perf_counter()
@@ -431,7 +426,7 @@ def _rank_with_bad_data(rank: int, world: int, port: int, out: str) -> None:
     def batches():
         for i in itertools.count():
             if rank == 1 and i == 2:
-                raise pipeline.LoaderStalled("rank 1's shards are all unreadable")
+                raise LoaderStalled("rank 1's shards are all unreadable")
             yield rank_slice(fake_batch(trainer.cfg, 8, seed=i), rank, world)
 
     try:

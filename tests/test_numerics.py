@@ -16,11 +16,6 @@ from aclip.numerics import NonFiniteLoss, StepGuard, nonfinite_anywhere
 from aclip.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def dist_info():
-    return init_distributed()
-
-
 def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor in a nested dict/list (an optimizer state dict), by path."""
     if isinstance(obj, torch.Tensor):
@@ -39,7 +34,7 @@ def _state(trainer: Trainer) -> dict[str, Any]:
     return {
         "weights": _tensors([p.detach() for p in trainer.model.parameters()]),
         "buffers": _tensors(list(trainer.model.buffers())),
-        "ema": _tensors(trainer.teacher.state_dict()),
+        "ema": _tensors(trainer.method.teacher.state_dict()),
         "optimizer": _tensors(engine.optimizer.state_dict()),
         "lr": engine.get_lr(),
         "scheduler": engine.lr_scheduler.state_dict(),
@@ -173,7 +168,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str, stage: int) -> None
         if hook is not None:
             hook.remove()
     weights = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-    ema = torch.cat([p.flatten() for p in trainer.teacher.module.parameters()])
+    ema = torch.cat([p.flatten() for p in trainer.method.teacher.module.parameters()])
     torch.save({"weights": weights, "ema": ema}, Path(out, f"rank{rank}.pt"))
     result = {"step": trainer.step, "skipped": trainer.numerics.skipped, "finite": finite}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))

@@ -1,4 +1,4 @@
-"""Tests for aclip.data.pipeline on tiny synthetic shards."""
+"""Tests for the training loader (aclip.data.pipeline and its stages) on tiny synthetic shards."""
 
 import io
 import json
@@ -8,14 +8,12 @@ from itertools import islice
 import pytest
 import torch
 
-from aclip.data import pipeline
-from aclip.data.pipeline import (
-    EpochSizeUnknown,
-    build_train_loader,
-    expand_urls,
-    samples_per_epoch,
-)
+from aclip.data import skips
+from aclip.data.pipeline import build_train_loader
+from aclip.data.position import LoaderPosition
+from aclip.data.shards import EpochSizeUnknown, expand_urls, samples_per_epoch
 from aclip.data.synthetic import write_synthetic
+from aclip.data.transform import SampleTransform
 from aclip.data.views import ACLIPViews
 from aclip.tokenizer import Tokenizer
 
@@ -159,10 +157,10 @@ def _rewrite_with_bad_samples(src, dst):
 
 def test_bad_samples_are_skipped_and_counted(shards, tok, tmp_path):
     _rewrite_with_bad_samples(shards / "a" / "train" / "00000.tar", tmp_path / "bad.tar")
-    before = pipeline.skipped_samples()
+    before = skips.skipped_samples()
     batches = list(_loader(str(tmp_path / "bad.tar"), tok, batch_size=1))
     assert len(batches) == 8  # 10 samples, 2 bad
-    assert pipeline.skipped_samples() - before == 2
+    assert skips.skipped_samples() - before == 2
 
 
 def test_workers_split_shards(shards, tok):
@@ -196,7 +194,7 @@ def test_sample_transform_restores_global_rng(shards, tok):
     with tarfile.open(shards / "a" / "train" / "00000.tar") as tar:
         raw = {m.name: tar.extractfile(m).read() for m in tar}
     sample = {"jpg": raw["000000000.jpg"], "txt": raw["000000000.txt"], "__key__": "000000000"}
-    transform = pipeline.SampleTransform(ACLIPViews(32), tok, seed=0, epoch=0)
+    transform = SampleTransform(ACLIPViews(32), tok, seed=0, epoch=0)
     torch.manual_seed(0)
     state = torch.get_rng_state()
     out = transform(sample)
@@ -220,10 +218,10 @@ def test_rebuilt_loader_continues_exactly_where_it_stood(
     kw = {"resampled": resampled, "batch_size": 2, "num_workers": workers, "seed": 3, "epoch": 7}
     full = list(islice(iter(_loader(spec, tok, **kw)), consumed + 3))
     assert len(full) == consumed + 3
-    position = pipeline.LoaderPosition(epoch=7, num_workers=workers)
+    position = LoaderPosition(epoch=7, num_workers=workers)
     for batch in full[:consumed]:
         position.update(batch)
-    state = pipeline.LoaderPosition.from_state(position.state_dict())
+    state = LoaderPosition.from_state(position.state_dict())
     kw.update(state.loader_kwargs())
     rest = list(islice(iter(_loader(spec, tok, **kw)), 3))
     for want, got in zip(full[consumed:], rest, strict=True):

@@ -17,15 +17,9 @@ from helpers import TINY_MODEL_ARGS, tiny_config
 
 from aclip import checkpoint as ckpt
 from aclip.data.synthetic import write_synthetic
-from aclip.distributed import init_distributed
 from aclip.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def dist_info():
-    return init_distributed()
 
 
 @pytest.fixture(scope="module")

@@ -14,11 +14,6 @@ from aclip.distributed import init_distributed
 from aclip.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def dist_info():
-    return init_distributed()
-
-
 def test_a_few_deepspeed_steps_lower_the_loss(tmp_path, dist_info):
     cfg = tiny_config(str(tmp_path))
     trainer = Trainer(cfg, dist_info)
@@ -27,14 +22,14 @@ def test_a_few_deepspeed_steps_lower_the_loss(tmp_path, dist_info):
     assert trainer.step == 8
     assert losses[-1] < losses[0] - 0.5, losses
     # the EMA teacher moved, but less than the student
-    assert trainer.teacher is not None
+    assert trainer.method.teacher is not None
 
 
 def test_ema_teacher_follows_the_student_after_each_step(tmp_path, dist_info):
     cfg = tiny_config(str(tmp_path), **{"ema.momentum": 0.5, "ema.final_momentum": 0.5})
     trainer = Trainer(cfg, dist_info)
     student = trainer.model.clip.visual.blocks[0].attn.qkv.weight
-    teacher = trainer.teacher.module["visual"].blocks[0].attn.qkv.weight
+    teacher = trainer.method.teacher.module["visual"].blocks[0].attn.qkv.weight
     t_before, s_before = teacher.detach().clone(), student.detach().clone()
     assert torch.equal(t_before, s_before)
     trainer.train_step(fake_batch(cfg, 8, seed=2))
@@ -46,7 +41,7 @@ def test_ema_teacher_follows_the_student_after_each_step(tmp_path, dist_info):
 def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
     opt = trainer.engine.optimizer.state_dict()["state"]
     return {
-        "ema": torch.cat([p.flatten() for p in trainer.teacher.module.parameters()]),
+        "ema": torch.cat([p.flatten() for p in trainer.method.teacher.module.parameters()]),
         "weights": torch.cat([p.detach().flatten() for p in trainer.model.parameters()]),
         "exp_avg": torch.cat([s["exp_avg"].flatten() for s in opt.values()]),
         "lr": torch.tensor(trainer.engine.get_lr()),
@@ -98,7 +93,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str, steps: int, overrid
         from aclip.distributed import all_reduce_mean
 
         losses.append(all_reduce_mean(torch.stack(list(terms.values()))).tolist())
-    ema = torch.cat([p.flatten() for p in trainer.teacher.module.parameters()])
+    ema = torch.cat([p.flatten() for p in trainer.method.teacher.module.parameters()])
     if rank == 0:
         Path(out, "losses.json").write_text(json.dumps(losses))
     torch.save(ema, Path(out, f"ema_rank{rank}.pt"))
@@ -145,7 +140,7 @@ def test_a_finite_loader_is_rebuilt_when_it_runs_out(tmp_path, dist_info, monkey
         built.append(trainer.samples_seen)
         return [fake_batch(cfg, 8, seed=len(built))] * 2
 
-    monkeypatch.setattr(trainer, "build_loader", rebuild)
+    monkeypatch.setattr(trainer.stream, "build_loader", rebuild)
     trainer.fit(loader=[fake_batch(cfg, 8, seed=0)])
     assert trainer.step == 5
     assert built == [8, 24]  # rebuilt at each exhaustion (1 + 2 + 2 steps), at its position
@@ -173,7 +168,7 @@ def _lr_and_momentum_per_step(trainer: Trainer, steps: int) -> list[tuple[float,
     out = []
     for i in range(steps):
         trainer.train_step(fake_batch(trainer.cfg, 8, seed=30 + i))
-        out.append((trainer.engine.get_lr()[0], trainer.momentum()))
+        out.append((trainer.engine.get_lr()[0], trainer.method.momentum(trainer.step)))
     return out
 
 
@@ -191,7 +186,7 @@ def test_stopping_early_leaves_the_lr_and_ema_schedules_alone(tmp_path, dist_inf
     stop.fit(loader=[fake_batch(stop.cfg, 8, seed=30 + i) for i in range(3)])
     assert stop.step == 3
     reference = _lr_and_momentum_per_step(full, 3)
-    assert (stop.engine.get_lr()[0], stop.momentum()) == reference[-1]
+    assert (stop.engine.get_lr()[0], stop.method.momentum(stop.step)) == reference[-1]
     assert reference[-1][0] > 0.9 * full.cfg.optim.lr  # mid-schedule: near the peak LR
     shortened = _lr_and_momentum_per_step(short, 3)
     assert shortened[-1] == (pytest.approx(short.cfg.optim.min_lr), 1.0)  # its schedule's end

@@ -153,7 +153,8 @@ def stage_times(spec: str, opts: LoaderOptions, samples: int = 200) -> dict[str,
     runs over the same ``samples`` samples): decode, views (crops, colour, normalise), tokenize."""
     import webdataset as wds
 
-    from aclip.data.pipeline import decode_sample, expand_urls
+    from aclip.data.decode import decode_sample
+    from aclip.data.shards import expand_urls
     from aclip.tokenizer import Tokenizer
 
     raw = list(wds.DataPipeline(wds.SimpleShardList(expand_urls(spec)[0]),

@@ -54,8 +54,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _NO_SSL = ["loss.w_simclr=0", "loss.w_byol=0"]
 MODES: dict[str, list[str]] = {
-    "clip": ["mask.strategy=none", "mask.num_views=1", *_NO_SSL],
-    "flip": ["mask.strategy=random", "mask.keep_ratio=0.5", "mask.num_views=1", *_NO_SSL],
+    "clip": ["method=clip", "mask.strategy=none", "mask.num_views=1", *_NO_SSL],
+    "flip": ["method=flip", "mask.keep_ratio=0.5", "mask.num_views=1", *_NO_SSL],
     "aclip": [
         "mask.strategy=attentive",
         "mask.keep_ratio=0.5",
@@ -63,8 +63,8 @@ MODES: dict[str, list[str]] = {
         "loss.w_simclr=1",
         "loss.w_byol=2",
     ],
-    "openclip": ["mask.strategy=none", "mask.num_views=1", *_NO_SSL],  # FLOPs: same as clip
-    "clip_torch": ["mask.strategy=none", "mask.num_views=1", *_NO_SSL],
+    "openclip": ["method=clip", "mask.num_views=1", *_NO_SSL],  # FLOPs: same as clip
+    "clip_torch": ["method=clip", "mask.num_views=1", *_NO_SSL],
 }
 MODE_TITLES = {
     "openclip": "open_clip CLIP step (its model, ClipLoss, AdamW)",
@@ -166,9 +166,9 @@ def trainer_runner(cfg: Config, dist_info: DistInfo, batch: dict) -> Runner:
     params = sum(p.numel() for p in trainer.model.parameters())
     info = {
         "params_trained": params,
-        "teacher": trainer.teacher is not None,
-        "kept_tokens": trainer.selector.k if not trainer.selector.keeps_all else None,
-        "num_views": cfg.mask.num_views,
+        "teacher": getattr(trainer.method, "teacher", None) is not None,
+        "kept_tokens": trainer.method.selector.k if not trainer.method.selector.keeps_all else None,
+        "num_views": trainer.method.cost(cfg, trainer.model.clip.visual.num_patches).num_views,
         "precision": trainer._precision(),
         "zero_stage": cfg.train.zero_stage,
     }

@@ -1,10 +1,10 @@
 """A-CLIP view sampling: two (or more) online crops, their union EMA view, and the crop boxes.
 
-DESIGN step 1: each online crop box is drawn like RandomResizedCrop (scale 0.5-1.0); the EMA view
-is the smallest box holding all the crops, resized to the model's image size with no colour
-augmentation; each crop's box is kept in the EMA view's normalised coordinates so that the
-teacher's relevance map can be cropped onto each online view. No horizontal flip: it would break
-the box correspondence.
+A-CLIP step 1 (docs/design.md): each online crop box is drawn like RandomResizedCrop (scale
+0.5-1.0); the EMA view is the smallest box holding all the crops, resized to the model's image
+size with no colour augmentation; each crop's box is kept in the EMA view's normalised
+coordinates so that the teacher's relevance map can be cropped onto each online view. No
+horizontal flip: it would break the box correspondence.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class ColorJitter(T.ColorJitter):
 
 
 def colour_augment() -> T.Compose:
-    """Per-view colour augmentation on PIL images (DESIGN step 1)."""
+    """Per-view colour augmentation on PIL images (docs/design.md, A-CLIP step 1)."""
     return T.Compose(
         [
             T.RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
@@ -240,7 +240,8 @@ class ACLIPViews:
     """Sample the online views, the EMA (union) view and the crop boxes of one image.
 
     Randomness comes from torch's global RNG only (box sampling and colour ops), so seeding
-    `torch.manual_seed` makes a call reproducible. With ``normalize=False`` the views and the
+    `torch.manual_seed` makes a call reproducible (the EMA view draws nothing, so
+    ``ema_view=False`` leaves the draws as they are). With ``normalize=False`` the views and the
     EMA view are returned as uint8 pixels, for :func:`normalize_images` on the GPU (4x fewer
     bytes through collation, shared memory and the host-to-device copy).
     """
@@ -254,6 +255,7 @@ class ACLIPViews:
         std: Sequence[float] = OPENAI_CLIP_STD,
         color_aug: bool = True,
         normalize: bool = True,
+        ema_view: bool = True,
     ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
@@ -264,6 +266,7 @@ class ACLIPViews:
         self.scale = (float(scale[0]), float(scale[1]))
         self.color = colour_augment() if color_aug else None
         self.normalize = _Normalize(mean, std, enabled=normalize)
+        self.ema_view = ema_view
 
     def sample_boxes(self, img: Image.Image) -> list[tuple[int, int, int, int]]:
         """Draw `num_views` RandomResizedCrop boxes as pixel (x0, y0, x1, y1)."""
@@ -274,20 +277,23 @@ class ACLIPViews:
         return boxes
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
-        """Return {"views": [V,3,S,S], "ema": [3,S,S], "boxes": [V,4]} for one PIL image."""
+        """Return {"views": [V,3,S,S], "ema": [3,S,S], "boxes": [V,4]} for one PIL image
+        (without "ema" when ``ema_view=False``: a method without a teacher needs none)."""
         img = to_rgb(img)
         boxes = self.sample_boxes(img)
         union = union_box(boxes)
         pixels, size = image_tensor(img), self.image_size
-        ema = torch.empty(3, size, size, dtype=self.normalize.dtype)
-        self.normalize(resize_box(pixels, union, size), ema)
+        out: dict[str, torch.Tensor] = {}
+        if self.ema_view:
+            out["ema"] = torch.empty(3, size, size, dtype=self.normalize.dtype)
+            self.normalize(resize_box(pixels, union, size), out["ema"])
         views = torch.empty(self.num_views, 3, size, size, dtype=self.normalize.dtype)
         for view_out, box in zip(views, boxes, strict=True):
             view = resize_box(pixels, box, size)
             if self.color is not None:
                 view = self.color(to_pil(view))
             self.normalize(view, view_out)
-        return {"views": views, "ema": ema, "boxes": boxes_in_union(boxes, union)}
+        return out | {"views": views, "boxes": boxes_in_union(boxes, union)}
 
 
 def eval_transform(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from aclip.config import LossConfig, ModelConfig
 from aclip.model.clip import CLIP, ACLIPModel
 from aclip.model.heads import byol_predictor, byol_projector, simclr_head
@@ -15,14 +17,16 @@ __all__ = [
     "CLIP",
     "TextTransformer",
     "VisionTower",
+    "build_clip",
     "build_model",
+    "build_student",
     "compile_student",
     "gather_tokens",
 ]
 
 
-def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
-    """CLIP from ``model_cfg``; SimCLR head if ``w_simclr > 0``, BYOL heads if ``w_byol > 0``."""
+def build_clip(model_cfg: ModelConfig) -> CLIP:
+    """The CLIP of ``model_cfg``: timm vision tower, CLIP text tower, projections, temperature."""
     visual = VisionTower(
         model_cfg.vision_model,
         model_cfg.image_size,
@@ -37,21 +41,40 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
         heads=model_cfg.text_heads,
         act=model_cfg.text_act,
     )
-    clip = CLIP(visual, text, model_cfg.embed_dim)
-    simclr = None
-    if loss_cfg.w_simclr > 0:
-        simclr = simclr_head(visual.width, loss_cfg.simclr_hidden, loss_cfg.simclr_out)
-    projector = predictor = None
-    if loss_cfg.w_byol > 0:
-        projector = byol_projector(visual.width, loss_cfg.byol_hidden, loss_cfg.byol_out)
-        predictor = byol_predictor(loss_cfg.byol_out, loss_cfg.byol_hidden)
+    return CLIP(visual, text, model_cfg.embed_dim)
+
+
+def build_student(
+    clip: CLIP,
+    model_cfg: ModelConfig,
+    simclr: nn.Module | None = None,
+    projector: nn.Module | None = None,
+    predictor: nn.Module | None = None,
+) -> ACLIPModel:
+    """The module a training method trains: ``clip`` and its optional SSL heads, with the
+    runtime options of ``model_cfg`` (gradient checkpointing, ``torch.compile``)."""
     model = ACLIPModel(clip, simclr, projector, predictor)
     if model_cfg.grad_checkpointing:
-        visual.set_grad_checkpointing(True)
-        text.set_grad_checkpointing(True)
+        clip.visual.set_grad_checkpointing(True)
+        clip.text.set_grad_checkpointing(True)
     if model_cfg.compile:
         compile_student(model)
     return model
+
+
+def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
+    """A-CLIP's student: CLIP from ``model_cfg``, a SimCLR head if ``w_simclr > 0``, BYOL heads
+    if ``w_byol > 0`` (built in this order: the same seed gives the same weights)."""
+    clip = build_clip(model_cfg)
+    width = clip.visual.width
+    simclr = None
+    if loss_cfg.w_simclr > 0:
+        simclr = simclr_head(width, loss_cfg.simclr_hidden, loss_cfg.simclr_out)
+    projector = predictor = None
+    if loss_cfg.w_byol > 0:
+        projector = byol_projector(width, loss_cfg.byol_hidden, loss_cfg.byol_out)
+        predictor = byol_predictor(loss_cfg.byol_out, loss_cfg.byol_hidden)
+    return build_student(clip, model_cfg, simclr, projector, predictor)
 
 
 def compile_student(model: ACLIPModel, **compile_kwargs: Any) -> ACLIPModel:

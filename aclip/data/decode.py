@@ -1,0 +1,103 @@
+"""Decoding one raw webdataset sample into an RGB image and its caption, refusing bad ones."""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+from PIL import Image
+
+from aclip.data.skips import BadSample, SkipStats
+from aclip.data.views import to_rgb
+
+IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
+MAX_DECODE_PIXELS = 32 * 1024 * 1024  # ~100 MB as RGB; larger images are reduced or skipped
+MIN_IMAGE_SIDE = 8  # smaller images carry no usable content for 2 random crops: skipped
+
+
+def _caption(sample: dict, url: str, stats: SkipStats | None) -> str:
+    """The sample's caption. Non-UTF-8 bytes are decoded with U+FFFD replacements and the
+    sample is kept (counted as "caption_not_utf8"); a missing or blank caption is skipped."""
+    raw = sample.get("txt")
+    if raw is None:
+        raise BadSample("no_caption", f"sample {sample.get('__key__')} has no caption", url)
+    try:
+        caption = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        caption = raw.decode("utf-8", errors="replace")
+        if stats is not None:
+            stats.convert("caption_not_utf8")
+    caption = caption.strip()
+    if not caption:
+        raise BadSample(
+            "empty_caption", f"sample {sample.get('__key__')} has an empty caption", url
+        )
+    return caption
+
+
+def _open_image(data: bytes, key: str, url: str) -> Image.Image:
+    """Read the image header (no pixel decode). PIL's decompression-bomb warning is silenced
+    (our own MAX_DECODE_PIXELS guard applies) and its error becomes a "too_large" skip."""
+    if not data:
+        raise BadSample("empty_image", f"sample {key} has a zero-byte image", url)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exn:
+        raise BadSample("too_large", f"sample {key}: {exn}", url) from exn
+    except Exception as exn:
+        raise BadSample("corrupt_image", f"sample {key}: {exn!r}", url) from exn
+
+
+def _check_size(img: Image.Image, key: str, url: str, stats: SkipStats | None) -> None:
+    """Skip tiny images; decode huge JPEGs reduced (draft) to at most MAX_DECODE_PIXELS and
+    skip other huge images before their pixels are decoded."""
+    w, h = img.size
+    if min(w, h) < MIN_IMAGE_SIDE:
+        raise BadSample("too_small", f"sample {key} is {w}x{h} (< {MIN_IMAGE_SIDE})", url)
+    if w * h <= MAX_DECODE_PIXELS:
+        return
+    if img.format == "JPEG":
+        # draft picks the smallest 1/2^k scale keeping each side >= the request, so asking for
+        # half the target scale gives at most the target pixel count.
+        scale = math.sqrt(MAX_DECODE_PIXELS / (w * h)) / 2
+        img.draft(None, (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+        if img.size[0] * img.size[1] <= MAX_DECODE_PIXELS:
+            if stats is not None:
+                stats.convert("reduced_large")
+            return
+    raise BadSample("too_large", f"sample {key} is {w}x{h} (> {MAX_DECODE_PIXELS} px)", url)
+
+
+def _decode_image(sample: dict, url: str, stats: SkipStats | None) -> Image.Image:
+    """The sample's image as 8-bit RGB; non-RGB modes are converted (counted)."""
+    key = str(sample.get("__key__"))
+    ext = next((e for e in IMAGE_EXTS if e in sample), None)
+    if ext is None:
+        raise BadSample("no_image", f"sample {key} has no image", url)
+    with _open_image(sample[ext], key, url) as img:
+        _check_size(img, key, url, stats)
+        try:
+            img.load()
+        except Exception as exn:
+            raise BadSample("corrupt_image", f"sample {key}: {exn!r}", url) from exn
+        if img.mode != "RGB" and stats is not None:
+            stats.convert("mode_converted")
+        rgb = to_rgb(img)
+        if rgb is img:
+            rgb = img.copy()  # the context manager closes `img`
+    return rgb
+
+
+def decode_sample(sample: dict, stats: SkipStats | None = None) -> tuple[Image.Image, str, str]:
+    """Raw webdataset sample -> (RGB PIL image, caption, sample id).
+
+    Raises `BadSample` (reason in SKIP_REASONS) on unusable samples; conversions (non-RGB
+    image, reduced huge JPEG, non-UTF-8 caption) are counted in `stats` if given.
+    """
+    url = str(sample.get("__url__", ""))
+    caption = _caption(sample, url, stats)
+    rgb = _decode_image(sample, url, stats)
+    return rgb, caption, f"{url}/{sample.get('__key__')}"

@@ -1,0 +1,62 @@
+"""The per-sample transform (decode, views, tokens, stream position) and batch collation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+from aclip.data.decode import decode_sample
+from aclip.data.skips import SkipStats
+from aclip.data.workers import worker_seed
+
+Tokenizer = Callable[[list[str]], torch.Tensor]
+Views = Callable[[Image.Image], dict[str, torch.Tensor]]
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-sample dicts of tensors into a batch dict (webdataset's `__key__` dropped)."""
+    keys = [k for k in samples[0] if not k.startswith("__")]
+    return {k: torch.stack([s[k] for s in samples]) for k in keys}
+
+
+class SampleTransform:
+    """Raw sample -> {"views", "ema", "boxes", "tokens", "data_pos"}.
+
+    The views of the sample at stream position n (`__pos__`, set by the loader) draw from torch's
+    CPU RNG seeded by (seed, epoch, rank, worker, n), swapped in around the call so the
+    process's global RNG is left untouched: a sample's views do not depend on the samples before
+    it, so a resumed loader can drop those unread. Without `__pos__` calls are numbered in order.
+    """
+
+    def __init__(
+        self,
+        views: Views,
+        tokenizer: Tokenizer,
+        seed: int,
+        epoch: int,
+        stats: SkipStats | None = None,
+        offset: int = 0,
+    ) -> None:
+        self.views, self.tokenizer, self.seed, self.epoch = views, tokenizer, seed, epoch
+        self.stats, self.offset = stats, offset
+        self._calls = 0
+
+    def _views(self, img: Image.Image, pos: int) -> dict[str, torch.Tensor]:
+        cpu_rng = torch.default_generator
+        saved = cpu_rng.get_state()
+        cpu_rng.manual_seed(worker_seed(self.seed, self.epoch, f"views{pos}", self.offset))
+        try:
+            return self.views(img)
+        finally:
+            cpu_rng.set_state(saved)
+
+    def __call__(self, sample: dict) -> dict[str, torch.Tensor]:
+        pos = int(sample.get("__pos__", self._calls))
+        self._calls += 1
+        img, caption, _ = decode_sample(sample, self.stats)
+        out = self._views(img, pos)
+        out["tokens"] = self.tokenizer([caption])[0].long()
+        out["data_pos"] = torch.tensor(pos, dtype=torch.long)
+        return out

@@ -1,0 +1,69 @@
+"""Loader workers: who they are (logical ids, seeds), which shards each reads, and the signals
+they leave to the main process."""
+
+from __future__ import annotations
+
+import random
+import signal
+import zlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from webdataset.utils import pytorch_worker_info
+
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def derive_seed(*parts: int | str) -> int:
+    """Stable 63-bit seed from ints/strings (independent of PYTHONHASHSEED)."""
+    return zlib.crc32(repr(parts).encode()) * 2654435761 % (2**63)
+
+
+def logical_worker(offset: int = 0) -> tuple[int, int, int, int]:
+    """(rank, world_size, worker, num_workers) with the worker id rotated by ``offset``.
+
+    A resumed loader renumbers its workers so that its first worker continues the stream of
+    the worker whose batch was due next when the checkpoint was taken (see `LoaderPosition`).
+    """
+    rank, world, worker, num_workers = pytorch_worker_info()
+    return rank, world, (worker + offset) % max(1, num_workers), num_workers
+
+
+def worker_seed(seed: int, epoch: int, tag: str, offset: int = 0) -> int:
+    rank, _, worker, _ = logical_worker(offset)
+    return derive_seed(seed, epoch, rank, worker, tag)
+
+
+class SplitByWorker:
+    """Every `num_workers`-th shard from this logical worker's index on (a class: it pickles)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+    def __call__(self, src: Iterable) -> Iterator:
+        _, _, worker, num_workers = logical_worker(self.offset)
+        for i, item in enumerate(src):
+            if i % max(1, num_workers) == worker:
+                yield item
+
+
+class ResampledShards(torch.utils.data.IterableDataset):
+    """Shards drawn with replacement, forever, from an RNG seeded by (seed, epoch, rank,
+    logical worker) (webdataset's ResampledShards seeds by the physical worker)."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, offset: int) -> None:
+        self.urls, self.seed, self.epoch, self.offset = urls, seed, epoch, offset
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        rng = random.Random(worker_seed(self.seed, self.epoch, "shards", self.offset))
+        while True:
+            yield {"url": self.urls[rng.randrange(len(self.urls))]}
+
+
+def worker_init(_: int) -> None:
+    """Loader workers leave the stop signals to the main process: SIGTERM, SIGUSR1 and SIGINT
+    are ignored here (``timeout``, ``scancel`` and Ctrl-C signal the whole process group, workers
+    included; the main process checkpoints and stops). A worker whose main process is gone exits
+    by itself (PyTorch's worker watchdog)."""
+    for sig in WORKER_IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)

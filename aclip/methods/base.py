@@ -1,0 +1,135 @@
+"""The method interface: what one training recipe owns (docs/design.md, "Methods").
+
+A method is a single-device object. It builds the module the engine trains (the *student*, with
+whatever it freezes), keeps any module outside the engine (an EMA teacher), says how each image
+becomes a training sample (its views), computes the loss of one step from a batch (running the
+teacher and choosing tokens first when it has them), updates its own state after each applied
+optimizer step, names its loss terms and extra scalars, and saves and restores its state. The
+trainer runs any method through the same loop and knows none of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from aclip.config import Config
+
+# ModelConfig keys that change how the model runs, not its weights: free to change on resume
+RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile")
+Forward = Callable[..., dict[str, Tensor]]  # the engine: the student's forward
+Views = Callable[[Image.Image], dict[str, Tensor]]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a method needs to know of the run: where it runs and for how long."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    total_steps: int  # length of the LR and EMA schedules
+    input_dtype: torch.dtype  # dtype of the engine's weights: images are fed in it
+    bf16_autocast: bool  # no-grad passes outside the engine (a teacher) run under bf16 autocast
+
+    def autocast(self) -> torch.autocast:
+        """bf16 autocast for passes outside the engine (enabled for bf16 runs on a GPU)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_autocast)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What decides the FLOPs of one step of a method (see aclip.flops)."""
+
+    num_views: int  # online views per sample through the student's vision tower
+    kept: int | None  # patches each view keeps (None: all)
+    teacher: bool  # an EMA teacher pass (all tokens, relevance) per sample
+    simclr: bool  # NT-Xent between views
+
+
+@dataclass
+class StepLoss:
+    """The loss of one step: the total to back-propagate and each named term (undetached)."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+
+
+class Method:
+    """Base class of the training recipes; see the module docstring for what each part owns."""
+
+    name: ClassVar[str] = ""
+    loss_terms: ClassVar[tuple[str, ...]] = ("clip",)
+
+    def __init__(self, cfg: Config, ctx: RunContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.student: nn.Module | None = None
+
+    # ------------------------------------------------------------------ modules
+    def build_student(self) -> nn.Module:
+        """The module the engine trains (it has a ``clip`` attribute: the CLIP being trained);
+        parameters it freezes have ``requires_grad=False``."""
+        raise NotImplementedError
+
+    def attach(self, student: nn.Module) -> None:
+        """Called with the student once it is on its device (cross-rank BatchNorm in place),
+        before the engine is built: the place to build anything kept beside it (a teacher)."""
+        self.student = student
+
+    # ------------------------------------------------------------------ data
+    def sample_views(self) -> Views:
+        """Per-image transform of the training loader (PIL image -> dict of tensors)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ one step
+    def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
+        """The loss of one step on this rank's ``batch`` at optimizer step ``step``; ``forward``
+        is the engine (call it as the student)."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """After an applied optimizer step ``step`` (0-based): e.g. the EMA update."""
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """Method-specific tensorboard scalars at a logging step."""
+        return {}
+
+    def images(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Tensorboard pictures of ``batch`` at step ``step`` (tag -> CHW image)."""
+        return {}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the method beside the engine (e.g. the teacher)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (keys missing from old checkpoints: kept)."""
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Refuse (ConfigError, naming the key) settings this method cannot run."""
+
+    @classmethod
+    def shape_fields(cls, cfg: Config) -> dict[str, Any]:
+        """The config values that decide the shapes of what is saved: a checkpoint resumes only
+        if these agree (model keys; a method adds its heads')."""
+        fields = {
+            f"model.{k}": v for k, v in vars(cfg.model).items() if k not in RUNTIME_MODEL_KEYS
+        }
+        return fields | {"method": cls.name}
+
+    @classmethod
+    def cost(cls, cfg: Config, num_patches: int) -> Cost:
+        """What one training step of this method computes (for the FLOP model)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ helpers
+    def to_device(self, x: Tensor) -> Tensor:
+        """A loader tensor on this run's device (pinned memory: asynchronous)."""
+        return x.to(self.ctx.device, non_blocking=True)

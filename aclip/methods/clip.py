@@ -1,0 +1,92 @@
+"""Plain CLIP (Radford et al., 2021) and FLIP (Li et al., CVPR 2023): one view per sample and the
+symmetric InfoNCE; FLIP encodes a random ``mask.keep_ratio`` of the patch tokens.
+
+Equal, number for number, to A-CLIP with ``mask.strategy=none`` (CLIP) or ``random`` (FLIP),
+``mask.num_views=1`` and no SimCLR / BYOL (tests/test_methods.py), without building a teacher,
+SSL heads or an EMA view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from aclip.config import Config
+from aclip.data.views import ACLIPViews, model_input
+from aclip.losses import multi_view_infonce
+from aclip.masking import TokenSelector, num_keep
+from aclip.methods.aclip import mask_generator
+from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
+from aclip.methods.registry import register
+from aclip.model import build_clip, build_student
+
+
+@register
+class CLIP(Method):
+    """All patch tokens of one view per sample; InfoNCE against the captions."""
+
+    name = "clip"
+    strategy = "none"
+
+    def __init__(self, cfg: Config, ctx: RunContext) -> None:
+        super().__init__(cfg, ctx)
+        self.selector: TokenSelector | None = None
+
+    def build_student(self) -> nn.Module:
+        """CLIP without heads."""
+        return build_student(build_clip(self.cfg.model), self.cfg.model)
+
+    def attach(self, student: nn.Module) -> None:
+        """The token selector of this method for the student's patch grid."""
+        super().attach(student)
+        mask, visual = self.cfg.mask, student.clip.visual
+        self.selector = TokenSelector(self.strategy, mask.keep_ratio, visual.grid_hw,
+                                      mask.block_size)  # fmt: skip
+
+    def sample_views(self) -> Views:
+        """One RandomResizedCrop view with colour augmentation, uint8 (no EMA view)."""
+        data = self.cfg.data
+        return ACLIPViews(
+            self.cfg.model.image_size,
+            num_views=1,
+            scale=(data.crop_scale_min, 1.0),
+            color_aug=data.color_aug,
+            normalize=False,
+            ema_view=False,
+        )
+
+    def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
+        """InfoNCE of the (token-selected) view against this rank's captions, gathered."""
+        views = model_input(self.to_device(batch["views"]), self.ctx.input_dtype)
+        tokens = self.to_device(batch["tokens"])
+        rows = views.shape[0] * views.shape[1]
+        device = self.ctx.device
+        generator = mask_generator(self.cfg.train.seed, self.ctx.rank, step, device)
+        keep_idx = self.selector.select(None, rows, generator, device)
+        out = forward(views.flatten(0, 1), tokens, keep_idx)
+        clip = multi_view_infonce(
+            [out["image_emb"].float()], out["text_emb"].float(), out["logit_scale_exp"].float()
+        )
+        return StepLoss(clip, {"clip": clip})
+
+    def scalars(self, step: int) -> dict[str, float]:
+        """The fraction of patch tokens each view keeps."""
+        selector = self.selector
+        kept = 1.0 if selector.keeps_all else selector.k / selector.num_patches
+        return {"train/kept_fraction": kept}
+
+    @classmethod
+    def cost(cls, cfg: Config, num_patches: int) -> Cost:
+        """One view, all tokens (FLIP: ``mask.keep_ratio`` of them), no teacher, no NT-Xent."""
+        kept = None if cls.strategy == "none" else num_keep(num_patches, cfg.mask.keep_ratio)
+        kept = None if kept == num_patches else kept
+        return Cost(num_views=1, kept=kept, teacher=False, simclr=False)
+
+
+@register
+class FLIP(CLIP):
+    """CLIP encoding a random ``mask.keep_ratio`` of each view's patch tokens."""
+
+    name = "flip"
+    strategy = "random"
