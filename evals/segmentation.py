@@ -3,6 +3,7 @@
     python -m evals.segmentation --checkpoint RUN_OR_EXPORT --dataset voc21 --root DIR \\
         [--head clearclip|vanilla|maskclip|sclip|cliper|all|h1,h2] [--settings FILE] \\
         [--set key=value ...] [--limit N] [--json OUT] [--vis OUT.png] [--ema] [--model-name NAME]
+        [--reduce-zero-label]
 
 An aclip run (run dir, checkpoints dir, tag dir) is read by ``aclip.checkpoint.load_eval_model``;
 anything else (an open_clip folder or checkpoint, an OpenAI release, an aclip export) by
@@ -144,13 +145,14 @@ def segmentation(
     progress: bool = True,
     vis: str | None = None,
     vis_count: int = 4,
+    reduce_zero_label: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Metrics per head (``{head: {mIoU, aAcc, mAcc, IoU, n, settings, ...}}``) of ``checkpoint``
     on the segmentation set ``dataset`` at ``root``. Paths and settings are checked first."""
     heads = parse_heads(heads) if isinstance(heads, str) else list(heads)
     settings_file = settings_file or default_settings_file(dataset)
     settings = {h: load_settings(settings_file, h, overrides) for h in heads}
-    data = SegmentationSet(dataset, root, split, limit)
+    data = SegmentationSet(dataset, root, split, limit, reduce_zero_label)
     for s in settings.values():
         resolve_templates(s.templates, data.templates)
     clip, context_length, mean, std = load_model(checkpoint, use_ema, model_name, device)
@@ -222,6 +224,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting (repeatable), e.g. --set slide_crop=0")  # fmt: skip
     p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument(
+        "--reduce-zero-label",
+        action="store_true",
+        help="generic layout: drop class 0 and ignore its pixels (as VOC20 from VOC21)",
+    )
     p.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", help="write the metrics here")
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.dataset, args.root, args.head, args.settings,
             parse_sets(args.set), split=args.split, limit=args.limit, use_ema=args.ema,
             model_name=args.model_name, device=args.device, progress=not args.no_progress,
-            vis=args.vis, vis_count=args.vis_count,
+            vis=args.vis, vis_count=args.vis_count, reduce_zero_label=args.reduce_zero_label,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -251,6 +251,16 @@ def test_reader_on_a_tiny_tree(tmp_path, dataset) -> None:
         assert label[label != 255].max() < data.num_classes
 
 
+def test_generic_reduce_zero_label_drops_the_background_class(tmp_path) -> None:
+    raw = make_tree("generic", tmp_path)
+    data = SegmentationSet("generic", tmp_path, reduce_zero_label=True)
+    assert list(data.classnames) == ["cat, kitty", "dog"] and data.background is None
+    _, label, name = data[0]
+    np.testing.assert_array_equal(label, reduce_zero_label(raw[int(name[-1])]))
+    with pytest.raises(ValueError, match="generic layout only"):
+        SegmentationSet("ade20k", tmp_path, reduce_zero_label=True)
+
+
 def test_reader_refusals(tmp_path) -> None:
     make_tree("ade20k", tmp_path / "ade")
     (tmp_path / "ade/annotations/validation/img001.png").unlink()
@@ -374,6 +384,11 @@ def test_cli_every_head_on_an_open_clip_folder(tmp_path, capsys) -> None:
     assert vis.is_file() and Image.open(vis).width > 100
     printed = capsys.readouterr().out
     assert "| clearclip |" in printed
+    rc = cli.main(["--checkpoint", str(folder), "--dataset", "generic", "--root", str(root),
+                   "--settings", str(REPO / "configs/dense/synthetic_nobg.yaml"),
+                   "--reduce-zero-label", "--head", "maskclip", "--json", str(out),
+                   "--no-progress"] + FAST)  # fmt: skip
+    assert rc == 0 and len(json.loads(out.read_text())["maskclip"]["IoU"]) == len(COLOURS)
 
 
 def test_cli_reads_an_aclip_run(tmp_path) -> None:

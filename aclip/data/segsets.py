@@ -189,7 +189,8 @@ class SegmentationSet(Dataset):
 
     ``classnames``: one entry per class (several names separated by commas); ``background``: the
     background class index or None; ``templates``: the set's own templates (generic layout's
-    ``templates.txt``) or None.
+    ``templates.txt``) or None. ``reduce_zero_label`` (generic layout only; the benchmarks fix
+    their own): drop class 0 and ignore its pixels, as mmseg does (e.g. VOC20 from VOC21).
     """
 
     def __init__(
@@ -198,6 +199,7 @@ class SegmentationSet(Dataset):
         root: str | os.PathLike,
         split: str | None = None,
         limit: int | None = None,
+        reduce_zero_label: bool = False,
     ) -> None:
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
@@ -208,11 +210,17 @@ class SegmentationSet(Dataset):
             self.classnames = read_classnames(self.root / "classnames.txt")
             first = split_names(self.classnames[0])[0].lower()
             self.background = 0 if first == "background" else None
-            self.reduce_zero_label = False
+            self.reduce_zero_label = reduce_zero_label
+            if reduce_zero_label:
+                if len(self.classnames) < 2:
+                    raise ValueError(f"{self.root}: reduce_zero_label needs at least 2 classes")
+                self.classnames, self.background = self.classnames[1:], None
             if (self.root / "templates.txt").is_file():
                 self.templates = read_classnames(self.root / "templates.txt")
             pairs = _generic_pairs(self.root, split or "")
         else:
+            if reduce_zero_label:
+                raise ValueError(f"{dataset} fixes its own reduce_zero_label (generic layout only)")
             spec = SETS[dataset]
             self.classnames, self.background = spec.classnames, spec.background
             self.reduce_zero_label = spec.reduce_zero_label
