@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,dense]'
 	# the peer implementation the retrieval tests compare against (its metrics need only torch)
 	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)

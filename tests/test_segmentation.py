@@ -419,8 +419,7 @@ def test_cli_errors(tmp_path, capsys) -> None:
     assert rc == 2 and "unknown key 'slide_crp'" in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- heavier runs (slow)
-@pytest.mark.slow
+# ---------------------------------------------------------------- every layout; ViT-B/16 (slow)
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_ten_image_run_of_each_layout(tmp_path, dataset) -> None:
     make_tree(dataset, tmp_path / "set", n=10, h=40, w=56)

@@ -370,9 +370,9 @@ SEG_BACKGROUND = "background, cluttered background, clutter"
 
 
 def seg_classnames() -> list[str]:
-    """The segmentation set's classes: background, then one class per colour, each named by
-    every shape of that colour (``red circle, red square, ...``) and ``<colour> object``."""
-    colours = [", ".join([f"{c} {s}" for s in SHAPES] + [f"{c} object"]) for c in COLOURS]
+    """The segmentation set's classes: background, then one class per colour, each named
+    ``<colour> object`` and by every shape of that colour (``red circle, red square, ...``)."""
+    colours = [", ".join([f"{c} object"] + [f"{c} {s}" for s in SHAPES]) for c in COLOURS]
     return [SEG_BACKGROUND, *colours]
 
 
