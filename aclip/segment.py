@@ -25,6 +25,11 @@ selected layer's map, thresholded at ``attention_thr`` × its max, propagated by
 affinity, plus the mean of the per-layer maps; optionally refined by a Stable Diffusion
 self-attention affinity (``refine``, :mod:`aclip.dense_sd`); each class map is rescaled to peak at
 its image score and labelled by ``cam_to_label`` (``score_thd``, ``bkg_thd``, ``cam_normalize``).
+
+Small differences from the official code, all in fp32 here (theirs run fp16): images are resized
+with PIL (bilinear for the CLIP protocol where mmcv uses OpenCV's, bicubic for CLIPer as its code);
+the position embedding is resampled by timm's ``resample_abs_pos_embed`` (bicubic) for every head
+(ClearCLIP and SCLIP interpolate bicubically too, CLIPer bilinearly).
 """
 
 from __future__ import annotations
@@ -117,9 +122,14 @@ def _coerce(key: str, value: Any, default: Any, where: str) -> Any:
         return value
     if isinstance(default, int | float) and not isinstance(value, bool):
         try:
-            return type(default)(value) if not isinstance(default, int) else int(value)
+            number = float(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {key} must be a number (got {value!r})") from err
+        if isinstance(default, int):
+            if not number.is_integer():
+                raise ValueError(f"{where}: {key} must be an integer (got {value!r})")
+            return int(number)
+        return number
     if isinstance(default, list):
         if isinstance(value, str):
             return split_names(value)

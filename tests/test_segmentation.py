@@ -159,6 +159,10 @@ def test_bad_settings_are_refused(tmp_path) -> None:
     bad.write_text("settings:\n  fuse_layers: 3\n")
     with pytest.raises(ValueError, match="fuse_layers must be true or false"):
         load_settings(bad, "cliper")
+    with pytest.raises(ValueError, match="slide_crop must be an integer"):
+        load_settings(None, "clearclip", {"slide_crop": 3.5})
+    with pytest.raises(ValueError, match="logit_scale must be a number"):
+        load_settings(None, "clearclip", {"logit_scale": "big"})
     with pytest.raises(ValueError, match="refine needs"):
         load_settings(None, "clearclip", {"refine": "sfsa"})
     with pytest.raises(FileNotFoundError):
