@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo test test-slurm lint clean
+.PHONY: install demo demo-dense test test-slurm lint clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,dense]'
 	# the peer implementation the retrieval tests compare against (its metrics need only torch)
 	$(PY) -m pip install -q --no-deps clip-benchmark==1.6.2
 	touch $(STAMP)
@@ -28,6 +28,18 @@ demo: install
 		'eval.zeroshot_sets=[$(DEMO)/data/eval_cls,$(DEMO)/data/eval_colour]' \
 		'eval.retrieval_sets=[$(DEMO)/data/eval_ret]'
 	$(PY) -m evals.demo_report --run $(DEMO)/run --data $(DEMO)/data
+
+# every dense head on the demo run, over 200 synthetic segmentation scenes, with and without
+# their background class (run make demo first)
+demo-dense: install
+	test -d $(DEMO)/run || { echo "error: no demo run in $(DEMO)/run (run make demo first)"; exit 2; }
+	$(PY) -m aclip.data.synthetic --out $(DEMO)/data --n-eval-seg 200 --seg-only --seed 0
+	$(PY) -m evals.segmentation --checkpoint $(DEMO)/run --dataset generic \
+		--root $(DEMO)/data/eval_seg --settings configs/dense/synthetic.yaml --head all \
+		--json $(DEMO)/dense_results.json --vis $(DEMO)/dense.png --no-progress
+	$(PY) -m evals.segmentation --checkpoint $(DEMO)/run --dataset generic \
+		--root $(DEMO)/data/eval_seg --reduce-zero-label --settings configs/dense/synthetic_nobg.yaml \
+		--head all --json $(DEMO)/dense_results_nobg.json --vis $(DEMO)/dense_nobg.png --no-progress
 
 test: install
 	$(PY) -m ruff check aclip evals tests train.py

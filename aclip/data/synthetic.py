@@ -8,6 +8,10 @@ Every sample is drawn from its own seeded RNG, so the output bytes depend only o
 
     python -m aclip.data.synthetic --out DIR [--n-train N --n-eval-cls N --n-eval-ret N
                                    --image-size S --samples-per-shard M --seed K --workers W]
+                                   [--n-eval-seg N [--seg-only]]
+
+``--n-eval-seg N`` also writes ``eval_seg/``: N scenes with per-pixel masks (background and one
+class per colour) in the generic segmentation layout of ``aclip.data.segsets``.
 """
 
 from __future__ import annotations
@@ -359,6 +363,65 @@ def write_synthetic(
     }
 
 
+# ----------------------------------------------------------------------------- segmentation
+
+SEG_SALT = 3  # RNG stream of the segmentation scenes (beside _SALT's train / eval ones)
+SEG_BACKGROUND = "background, cluttered background, clutter"
+
+
+def seg_classnames() -> list[str]:
+    """The segmentation set's classes: background, then one class per colour, each named
+    ``<colour> object`` and by every shape of that colour (``red circle, red square, ...``)."""
+    colours = [", ".join([f"{c} object"] + [f"{c} {s}" for s in SHAPES]) for c in COLOURS]
+    return [SEG_BACKGROUND, *colours]
+
+
+def render_seg_scene(
+    rng: np.random.Generator, size: int, objects: list[tuple[str, str]]
+) -> tuple[Image.Image, Image.Image]:
+    """A scene as ``render_scene`` draws it, and its mask (``L``: 0 background, 1 + the colour's
+    index on the object pixels; a later object covers an earlier one in both)."""
+    img = _background(rng, size)
+    mask = Image.new("L", (size, size), 0)
+    draw, mask_draw = ImageDraw.Draw(img), ImageDraw.Draw(mask)
+    names = list(COLOURS)
+    for (shape, colour), (cx, cy, r) in zip(objects, _place(rng, size, len(objects)), strict=True):
+        angle = rng.uniform(-math.pi, math.pi)
+        _draw_object(draw, shape, COLOURS[colour], cx, cy, r, angle)
+        _draw_object(mask_draw, shape, 1 + names.index(colour), cx, cy, r, angle)
+    return img, mask
+
+
+def make_seg_sample(seed: int, index: int, size: int) -> tuple[bytes, bytes]:
+    """Segmentation scene ``index``: 1-3 objects of distinct shapes; JPEG image, PNG mask."""
+    rng = np.random.default_rng([seed, SEG_SALT, index])
+    objects = _sample_objects(rng, int(rng.integers(1, 4)))
+    img, mask = render_seg_scene(rng, size, objects)
+    buf = io.BytesIO()
+    mask.save(buf, format="PNG")
+    return _jpeg(img), buf.getvalue()
+
+
+def write_segmentation_set(
+    out: str | os.PathLike, n: int, image_size: int = 96, seed: int = 0
+) -> Path:
+    """``n`` scenes with per-pixel masks in the generic segmentation layout under ``out``
+    (``images/sNNNNNNN.jpg``, ``masks/sNNNNNNN.png``, ``classnames.txt``, ``templates.txt``),
+    as ``aclip.data.segsets`` reads it (``generic``). Returns ``out``."""
+    if n < 1 or image_size < 16:
+        raise ValueError("n must be >= 1 and image_size >= 16")
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        jpg, png = make_seg_sample(seed, i, image_size)
+        (root / "images" / f"s{i:07d}.jpg").write_bytes(jpg)
+        (root / "masks" / f"s{i:07d}.png").write_bytes(png)
+    (root / "classnames.txt").write_text("\n".join(seg_classnames()) + "\n")
+    (root / "templates.txt").write_text("\n".join(CLS_TEMPLATES) + "\n")
+    return root
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -370,8 +433,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--n-eval-seg",
+        type=int,
+        default=0,
+        help="also write N segmentation scenes with masks to OUT/eval_seg",
+    )
+    p.add_argument(
+        "--seg-only",
+        action="store_true",
+        help="write only OUT/eval_seg (the other parts are left as they are)",
+    )
     a = p.parse_args(argv)
+    if a.seg_only and a.n_eval_seg < 1:
+        p.error("--seg-only needs --n-eval-seg N (N >= 1)")
     t0 = time.perf_counter()
+    if a.n_eval_seg > 0:
+        write_segmentation_set(Path(a.out) / "eval_seg", a.n_eval_seg, a.image_size, a.seed)
+        print(f"wrote {a.n_eval_seg} segmentation scenes to {Path(a.out) / 'eval_seg'}")
+    if a.seg_only:
+        return
     counts = write_synthetic(
         a.out, a.n_train, a.n_eval_cls, a.n_eval_ret, a.image_size, a.samples_per_shard,
         a.seed, a.workers,
