@@ -16,6 +16,7 @@ import sys
 
 from aclip.config import Config, ConfigError, load_config
 from aclip.data.skips import LoaderStalled, SkipLimitExceeded
+from aclip.interop import WeightsError
 from aclip.numerics import NonFiniteLoss
 from aclip.preflight import check_paths
 
@@ -94,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         results = run(cfg)
-    # another model's checkpoint; bad shards; unreadable data; NaN/Inf steps (last good saved)
-    except (ConfigError, SkipLimitExceeded, LoaderStalled, NonFiniteLoss) as err:
+    # another model's checkpoint or weights that do not fit; bad shards; unreadable data; NaN/Inf
+    # steps (the last good state saved)
+    except (ConfigError, WeightsError, SkipLimitExceeded, LoaderStalled, NonFiniteLoss) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return after_stop(results) if "stopped" in results else 0

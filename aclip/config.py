@@ -35,6 +35,8 @@ class ModelConfig:
     text_layers: int = 12
     text_heads: int = 8
     text_act: str = "gelu"  # text MLP activation: gelu, or quick_gelu (OpenAI CLIP weights)
+    init_from: str = ""  # pretrained weights to start from (OpenAI / open_clip / aclip run)
+    init_from_name: str = ""  # open_clip model name (or open_clip_config.json) for a bare file
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the student's forward (ACLIPModel)
 

@@ -16,6 +16,8 @@ def check_paths(cfg: Config) -> None:
     from aclip.methods import get_method
 
     get_method(cfg.method).validate(cfg)
+    if cfg.model.init_from and not Path(cfg.model.init_from.removeprefix("local-dir:")).exists():
+        raise FileNotFoundError(f"model.init_from: no such file or folder: {cfg.model.init_from}")
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards': no training shards given")
     sources = expand_urls(cfg.data.train_shards)

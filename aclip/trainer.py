@@ -52,6 +52,7 @@ class Trainer:
         self.tokenizer = Tokenizer(cfg.model.context_length)
         self.method = build_method(cfg, self._context())
         student = self.method.build_student()
+        self._init_from_pretrained(student)
         self.model = dist_utils.convert_global_bn(student).to(self.device)
         self.method.attach(self.model)
         self.engine = self._build_engine()
@@ -78,6 +79,18 @@ class Trainer:
         bf16_autocast = self.device.type == "cuda" and precision == "bf16"
         return RunContext(self.device, self.dist.rank, self.dist.world_size,
                           self.length.total_steps, dtype, bf16_autocast)  # fmt: skip
+
+    def _init_from_pretrained(self, student: torch.nn.Module) -> None:
+        """``model.init_from``: pretrained weights into the student's CLIP (before any teacher
+        copies it); refused (WeightsError) naming the keys and shapes that do not fit."""
+        model = self.cfg.model
+        if not model.init_from:
+            return
+        from aclip.interop import init_from
+
+        notes = init_from(student.clip, model.init_from, model.init_from_name or None)
+        if self.dist.is_main:
+            print(f"initialised from {model.init_from}: " + "; ".join(notes), flush=True)
 
     def _build_engine(self) -> Any:
         cfg = self.cfg

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from aclip.config import Config
 
-# ModelConfig keys that change how the model runs, not its weights: free to change on resume
-RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile")
+# ModelConfig keys that do not decide the shapes of the weights: free to change on resume
+RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile", "init_from", "init_from_name")
 Forward = Callable[..., dict[str, Tensor]]  # the engine: the student's forward
 Views = Callable[[Image.Image], dict[str, Tensor]]
 
