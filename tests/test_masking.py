@@ -20,6 +20,12 @@ def test_num_keep():
     assert num_keep(196, 0.001) == 1
     assert num_keep(10, 0.26) == 3
     assert num_keep(64, 0.25) == 16
+    # halves round up, as the papers' counts do (Python's round() gives 24, 12, 2)
+    assert num_keep(49, 0.5) == 25
+    assert num_keep(25, 0.5) == 13
+    assert num_keep(5, 0.5) == 3
+    assert num_keep(25, 0.3) == 8  # 7.5 although 0.3 * 25 == 7.499999999999999 in floats
+    assert num_keep(49, 0.25) == 12  # 12.25
 
 
 # ----------------------------------------------------------------------------- mapping
