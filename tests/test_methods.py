@@ -79,3 +79,19 @@ def test_a_new_method_trains_through_the_unchanged_trainer(tmp_path, dist_info):
     assert not torch.equal(trainer.model.clip.text_proj.weight, text_side)
     saved = (tmp_path / "checkpoints" / "step_00000003" / "aclip_config.yaml").read_text()
     assert "method: lit_test" in saved
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kept"),
+    [
+        ({"mask.strategy": "none"}, 1.0),  # all tokens whatever mask.keep_ratio says
+        ({"mask.strategy": "attentive"}, 0.5),
+        ({"mask.strategy": "random", "mask.keep_ratio": 0.25}, 0.25),  # 4 of 16 patches
+        ({"mask.strategy": "attentive", "mask.keep_ratio": 1.0}, 1.0),
+        ({"method": "clip"}, 1.0),
+        ({"method": "flip", "mask.keep_ratio": 0.25}, 0.25),
+    ],
+)
+def test_the_kept_fraction_logged_is_what_is_kept(tmp_path, dist_info, overrides, kept):
+    trainer = Trainer(tiny_config(str(tmp_path), **overrides), dist_info)
+    assert trainer.method.scalars(0)["train/kept_fraction"] == kept

@@ -164,8 +164,8 @@ class ACLIP(Method):
 
     def scalars(self, step: int) -> dict[str, float]:
         """EMA momentum and the fraction of patch tokens each view keeps."""
-        visual = self.student.clip.visual
-        kept = self.selector.k / visual.num_patches if self.selector.k else 1.0
+        selector = self.selector
+        kept = 1.0 if selector.keeps_all else selector.k / selector.num_patches
         return {"train/ema_momentum": self.momentum(step), "train/kept_fraction": kept}
 
     def images(self, batch: Mapping[str, Tensor], step: int, n: int = 4) -> dict[str, Tensor]:
