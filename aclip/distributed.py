@@ -178,8 +178,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             return
         self.num_batches_tracked += 1
         m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-        self.running_mean.lerp_(mean, m)
-        self.running_var.lerp_(var_unbiased, m)
+        # in fp32 whatever the buffers' dtype (DeepSpeed's bf16/fp16 modes cast them), then
+        # stored back in that dtype: lerp_ refuses mixed dtypes
+        for running, batch_stat in ((self.running_mean, mean), (self.running_var, var_unbiased)):
+            running.copy_(torch.lerp(running.float(), batch_stat.float(), m))
 
 
 def convert_global_bn(module: nn.Module) -> nn.Module:

@@ -89,3 +89,22 @@ def test_global_batchnorm_single_process_equals_batchnorm():
     torch.testing.assert_close(ours(x), plain(x), atol=1e-5, rtol=0)
     ours.eval(), plain.eval()
     torch.testing.assert_close(ours(x), plain(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_global_batchnorm_running_statistics_in_half_precision(dtype):
+    """DeepSpeed's bf16/fp16 modes cast whole modules, BatchNorm buffers included: the running
+    statistics still update (in fp32, stored in the buffers' dtype) as nn.BatchNorm1d's do."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 6) * 3 + 1
+    ours = GlobalBatchNorm1d(6, momentum=0.1).to(dtype)
+    reference = torch.nn.BatchNorm1d(6, momentum=0.1)
+    for _ in range(3):
+        ours(x.to(dtype))
+        reference(x)
+    assert ours.running_mean.dtype == dtype
+    tol = {torch.bfloat16: 3e-2, torch.float16: 3e-3, torch.float32: 1e-6}[dtype]
+    close = {"atol": tol, "rtol": tol}
+    torch.testing.assert_close(ours.running_mean.float(), reference.running_mean, **close)
+    torch.testing.assert_close(ours.running_var.float(), reference.running_var, **close)
+    assert int(ours.num_batches_tracked) == 3
