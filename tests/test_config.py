@@ -76,3 +76,17 @@ def test_yfcc_config_holds_the_paper_recipe():
     assert (cfg.model.context_length, cfg.model.vocab_size) == (77, 49408)
     assert (cfg.loss.w_simclr, cfg.loss.w_byol, cfg.loss.simclr_temperature) == (1.0, 2.0, 0.1)
     assert (cfg.ema.momentum, cfg.ema.final_momentum) == (0.996, 1.0)
+
+
+def test_the_yfcc_recipe_freezes_the_patch_embedding_as_the_official_code_does():
+    import torch
+
+    from aclip.model import build_model
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/yfcc15m_vit_b16.yaml")
+    assert cfg.model.freeze_patch_embed
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.loss)
+    patch = model.clip.visual.vit.patch_embed
+    assert not any(p.requires_grad for p in patch.parameters())
+    assert model.clip.visual.vit.blocks[0].attn.qkv.weight.requires_grad
