@@ -3,7 +3,9 @@
 A skipped step changes nothing that an applied step would: weights, optimizer moments, LR
 schedule, EMA teacher, step counter and the student's buffers (BatchNorm running statistics,
 which the forward pass updates and the EMA teacher copies) are left as they were; the next batch
-is used instead. The decision costs one small all-reduce and one host sync per step.
+is used instead. Where DeepSpeed's optimizer checks the gradients itself (ZeRO 1/2, bf16, fp16)
+the decision adds nothing to its check; with a plain fp32 optimizer (ZeRO 0) it costs one small
+all-reduce and one host sync per step.
 """
 
 from __future__ import annotations
@@ -103,21 +105,20 @@ def apply_step(engine: Any, model: nn.Module, loss: torch.Tensor) -> str:
     """Backward and optimizer step, unless the loss or a gradient is NaN/Inf on any rank.
 
     Returns "" when the step was applied, else "loss" or "gradients". DeepSpeed's own
-    optimizers (ZeRO 1/2, bf16, fp16) find non-finite gradients themselves (global grad norm,
-    all-reduced) and skip; the loss is checked before backward (all-reduced, so every rank runs
-    backward's collectives or none). A plain fp32 optimizer (ZeRO 0) has no such check: loss
-    and gradients (all-reduced in backward) are checked together before stepping.
+    optimizers (ZeRO 1/2, bf16, fp16) find non-finite gradients themselves (global grad norm and
+    overflow flag, all-reduced: every rank skips alike) and a NaN/Inf loss makes NaN gradients,
+    so the step adds no host sync of its own; only a skipped step asks (all ranks together)
+    whether the loss was at fault. A plain fp32 optimizer (ZeRO 0) has no such check: loss and
+    gradients (all-reduced in backward) are checked together before stepping (one sync).
     """
     if hasattr(engine.optimizer, "overflow"):
-        if nonfinite_anywhere(loss)[0]:
-            return "loss"
         engine.backward(loss)
         counters = engine_counters(engine)
         engine.step()
         if engine.was_step_applied():
             return ""
         set_engine_counters(engine, counters)  # a skipped step is not a step
-        return "gradients"
+        return "loss" if nonfinite_anywhere(loss)[0] else "gradients"
     engine.backward(loss)
     grads = grad_norm_sum(model.parameters(), loss.device)
     checked = torch.stack([loss.detach().float(), grads])

@@ -209,3 +209,55 @@ def test_train_cli_stops_with_exit_code_2_after_max_bad_steps(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: 3 steps in a row had a non-finite" in err and "step_00000001" in err, err
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts host syncs outside DeepSpeed's own ``engine.step``: scalar reads
+    (``aten::_local_scalar_dense``: ``.item()``, ``bool()``, ``float()``) and ``Tensor.tolist``
+    (which reads without dispatching)."""
+
+    def __init__(self, engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__()
+        self.ours, self.deepspeed, self.inside = 0, 0, False
+        step, tolist = engine.step, torch.Tensor.tolist
+
+        def counted_step(*args: Any, **kwargs: Any) -> Any:
+            self.inside = True
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self.inside = False
+
+        def counted_tolist(tensor: torch.Tensor) -> Any:
+            self._count()
+            return tolist(tensor)
+
+        monkeypatch.setattr(engine, "step", counted_step)
+        monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
+
+    def _count(self) -> None:
+        if self.inside:
+            self.deepspeed += 1
+        else:
+            self.ours += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self._count()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_step_that_does_not_log_makes_no_host_sync_of_ours(tmp_path, dist_info, monkeypatch,
+                                                            stage):  # fmt: skip
+    """Where DeepSpeed's optimizer checks the gradients itself (ZeRO 1/2; bf16 and fp16 too) the
+    step adds no host sync of its own: a NaN/Inf loss makes NaN gradients, which DeepSpeed's
+    all-reduced overflow check skips on every rank; the loss is looked at only then."""
+    trainer = Trainer(tiny_config(str(tmp_path), **{"train.zero_stage": stage}), dist_info)
+    trainer.train_step(fake_batch(trainer.cfg, 8, seed=0))
+    syncs = _HostSyncs(trainer.engine, monkeypatch)
+    with syncs:
+        trainer.train_step(fake_batch(trainer.cfg, 8, seed=1))
+    assert trainer.step == 2
+    assert syncs.ours == 0, syncs.ours
+    assert syncs.deepspeed > 0  # DeepSpeed's own overflow and norm checks (counted apart)
