@@ -202,6 +202,20 @@ def convert_global_bn(module: nn.Module) -> nn.Module:
     return module
 
 
+@torch.no_grad()
+def clamp_parameter_(param: nn.Parameter, low: float, high: float) -> None:
+    """Clamp ``param`` in place, and its fp32 master copy where DeepSpeed keeps one (ZeRO 1/2,
+    the bf16 optimizer: the module's copy is overwritten from the master after each step).
+
+    Each rank clamps the fragment of the master it holds (``_hp_mapping``, the mapping behind
+    ``deepspeed.utils.safe_set_full_fp32_param``, read here without its gather): no collective
+    and no host sync."""
+    param.clamp_(low, high)
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is not None:
+        mapping.get_hp_fragment().clamp_(low, high)
+
+
 def deepspeed_config(
     global_batch: int, per_rank_batch: int, precision: str, zero_stage: int, grad_clip: float
 ) -> dict[str, Any]:

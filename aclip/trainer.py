@@ -24,6 +24,7 @@ from aclip.data.stream import TrainStream
 from aclip.distributed import DistInfo
 from aclip.methods import RunContext, build_method, shape_fields
 from aclip.metrics import TrainMetrics
+from aclip.model.clip import LOGIT_SCALE_MAX
 from aclip.numerics import NonFiniteLoss, StepGuard, apply_step
 from aclip.optim import build_optimizer, build_scheduler, run_length
 from aclip.preflight import resolve_epoch_size
@@ -142,6 +143,7 @@ class Trainer:
         if bad:
             self._skip_step(bad)
         else:
+            dist_utils.clamp_parameter_(self.model.clip.logit_scale, 0.0, LOGIT_SCALE_MAX)
             self.method.after_step(self.step)
             self.counters.step += 1
             self.numerics.good()

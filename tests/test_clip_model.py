@@ -45,27 +45,31 @@ def images(batch: int) -> torch.Tensor:
     return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def test_logit_scale_init_shape_and_clamp(clip: CLIP) -> None:
+def test_logit_scale_init_shape_and_exp(clip: CLIP) -> None:
     assert clip.logit_scale.shape == (1,)
     assert isinstance(clip.logit_scale, nn.Parameter)
     torch.testing.assert_close(clip.logit_scale.detach(), torch.tensor([math.log(1 / 0.07)]))
     torch.testing.assert_close(clip.logit_scale_exp().detach(), torch.tensor([1 / 0.07]))
     model = CLIP(clip.visual, clip.text, 24)
     with torch.no_grad():
-        model.logit_scale.fill_(10.0)
-    torch.testing.assert_close(model.logit_scale_exp().detach(), torch.tensor([100.0]))
-    with torch.no_grad():
         model.logit_scale.fill_(2.0)
     torch.testing.assert_close(model.logit_scale_exp().detach(), torch.tensor([math.exp(2.0)]))
     assert model.logit_scale_exp().shape == (1,)
 
 
-def test_clamped_scale_has_no_gradient_above_max(clip: CLIP) -> None:
+def test_the_scale_has_a_gradient_at_any_value_and_is_clamped_after_the_step(clip: CLIP) -> None:
+    """No clamp in the forward pass (it would zero the gradient above ln 100); the trainer clamps
+    the parameter to [0, ln 100] in place after each optimizer step, as open_clip does."""
+    from aclip.distributed import clamp_parameter_
+    from aclip.model.clip import LOGIT_SCALE_MAX
+
     model = CLIP(clip.visual, clip.text, 24)
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
     model.logit_scale_exp().sum().backward()
-    assert model.logit_scale.grad is not None and model.logit_scale.grad.item() == 0.0
+    assert model.logit_scale.grad.item() == pytest.approx(math.exp(10.0))
+    clamp_parameter_(model.logit_scale, 0.0, LOGIT_SCALE_MAX)
+    assert model.logit_scale.item() == pytest.approx(math.log(100.0))
 
 
 def test_projection_layers(clip: CLIP) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,27 @@ def test_the_removed_max_steps_key_is_refused_naming_its_replacements(tmp_path):
         tiny_config(str(tmp_path), **{"train.max_steps": 3})
     old_run = to_yaml(tiny_config(str(tmp_path))).replace("stop_at_step: 0", "max_steps: 5")
     assert config_from_yaml(old_run).train.stop_at_step == 0  # an old run's config still reads
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_logit_scale_above_the_cap_comes_back_down(tmp_path, dist_info, stage):
+    """The raw logit scale is clamped to ln 100 in place after each step, so its gradient stays
+    alive: when the loss asks for a smaller scale it comes down (before: a forward clamp gave it
+    zero gradient above ln 100 and it stayed where Adam had left it). ZeRO 1 keeps an fp32 master
+    copy, clamped too."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    cfg = tiny_config(str(tmp_path), **{"train.zero_stage": stage, "mask.strategy": "none"})
+    trainer = Trainer(cfg, dist_info)
+    scale = trainer.model.clip.logit_scale
+    with torch.no_grad():
+        scale.fill_(5.0)
+    safe_set_full_fp32_param(scale, torch.full((1,), 5.0))
+    cap = math.log(100.0)
+    seen = []
+    for i in range(12):  # random captions: a confident scale only costs loss
+        trainer.train_step(fake_batch(cfg, 8, seed=70 + i))
+        master = safe_get_full_fp32_param(scale)
+        seen.append(float(scale.detach()) if master is None else float(master))
+    assert max(seen) <= cap + 1e-6, seen
+    assert seen[-1] < cap - 5e-3, seen

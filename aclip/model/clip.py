@@ -23,7 +23,9 @@ class CLIP(nn.Module):
     """Vision and text towers projected into a joint ``embed_dim`` space.
 
     ``logit_scale`` has shape (1,) (DeepSpeed refuses 0-dim parameters), initialised to
-    ln(1/0.07); ``logit_scale_exp`` clamps it at ln(100) before exponentiating.
+    ln(1/0.07). It is clamped to [0, ln 100] in place after each optimizer step (the trainer does
+    it, as open_clip does), not in the forward pass: a forward clamp would cut its gradient above
+    ln 100, where Adam's momentum could then leave it for good.
     """
 
     def __init__(self, visual: VisionTower, text: TextTransformer, embed_dim: int) -> None:
@@ -52,8 +54,8 @@ class CLIP(nn.Module):
         return _maybe_normalize(self.text_proj(self.text(tokens)), normalize)
 
     def logit_scale_exp(self) -> Tensor:
-        """exp(min(logit_scale, ln 100)), shape (1,)."""
-        return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp()
+        """exp(logit_scale), shape (1,) (the parameter is kept in [0, ln 100] by the trainer)."""
+        return self.logit_scale.exp()
 
 
 class ACLIPModel(nn.Module):
