@@ -28,16 +28,27 @@ def ema_momentum(step: int, total_steps: int, base: float = 0.996, final: float 
 
 
 class EMATeacher:
-    """Momentum copy of a student module, always in eval mode and without gradients."""
+    """Momentum copy of a student module, without gradients: in eval mode (no dropout or drop
+    path) except its BatchNorm layers, which normalise with the statistics of the batch they see
+    (as BYOL's target network and the official A-CLIP code, whose EMA modules run in train mode,
+    do; cross-rank BatchNorm gathers them over the ranks) and leave their running statistics
+    alone (those are copied from the student at each update)."""
 
     def __init__(self, student: nn.Module) -> None:
         self.module = copy.deepcopy(student)
         self._freeze()
 
     def _freeze(self) -> None:
-        self.module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._set_modes()
+
+    def _set_modes(self) -> None:
+        self.module.eval()
+        for layer in self.module.modules():
+            if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+                layer.train()
+                layer.track_running_stats = False  # batch statistics; buffers not updated
 
     @torch.no_grad()
     def update(self, student: nn.Module, momentum: float) -> None:
@@ -65,7 +76,7 @@ class EMATeacher:
         return self.module.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load a state dict saved by ``state_dict``; the teacher stays frozen and in eval mode."""
+        """Load a state dict saved by ``state_dict``; the teacher stays frozen, in its modes."""
         self.module.load_state_dict(state_dict)
         self._freeze()
 
@@ -75,11 +86,12 @@ class EMATeacher:
         return self
 
     def train(self, mode: bool = True) -> EMATeacher:
-        """The teacher is always in eval mode: any ``mode`` leaves it in eval; returns self."""
-        self.module.eval()
+        """The teacher keeps its modes (eval, BatchNorm on batch statistics) whatever ``mode``
+        says; returns self."""
+        self._set_modes()
         return self
 
     def eval(self) -> EMATeacher:
-        """Eval mode (the only mode of the teacher); returns self."""
-        self.module.eval()
+        """The teacher's modes (see the class docstring); returns self."""
+        self._set_modes()
         return self

@@ -81,14 +81,34 @@ def test_teacher_frozen_eval_and_separate():
     student.train()
     teacher.train()
     assert not teacher.module.training and student.training
-    assert all(not m.training for m in teacher.module.modules())
+    bn = [m for m in teacher.module.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(bn) == 1 and bn[0].training and not bn[0].track_running_stats
+    assert all(not m.training for m in teacher.module.modules() if m not in bn)
     student_ids = {id(p) for p in student.parameters()}
     assert not any(id(p) in student_ids for p in teacher.module.parameters())
     assert all(p.requires_grad for p in student.parameters())
-    # Teacher output is deterministic (eval: dropout off, BN running stats) and has no graph.
+    # Teacher output is deterministic (dropout off) and has no graph.
     x = torch.randn(4, 6)
     y1, y2 = teacher(x), teacher(x)
     assert torch.equal(y1, y2) and not y1.requires_grad
+
+
+def test_the_teachers_batchnorm_normalises_with_the_batch_statistics():
+    """BYOL's target network (and the official A-CLIP code, whose EMA modules run in train mode)
+    normalises each batch with its own statistics; the running ones stay as copied."""
+    student = _student()
+    with torch.no_grad():
+        student[1].running_mean.fill_(5.0)  # far from the batch's: a running-stat pass differs
+        student[1].running_var.fill_(9.0)
+    teacher = EMATeacher(student)
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(3))
+    linear, norm, last = teacher.module[0], teacher.module[1], teacher.module[4]
+    h = linear(x)
+    mean, var = h.mean(0), h.var(0, unbiased=False)
+    reference = last(torch.relu((h - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias))
+    torch.testing.assert_close(teacher(x), reference, atol=1e-6, rtol=1e-6)
+    assert torch.all(norm.running_mean == 5.0) and torch.all(norm.running_var == 9.0)
+    assert not torch.allclose(teacher(x), student.eval()(x), atol=1e-2)
 
 
 def test_teacher_not_in_parent_module_parameters():

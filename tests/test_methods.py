@@ -95,3 +95,33 @@ def test_a_new_method_trains_through_the_unchanged_trainer(tmp_path, dist_info):
 def test_the_kept_fraction_logged_is_what_is_kept(tmp_path, dist_info, overrides, kept):
     trainer = Trainer(tiny_config(str(tmp_path), **overrides), dist_info)
     assert trainer.method.scalars(0)["train/kept_fraction"] == kept
+
+
+def test_the_byol_target_uses_the_ema_batchs_statistics(tmp_path, dist_info):
+    """A-CLIP's BYOL target: the teacher's projection of the EMA view, its BatchNorm normalising
+    with that batch's statistics (cross-rank BatchNorm, one rank here); no dropout or drop
+    path."""
+    from aclip.data.views import model_input
+
+    cfg = tiny_config(
+        str(tmp_path),
+        **{
+            "model.vision_kwargs": "{patch_size: 8, depth: 2, "
+            "embed_dim: 48, num_heads: 3, drop_path_rate: 0.5}"
+        },
+    )
+    trainer = Trainer(cfg, dist_info)
+    teacher = trainer.method.teacher.module
+    batch = fake_batch(cfg, 8, seed=5)
+    ema, boxes = model_input(batch["ema"]), batch["boxes"].float()
+    _, target, _ = trainer.method.teacher_pass(ema, boxes, step=0)
+    with torch.no_grad():
+        pooled, _ = teacher["visual"].forward_with_relevance(ema)
+        linear, norm, _, last = teacher["byol_projector"]
+        h = linear(pooled)
+        mean, var = h.mean(0), h.var(0, unbiased=False)
+        ref = last(torch.relu((h - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias))
+    torch.testing.assert_close(target, ref, atol=1e-5, rtol=1e-5)
+    again = trainer.method.teacher_pass(ema, boxes, step=0)[1]
+    assert torch.equal(target, again)  # no dropout / drop-path in the teacher
+    assert not teacher["visual"].training and norm.training and not norm.track_running_stats
