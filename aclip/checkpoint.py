@@ -87,18 +87,18 @@ def read_model_states(file: Path) -> dict:
 def load_eval_model(
     path: str | Path, use_ema: bool = False, device: str | torch.device = "cpu"
 ) -> tuple[CLIP, Config]:
-    """The CLIP model of a checkpoint, fp32, in eval mode, with the run's config.
+    """The CLIP model of a checkpoint, fp32, in eval mode, with the run's config. A bf16/fp16
+    run's weights are the fp32 master weights its optimizer kept, not the rounded module copies.
 
     With ``use_ema`` the image side (vision tower and image projection) comes from the EMA
     teacher; the text side is always the online one.
     """
-    states = read_model_states(find_checkpoint(path))
+    states_file = find_checkpoint(path)
+    states = read_model_states(states_file)
     cfg = config_from_yaml(states["config"])
     clip = build_clip(cfg.model)
-    clip_keys = {
-        k.removeprefix("clip."): v for k, v in states["module"].items() if k[:5] == "clip."
-    }
-    clip.load_state_dict({k: v.float() for k, v in clip_keys.items()})
+    module = _fp32_module(states["module"], states_file.parent)
+    clip.load_state_dict({k[5:]: v.float() for k, v in module.items() if k.startswith("clip.")})
     if use_ema:
         ema = states.get("ema")
         if ema is None:
@@ -108,6 +108,24 @@ def load_eval_model(
         if any(k.split(".")[0] in IMAGE_SIDE for k in missing):
             raise ValueError(f"EMA teacher in {path} lacks image-side weights: {missing[:3]}")
     return clip.float().eval().to(device), cfg
+
+
+def _fp32_module(module: dict[str, torch.Tensor], tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The student's weights at full precision: as saved for an fp32 run; for a bf16/fp16 run
+    (whose saved module holds rounded copies) the fp32 master weights the optimizer kept,
+    merged from every rank's ZeRO shards by DeepSpeed's own ``zero_to_fp32``."""
+    half = (torch.bfloat16, torch.float16)
+    if not any(v.dtype in half for v in module.values() if torch.is_tensor(v)):
+        return module
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{tag_dir} holds half-precision weights and its fp32 master weights (the ZeRO "
+            f"optimizer states) cannot be read: {err}"
+        ) from None
 
 
 # ---------------------------------------------------------------- whole-or-invisible saves

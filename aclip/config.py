@@ -246,6 +246,13 @@ def validate(cfg: Config) -> None:
             f"must be fp32, bf16 or fp16 (got {cfg.train.precision!r})",
         ),
         (cfg.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2"),
+        (
+            cfg.train.precision == "fp32" or cfg.train.zero_stage >= 1,
+            "train.zero_stage",
+            f"{cfg.train.precision} needs ZeRO 1 or 2: DeepSpeed's stage-0 half-precision "
+            "optimizer keeps its fp32 master weights where neither evaluation, export nor the "
+            "logit-scale clamp can reach them (use train.zero_stage=1, or train.precision=fp32)",
+        ),
         (cfg.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1"),
         (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]"),
         (0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]"),

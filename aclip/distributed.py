@@ -216,6 +216,20 @@ def clamp_parameter_(param: nn.Parameter, low: float, high: float) -> None:
         mapping.get_hp_fragment().clamp_(low, high)
 
 
+def fp32_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of ``module`` in fp32: the optimizer's master copy where DeepSpeed keeps
+    one (ZeRO 1/2 with bf16/fp16: the module holds rounded copies; the master is gathered over
+    the ranks, so every rank must call this), else the parameter itself (fp32 training, and
+    parameters outside the optimizer, e.g. frozen ones)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = {}
+    for name, param in module.named_parameters():
+        master = safe_get_full_fp32_param(param) if hasattr(param, "_hp_mapping") else None
+        params[name] = (master if master is not None else param.detach()).float()
+    return params
+
+
 def deepspeed_config(
     global_batch: int, per_rank_batch: int, precision: str, zero_stage: int, grad_clip: float
 ) -> dict[str, Any]:

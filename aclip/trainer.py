@@ -24,6 +24,7 @@ from aclip.data.stream import TrainStream
 from aclip.distributed import DistInfo
 from aclip.methods import RunContext, build_method, shape_fields
 from aclip.metrics import TrainMetrics
+from aclip.model import build_clip
 from aclip.model.clip import LOGIT_SCALE_MAX
 from aclip.numerics import NonFiniteLoss, StepGuard, apply_step
 from aclip.optim import build_optimizer, build_scheduler, run_length
@@ -71,8 +72,10 @@ class Trainer:
 
     # ----------------------------------------------------------------- set-up
     def _precision(self) -> str:
-        """bf16/fp16 need a GPU here; the CPU runs fp32."""
-        return self.cfg.train.precision if self.device.type == "cuda" else "fp32"
+        """The configured precision; fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16
+        training), so the CPU runs fp32 instead; bf16 runs on the CPU too."""
+        precision = self.cfg.train.precision
+        return "fp32" if precision == "fp16" and self.device.type != "cuda" else precision
 
     def _context(self) -> RunContext:
         precision = self._precision()
@@ -265,16 +268,36 @@ class Trainer:
             for tag, image in self.method.images(batch, self.step).items():
                 self.writer.add_image(tag, image, self.step)
 
+    def eval_clip(self) -> torch.nn.Module:
+        """The CLIP to evaluate: the student's, or with bf16/fp16 weights an fp32 copy made from
+        the optimizer's master weights (gathered: every rank calls this)."""
+        clip = self.model.clip
+        if self.method.ctx.input_dtype == torch.float32:
+            return clip
+        params = dist_utils.fp32_parameters(clip)
+        with torch.device("meta"):
+            copy = build_clip(self.cfg.model)
+        copy = copy.to_empty(device=self.device)
+        buffers = dict(clip.named_buffers())
+        with torch.no_grad():
+            for name, param in copy.named_parameters():
+                param.copy_(params[name])
+            for name, buffer in copy.named_buffers():
+                buffer.copy_(buffers[name])
+        return copy
+
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """The configured eval sets on the online model (rank 0; other ranks get {})."""
+        """The configured eval sets on the online model, from its fp32 weights (rank 0; other
+        ranks get {})."""
         results: dict[str, dict[str, float]] = {}
+        clip = self.eval_clip()
         if self.dist.is_main:
             from aclip.evaluation import evaluate_sets
 
             with self.method.ctx.autocast():
                 ev = self.cfg.eval
                 results = evaluate_sets(
-                    self.model.clip, self.tokenizer, ev.zeroshot_sets, ev.retrieval_sets,
+                    clip, self.tokenizer, ev.zeroshot_sets, ev.retrieval_sets,
                     self.cfg.model.image_size, ev.batch_size, self.device,
                 )  # fmt: skip
         dist_utils.barrier()

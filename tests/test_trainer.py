@@ -224,3 +224,32 @@ def test_a_logit_scale_above_the_cap_comes_back_down(tmp_path, dist_info, stage)
         seen.append(float(scale.detach()) if master is None else float(master))
     assert max(seen) <= cap + 1e-6, seen
     assert seen[-1] < cap - 5e-3, seen
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_runs_are_evaluated_and_saved_for_eval_from_the_fp32_master_weights(
+    tmp_path, dist_info, stage
+):
+    """With bf16 weights the module holds rounded copies; evaluation (during and after training)
+    and load_eval_model (evals, export) use the optimizer's fp32 master weights."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from aclip.checkpoint import load_eval_model
+
+    cfg = tiny_config(str(tmp_path), **{"train.zero_stage": stage, "train.precision": "bf16"})
+    trainer = Trainer(cfg, dist_info)
+    for i in range(3):
+        trainer.train_step(fake_batch(cfg, 8, seed=80 + i))
+    clip = trainer.model.clip
+    masters = {n: safe_get_full_fp32_param(p) for n, p in clip.named_parameters()}
+    assert all(m is not None and m.dtype == torch.float32 for m in masters.values())
+    assert all(p.dtype == torch.bfloat16 for p in clip.parameters())
+    rounded = {n: p.detach().float() for n, p in clip.named_parameters()}
+    assert any(not torch.equal(masters[n], rounded[n]) for n in masters)  # rounding is real
+
+    evaluated = dict(trainer.eval_clip().named_parameters())
+    saved_clip, _ = load_eval_model(trainer.save_checkpoint())
+    loaded = dict(saved_clip.named_parameters())
+    for name, master in masters.items():
+        assert torch.equal(evaluated[name], master), name
+        assert torch.equal(loaded[name], master), name

@@ -100,9 +100,10 @@ def bench_config(opts: StepOptions, mode: str, out_dir: str) -> Config:
     """The run config of ``mode``: preset < mode < user overrides, plus bench plumbing."""
     preset = PRESETS[opts.preset]
     batch = opts.batch or preset["batch"]
+    precision = opts.precision if torch.cuda.is_available() else "fp32"  # the CPU bench: fp32
     plumbing = [
         f"train.global_batch_size={batch}",
-        f"train.precision={opts.precision}",
+        f"train.precision={precision}",
         f"train.output_dir={out_dir}",
         "data.samples_per_epoch=1000000000",
         "train.progress=false",
