@@ -1,4 +1,4 @@
-# aclip — make demo | make test | make test-slurm | make bench | make lint | make install
+# aclip — make demo | make test | make test-fast | make test-slurm | make bench | make lint | make install
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo demo-dense test test-slurm lint clean
+.PHONY: install demo demo-dense test test-fast test-slurm lint clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ demo-dense: install
 test: install
 	$(PY) -m ruff check aclip evals tests train.py
 	$(PY) -m pytest -q -m "not slurm"
+
+# the inner loop: no multi-process or other slow tests (marker slow), under ~2 minutes
+test-fast: install
+	$(PY) -m ruff check aclip evals tests train.py
+	$(PY) -m pytest -q -m "not slurm and not slow"
 
 # the real-SLURM tests: needs root on Debian (installs and starts slurm-wlm + munge if missing)
 test-slurm: install

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL_ARGS
 
 from aclip.data.synthetic import write_synthetic
 
@@ -124,9 +125,9 @@ class Job:
 def submit(tmp_path: Path, shards: str) -> Iterator[Callable[..., Job]]:
     """``submit(*overrides)``: sbatch the launch script from the repository root with 2 CPU tasks.
 
-    The config comes through $CONFIG, shards and output directory through $OVERRIDES, the rest
-    as script arguments, so all three ways of passing settings are exercised. Jobs still queued
-    or running at the end of the test are cancelled.
+    The config comes through $CONFIG, shards and output directory through $OVERRIDES, the tiny
+    model and the rest as script arguments, so all three ways of passing settings are exercised.
+    Jobs still queued or running at the end of the test are cancelled.
     """
     jobs: list[Job] = []
 
@@ -142,7 +143,7 @@ def submit(tmp_path: Path, shards: str) -> Iterator[Callable[..., Job]]:
             PYTHONWARNINGS="ignore::FutureWarning",
         )
         cmd = ["sbatch", "--parsable", f"--job-name={JOB_NAME}", f"--output={logs}/%x-%j.out",
-               *RESOURCES, LAUNCH, *overrides]  # fmt: skip
+               *RESOURCES, LAUNCH, *TINY_MODEL_ARGS, *overrides]  # fmt: skip
         out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, f"sbatch failed: {out.stderr}"
         job_id = out.stdout.strip().split(";")[0]
