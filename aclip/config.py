@@ -119,6 +119,7 @@ class TrainConfig:
 
     output_dir: str = "runs/default"
     global_batch_size: int = 4096
+    accum_freq: int = 1  # micro-batches per rank and step; negatives still span the whole batch
     precision: str = "bf16"
     zero_stage: int = 1
     seed: int = 0
@@ -254,6 +255,7 @@ def validate(cfg: Config) -> None:
             "logit-scale clamp can reach them (use train.zero_stage=1, or train.precision=fp32)",
         ),
         (cfg.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1"),
+        (cfg.train.accum_freq >= 1, "train.accum_freq", "must be >= 1"),
         (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]"),
         (0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers"),
@@ -290,13 +292,15 @@ def _check_weights(weights: list[float], spec: str) -> None:
 
 
 def check_world_size(cfg: Config, world_size: int) -> int:
-    """Return the per-rank batch; refuse a global batch that does not divide over the ranks."""
-    if cfg.train.global_batch_size % world_size:
+    """Return the per-rank batch; refuse a global batch that does not divide over the ranks and
+    their ``train.accum_freq`` micro-batches."""
+    batch, accum = cfg.train.global_batch_size, cfg.train.accum_freq
+    if batch % (world_size * accum):
         raise ConfigError(
-            f"config key 'train.global_batch_size': {cfg.train.global_batch_size} does not divide "
-            f"over {world_size} ranks"
+            f"config key 'train.global_batch_size': {batch} does not divide over {world_size} "
+            f"ranks x {accum} micro-batches (train.accum_freq)"
         )
-    return cfg.train.global_batch_size // world_size
+    return batch // world_size
 
 
 def to_yaml(cfg: Config) -> str:

@@ -231,13 +231,19 @@ def fp32_parameters(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def deepspeed_config(
-    global_batch: int, per_rank_batch: int, precision: str, zero_stage: int, grad_clip: float
+    global_batch: int,
+    per_rank_batch: int,
+    precision: str,
+    zero_stage: int,
+    grad_clip: float,
+    accum_freq: int = 1,
 ) -> dict[str, Any]:
-    """The DeepSpeed JSON config for one optimizer step per global batch."""
+    """The DeepSpeed JSON config for one optimizer step per global batch, each rank's part in
+    ``accum_freq`` micro-batches (aclip.accumulation)."""
     cfg: dict[str, Any] = {
         "train_batch_size": global_batch,
-        "train_micro_batch_size_per_gpu": per_rank_batch,
-        "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": per_rank_batch // accum_freq,
+        "gradient_accumulation_steps": accum_freq,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

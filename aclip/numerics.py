@@ -101,30 +101,39 @@ class StepGuard:
         return self.in_a_row >= self.max_bad_steps
 
 
-def apply_step(engine: Any, model: nn.Module, loss: torch.Tensor) -> str:
-    """Backward and optimizer step, unless the loss or a gradient is NaN/Inf on any rank.
+def apply_step(engine: Any, model: nn.Module, losses: Iterable[Any]) -> tuple[Any, str]:
+    """Backward of each micro-batch's loss (``losses``: StepLoss objects, one per micro-batch,
+    computed lazily) and one optimizer step, unless the loss or a gradient is NaN/Inf on any rank.
 
-    Returns "" when the step was applied, else "loss" or "gradients". DeepSpeed's own
-    optimizers (ZeRO 1/2, bf16, fp16) find non-finite gradients themselves (global grad norm and
-    overflow flag, all-reduced: every rank skips alike) and a NaN/Inf loss makes NaN gradients,
-    so the step adds no host sync of its own; only a skipped step asks (all ranks together)
-    whether the loss was at fault. A plain fp32 optimizer (ZeRO 0) has no such check: loss and
-    gradients (all-reduced in backward) are checked together before stepping (one sync).
+    Returns the last micro-batch's loss and "" when the step was applied, else "loss" or
+    "gradients". DeepSpeed's own optimizers (ZeRO 1/2, bf16, fp16) find non-finite gradients
+    themselves (global grad norm and overflow flag, all-reduced: every rank skips alike) and a
+    NaN/Inf loss makes NaN gradients, so the step adds no host sync of its own; only a skipped
+    step asks (all ranks together) whether the loss was at fault. A plain fp32 optimizer (ZeRO 0)
+    has no such check: loss and gradients (all-reduced in backward) are checked together before
+    stepping (one sync). Gradients of the micro-batches add up (no division by their number:
+    each micro-batch's loss is the whole batch's, see aclip.accumulation); DeepSpeed steps the
+    optimizer at the last one.
     """
+    counters = engine_counters(engine)
+    last = None
+    for loss in losses:
+        if last is not None:
+            engine.step()  # between micro-batches: DeepSpeed only counts it
+        engine.backward(loss.total, scale_wrt_gas=False)
+        last = loss
     if hasattr(engine.optimizer, "overflow"):
-        engine.backward(loss)
-        counters = engine_counters(engine)
         engine.step()
         if engine.was_step_applied():
-            return ""
+            return last, ""
         set_engine_counters(engine, counters)  # a skipped step is not a step
-        return "loss" if nonfinite_anywhere(loss)[0] else "gradients"
-    engine.backward(loss)
-    grads = grad_norm_sum(model.parameters(), loss.device)
-    checked = torch.stack([loss.detach().float(), grads])
+        return last, "loss" if nonfinite_anywhere(last.total)[0] else "gradients"
+    grads = grad_norm_sum(model.parameters(), last.total.device)
+    checked = torch.stack([last.total.detach().float(), grads])
     bad_loss, bad_grads = nonfinite_anywhere(checked)
     if bad_loss or bad_grads:
         engine.zero_grad()
-        return "loss" if bad_loss else "gradients"
+        set_engine_counters(engine, counters)
+        return last, "loss" if bad_loss else "gradients"
     engine.step()
-    return ""
+    return last, ""

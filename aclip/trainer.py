@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from aclip import distributed as dist_utils
+from aclip.accumulation import micro_losses
 from aclip.checkpoint import Checkpointer, Counters, seed_everything
 from aclip.config import Config, check_world_size, to_yaml
 from aclip.data.stream import TrainStream
@@ -103,7 +104,7 @@ class Trainer:
                                     self.length.total_steps)  # fmt: skip
         ds_cfg = dist_utils.deepspeed_config(cfg.train.global_batch_size, self.per_rank_batch,
                                              self._precision(), cfg.train.zero_stage,
-                                             cfg.optim.grad_clip)  # fmt: skip
+                                             cfg.optim.grad_clip, cfg.train.accum_freq)  # fmt: skip
         return dist_utils.build_engine(self.model, optimizer, scheduler, ds_cfg)
 
     @property
@@ -140,9 +141,9 @@ class Trainer:
         ``train.max_bad_steps`` skips in a row save a checkpoint and raise `NonFiniteLoss`.
         """
         self.numerics.snapshot()
-        loss = self.method.loss(self.engine, batch, self.step)
         self.counters.samples_seen += len(batch["tokens"]) * self.dist.world_size
-        bad = apply_step(self.engine, self.model, loss.total)
+        micro = micro_losses(self.method, self.engine, batch, self.step, self.cfg.train.accum_freq)
+        loss, bad = apply_step(self.engine, self.model, micro)
         if bad:
             self._skip_step(bad)
         else:

@@ -11,6 +11,7 @@ One step, top to bottom (docs/design.md, "A-CLIP step by step"):
 4. The top-k patches of each view are kept (`TokenSelector`; ``mask.strategy`` ``random`` and
    ``none`` are the FLIP and all-token ablations of this step, with everything else the same).
 5. Both views and the captions go through the student in one batch (the engine's forward).
+   `prepare` is steps 1-4 (no gradients), `forward` step 5 and `loss_from` step 6.
 6. loss = mean over views of InfoNCE(view, text) + w_simclr NT-Xent(view 1, view 2)
    + w_byol mean over views of BYOL(view -> the teacher's projection of the EMA view).
 7. After each applied optimizer step the teacher moves toward the student (`after_step`,
@@ -124,27 +125,40 @@ class ACLIP(Method):
         keep_idx = self.selector.select(mapped_BVN, batch * views, generator, device)
         return keep_idx, (target.float() if target is not None else None), relevance_BN
 
-    def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
-        """Steps 2-6 of the module docstring on this rank's batch."""
+    def prepare(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """Steps 2-4 of the module docstring: the views normalised on the device, the teacher's
+        pass on the EMA views, the kept tokens and the BYOL target."""
         views = model_input(self.to_device(batch["views"]), self.ctx.input_dtype)
-        tokens = self.to_device(batch["tokens"])
         ema = model_input(self.to_device(batch["ema"]))
         boxes = self.to_device(batch["boxes"]).float()
-        n, v = views.shape[:2]
         keep_idx, byol_target, _ = self.teacher_pass(ema, boxes, step)
-        out = forward(views.flatten(0, 1), tokens, keep_idx)
+        prepared = {"views": views, "tokens": self.to_device(batch["tokens"])}
+        if keep_idx is not None:
+            prepared["keep_idx"] = keep_idx
+        if byol_target is not None:
+            prepared["byol_target"] = byol_target
+        return prepared
+
+    def forward(self, forward: Forward, prepared: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Step 5: both views (kept tokens) and the captions through the student."""
+        views = prepared["views"]
+        return forward(views.flatten(0, 1), prepared["tokens"], prepared.get("keep_idx"))
+
+    def loss_from(self, outputs: Mapping[str, Tensor], prepared: Mapping[str, Tensor]) -> StepLoss:
+        """Step 6: InfoNCE per view + w_simclr NT-Xent + w_byol BYOL."""
+        n, v = prepared["views"].shape[:2]
 
         def per_view(x: Tensor | None) -> list[Tensor] | None:
             return None if x is None else list(x.float().view(n, v, -1).unbind(1))
 
         loss = self.cfg.loss
         terms = aclip_loss(
-            per_view(out["image_emb"]),
-            out["text_emb"].float(),
-            out["logit_scale_exp"].float(),
-            per_view(out.get("simclr_z")),
-            per_view(out.get("byol_pred")),
-            byol_target,
+            per_view(outputs["image_emb"]),
+            outputs["text_emb"].float(),
+            outputs["logit_scale_exp"].float(),
+            per_view(outputs.get("simclr_z")),
+            per_view(outputs.get("byol_pred")),
+            prepared.get("byol_target"),
             loss.w_simclr,
             loss.w_byol,
             loss.simclr_temperature,

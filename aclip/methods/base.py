@@ -87,10 +87,31 @@ class Method:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ one step
+    # A step's loss is prepare (no gradients: the batch on the device, a teacher's targets,
+    # token selection) -> forward (the student, through the engine) -> loss_from (the loss of
+    # the outputs). Gradient accumulation (aclip.accumulation) splits the prepared batch into
+    # micro-batches along dim 0, runs forward on each and concatenates their outputs along dim
+    # 0 (but for the keys in ``whole_outputs``), so every tensor of the prepared batch and of the
+    # outputs must be per sample (or per sample and view), in the batch's order.
+    whole_outputs: ClassVar[tuple[str, ...]] = ("logit_scale_exp",)
+
+    def prepare(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """This rank's ``batch`` ready for the student, at optimizer step ``step`` (no grad)."""
+        raise NotImplementedError
+
+    def forward(self, forward: Forward, prepared: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The student's outputs on ``prepared``; ``forward`` is the engine."""
+        raise NotImplementedError
+
+    def loss_from(self, outputs: Mapping[str, Tensor], prepared: Mapping[str, Tensor]) -> StepLoss:
+        """The loss of the student's ``outputs`` on ``prepared`` (gathered over ranks)."""
+        raise NotImplementedError
+
     def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
         """The loss of one step on this rank's ``batch`` at optimizer step ``step``; ``forward``
         is the engine (call it as the student)."""
-        raise NotImplementedError
+        prepared = self.prepare(batch, step)
+        return self.loss_from(self.forward(forward, prepared), prepared)
 
     def after_step(self, step: int) -> None:
         """After an applied optimizer step ``step`` (0-based): e.g. the EMA update."""

@@ -56,17 +56,29 @@ class CLIP(Method):
             ema_view=False,
         )
 
-    def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
-        """InfoNCE of the (token-selected) view against this rank's captions, gathered."""
+    def prepare(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
+        """The view normalised on the device, the captions and the kept tokens."""
         views = model_input(self.to_device(batch["views"]), self.ctx.input_dtype)
-        tokens = self.to_device(batch["tokens"])
         rows = views.shape[0] * views.shape[1]
         device = self.ctx.device
         generator = mask_generator(self.cfg.train.seed, self.ctx.rank, step, device)
+        prepared = {"views": views, "tokens": self.to_device(batch["tokens"])}
         keep_idx = self.selector.select(None, rows, generator, device)
-        out = forward(views.flatten(0, 1), tokens, keep_idx)
+        if keep_idx is not None:
+            prepared["keep_idx"] = keep_idx
+        return prepared
+
+    def forward(self, forward: Forward, prepared: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The (token-selected) view and the captions through the student."""
+        views = prepared["views"]
+        return forward(views.flatten(0, 1), prepared["tokens"], prepared.get("keep_idx"))
+
+    def loss_from(self, outputs: Mapping[str, Tensor], prepared: Mapping[str, Tensor]) -> StepLoss:
+        """InfoNCE of the view against this rank's captions, gathered over ranks."""
         clip = multi_view_infonce(
-            [out["image_emb"].float()], out["text_emb"].float(), out["logit_scale_exp"].float()
+            [outputs["image_emb"].float()],
+            outputs["text_emb"].float(),
+            outputs["logit_scale_exp"].float(),
         )
         return StepLoss(clip, {"clip": clip})
 
