@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from aclip.config import ConfigError
 from aclip.methods.base import Forward, Method, StepLoss
 
 
@@ -53,11 +54,16 @@ def micro_losses(
     method: Method, forward: Forward, batch: Mapping[str, Tensor], step: int, parts: int
 ) -> Iterator[StepLoss]:
     """The losses to back-propagate, one per micro-batch (see the module docstring); a single
-    part is the method's ordinary step."""
-    prepared = method.prepare(batch, step)
+    part is the method's ordinary step (``Method.loss``)."""
     if parts == 1:
-        yield method.loss_from(method.forward(forward, prepared), prepared)
+        yield method.loss(forward, batch, step)
         return
+    if type(method).prepare is Method.prepare:
+        raise ConfigError(
+            f"config key 'train.accum_freq': method {method.name!r} does not split its step into "
+            "prepare / forward / loss_from, which gradient accumulation needs"
+        )
+    prepared = method.prepare(batch, step)
     micro = split_rows(prepared, parts)
     with torch.no_grad():
         cached = [method.forward(forward, part) for part in micro]
