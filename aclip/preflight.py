@@ -17,7 +17,11 @@ def check_paths(cfg: Config) -> None:
 
     get_method(cfg.method).validate(cfg)
     if cfg.model.init_from and not Path(cfg.model.init_from.removeprefix("local-dir:")).exists():
-        raise FileNotFoundError(f"model.init_from: no such file or folder: {cfg.model.init_from}")
+        raise FileNotFoundError(
+            f"model.init_from: no such file or folder: {cfg.model.init_from} (give the pretrained "
+            "weights to start from: an OpenAI release file, an open_clip checkpoint or folder, or "
+            "an aclip run; nothing is downloaded)"
+        )
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards': no training shards given")
     sources = expand_urls(cfg.data.train_shards)

@@ -8,7 +8,7 @@
 Each grid point is one ``train.py`` run (its own process, same base config and overrides, same
 number of steps) evaluated on the config's ``eval.zeroshot_sets``.
 
-``checkpoint``: one trained checkpoint, evaluated while keeping only part of the patch tokens.
+``checkpoint``: one model, evaluated while keeping only part of the patch tokens.
 
     python -m evals.keep_ratio checkpoint --checkpoint runs/demo --data data/eval_cls \
         --keep-ratios 1.0 0.75 0.5 0.25 --strategies attentive random --out runs/keep_eval
@@ -16,6 +16,10 @@ number of steps) evaluated on the config's ``eval.zeroshot_sets``.
 Zero-shot top-1/top-5 and images/s (image tower, teacher pass included) per strategy and keep
 ratio: ``attentive`` keeps the top-k patches by the EMA tower's relevance on the eval image,
 ``random`` a seeded random subset; keep ratio 1.0 is the all-tokens row ("none").
+``--checkpoint`` is an aclip run or any CLIP ``aclip.interop.load_clip`` reads (an open_clip
+folder, an open_clip checkpoint with ``--model-name``, an OpenAI file; see ``evals.common``). Such
+a model has no EMA teacher: its ``attentive`` relevance comes from the model's own vision tower
+(all tokens, on the same image), which the table and the rows say (``relevance_from``).
 
 Both write ``results.md`` (a markdown table), ``results.csv`` and ``results.png`` into ``--out``.
 """
@@ -38,12 +42,12 @@ import torch
 
 from aclip.checkpoint import load_eval_model
 from aclip.data.evalsets import load_wds_classification
-from aclip.data.views import eval_transform
 from aclip.evaluation import classification_metrics, zero_shot_classifier, zero_shot_logits
 from aclip.masking import num_keep, random_keep, topk_keep
 from aclip.model.clip import CLIP
 from aclip.model.vision import VisionTower
 from aclip.tokenizer import Tokenizer
+from evals.common import EvalModel, check_model_source, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"  # the study trains with the checkout's train.py
@@ -265,6 +269,7 @@ CHECKPOINT_COLUMNS: list[Column] = [
     ("top-1 (%)", lambda r: f"{r['top1']:.1f}"),
     ("top-5 (%)", lambda r: f"{r['top5']:.1f}"),
     ("images/s", lambda r: f"{r['images_per_s']:.1f}"),
+    ("relevance from", lambda r: r.get("relevance_from", "").replace("_", " ") or "-"),
 ]
 KeepFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -378,32 +383,33 @@ def checkpoint_sweep(
     device: str | torch.device = "cpu",
     seed: int = 0,
     workers: int = 0,
+    model_name: str | None = None,
 ) -> list[dict]:
-    """Zero-shot accuracy and speed of one checkpoint at each eval-time keep ratio and strategy.
+    """Zero-shot accuracy and speed of one model at each eval-time keep ratio and strategy.
 
     The online model is evaluated on the wds classification set at ``data``; ``attentive``
-    keeps the patches the checkpoint's EMA vision tower finds most relevant on the same image.
+    keeps the patches the checkpoint's EMA vision tower finds most relevant on the same image
+    (a model that is not an aclip run, e.g. an OpenAI or open_clip CLIP: its own vision tower).
     One row per (strategy, keep ratio) plus the all-tokens row ("none", 1.0), as dicts with
-    strategy, keep_ratio, kept_tokens, top1, top5 (%), images_per_s and n.
+    strategy, keep_ratio, kept_tokens, top1, top5 (%), images_per_s, n and relevance_from
+    (``ema_teacher`` / ``own_tower`` for attentive rows, empty otherwise).
     """
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from aclip.checkpoint import find_checkpoint
     from aclip.data.evalsets import check_eval_set
 
-    find_checkpoint(checkpoint)  # refuse missing paths before loading any model
+    check_model_source(checkpoint)  # refuse missing paths before loading any model
     if check_eval_set(data, "zeroshot") == "multilabel":
         raise ValueError(f"{data} is a multilabel set; the keep-ratio sweep reports top-1/top-5 "
                          "and needs a single-label classification set")  # fmt: skip
     device = torch.device(device)
-    clip, cfg = load_eval_model(checkpoint, use_ema=False, device=device)
-    teacher = None
+    model = load_model(checkpoint, model_name, device=device)
+    clip, teacher, relevance_from = model.clip, None, ""
     if "attentive" in strategies:
-        teacher = load_eval_model(checkpoint, use_ema=True, device=device)[0].visual
-    transform = eval_transform(cfg.model.image_size)
-    dataset, classnames, templates = load_wds_classification(data, transform)
-    tokenizer = Tokenizer(cfg.model.context_length)
+        teacher, relevance_from = _relevance_tower(checkpoint, model, device)
+    dataset, classnames, templates = load_wds_classification(data, model.transform)
+    tokenizer = Tokenizer(model.context_length)
     classifier = zero_shot_classifier(clip, tokenizer, classnames, templates, device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     grid_hw, rows = clip.visual.grid_hw, []
@@ -411,8 +417,20 @@ def checkpoint_sweep(
         select = keep_fn(strategy, ratio, grid_hw, teacher, seed)
         result = evaluate_point(clip, classifier, loader, len(classnames), select, device)
         kept = num_keep(clip.visual.num_patches, ratio)
-        rows.append({"strategy": strategy, "keep_ratio": ratio, "kept_tokens": kept} | result)
+        source = relevance_from if strategy == "attentive" else ""
+        rows.append({"strategy": strategy, "keep_ratio": ratio, "kept_tokens": kept} | result
+                    | {"relevance_from": source})  # fmt: skip
     return rows
+
+
+def _relevance_tower(
+    checkpoint: str | Path, model: EvalModel, device: torch.device
+) -> tuple[VisionTower, str]:
+    """The tower whose CLS relevance picks the attentive tokens: an aclip run's EMA teacher, or
+    (for any other CLIP, which has none) the model's own vision tower."""
+    if model.is_aclip_run:
+        return load_eval_model(checkpoint, use_ema=True, device=device)[0].visual, "ema_teacher"
+    return model.clip.visual, "own_tower"
 
 
 def _plot_checkpoint(table: list[dict], path: Path, title: str) -> None:
@@ -445,20 +463,30 @@ def checkpoint_command(args: argparse.Namespace) -> int:
     try:
         table = checkpoint_sweep(
             args.checkpoint, args.data, args.keep_ratios, args.strategies, args.batch_size,
-            args.device, args.seed, args.workers,
+            args.device, args.seed, args.workers, args.model_name,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_checkpoint_outputs(table, out, args.title)
     print((out / "results.md").read_text())
+    if any(r["relevance_from"] == "own_tower" for r in table):
+        print(f"note: {args.checkpoint} is not an aclip run and has no EMA teacher: the attentive "
+              "rows keep the patches its own vision tower finds most relevant (CLS attention, "
+              "all tokens, same image)")  # fmt: skip
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}")
     return 0
 
 
 def _add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("checkpoint", help="one checkpoint at several eval-time keep ratios")
-    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir, tag or file")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="aclip run (run dir, checkpoints dir, tag or file), open_clip folder, open_clip "
+        "checkpoint (with --model-name) or OpenAI release file",
+    )
+    p.add_argument("--model-name", help="open_clip model name or config of a weights file")
     p.add_argument("--data", required=True, help="wds zero-shot classification set (root)")
     p.add_argument("--out", required=True)
     p.add_argument("--keep-ratios", nargs="+", type=float, default=[1.0, 0.75, 0.5, 0.25])

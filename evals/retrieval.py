@@ -1,8 +1,14 @@
-"""Image<->text retrieval recall@1/5/10 of a checkpoint, counted as CLIP_benchmark counts it.
+"""Image<->text retrieval recall@1/5/10 of any CLIP, counted as CLIP_benchmark counts it.
 
     python -m evals.retrieval --checkpoint runs/x --data path/to/wds_retrieval_set [--ema]
     python -m evals.retrieval --checkpoint runs/x --karpathy-json dataset_flickr30k.json \\
                               --images flickr30k_images [--split test] [--json out.json]
+    python -m evals.retrieval --checkpoint exports/x --data ...           (an open_clip folder)
+    python -m evals.retrieval --checkpoint ViT-B-16.pt --data ...         (an OpenAI release)
+    python -m evals.retrieval --checkpoint model.safetensors --model-name ViT-B-16 --data ...
+
+``--checkpoint``: an aclip run, or any CLIP ``aclip.interop.load_clip`` reads (see
+``evals.common``); an imported model is evaluated with its own preprocessing (``preprocess_cfg``).
 
 ``aclip-retrieval`` (installed with the package) takes the same arguments.
 
@@ -16,13 +22,11 @@ import sys
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from aclip.checkpoint import find_checkpoint, load_eval_model
 from aclip.data.evalsets import check_eval_set, load_wds_retrieval, retrieval_collate
 from aclip.data.karpathy import KarpathyDataset, karpathy_entries
-from aclip.data.views import eval_transform
 from aclip.retrieval import evaluate_retrieval
 from aclip.tokenizer import Tokenizer
-from evals.common import add_model_args, report
+from evals.common import add_model_args, check_model_source, load_model, report
 
 
 def _dataset_builder(data: str | None, karpathy_json: str | None, images: str | None, split: str):
@@ -55,26 +59,28 @@ def retrieval(
     workers: int = 0,
     device: str = "cpu",
     progress: bool = True,
+    model_name: str | None = None,
 ) -> dict[str, float]:
-    """Recall@1/5/10 both ways of ``checkpoint`` on a CLIP_benchmark wds retrieval set
-    (``data``) or a Karpathy split (``karpathy_json`` + ``images``), plus the set's size.
+    """Recall@1/5/10 both ways of ``checkpoint`` (an aclip run or any CLIP
+    ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on a
+    CLIP_benchmark wds retrieval set (``data``) or a Karpathy split (``karpathy_json`` +
+    ``images``), plus the set's size.
 
     Every path is checked before the model is loaded.
     """
-    find_checkpoint(checkpoint)
+    check_model_source(checkpoint)
     build_dataset = _dataset_builder(data, karpathy_json, images, split)
-    model, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
-    dataset = build_dataset(eval_transform(cfg.model.image_size))
-    tokenizer = Tokenizer(cfg.model.context_length)
+    model = load_model(checkpoint, model_name, use_ema, device)
+    dataset = build_dataset(model.transform)
+    tokenizer = Tokenizer(model.context_length)
     loader = _loader(dataset, batch_size, workers)
-    return evaluate_retrieval(model, tokenizer, loader, device, progress=progress)
+    return evaluate_retrieval(model.clip, tokenizer, loader, device, progress=progress)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or tag dir")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="CLIP_benchmark wds retrieval set")
     source.add_argument("--karpathy-json", help="dataset_flickr30k.json / dataset_coco.json")
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workers,
             args.device,
             not args.no_progress,
+            args.model_name,
         ),  # fmt: skip
         args.json,
     )

@@ -5,11 +5,12 @@
         [--set key=value ...] [--limit N] [--json OUT] [--vis OUT.png] [--ema] [--model-name NAME]
         [--reduce-zero-label]
 
-An aclip run (run dir, checkpoints dir, tag dir) is read by ``aclip.checkpoint.load_eval_model``;
-anything else (an open_clip folder or checkpoint, an OpenAI release, an aclip export) by
-``aclip.interop.load_clip``. Settings: ``aclip.segment.SegSettings`` defaults < the settings file
-(default ``configs/dense/<dataset>.yaml``) < ``--set``. Metrics (mmseg's ``IoUMetric`` counts):
-``mIoU``, ``aAcc`` (pixel accuracy), ``mAcc``, per-class IoU, ``n`` images.
+The model is read as every eval CLI reads it (``evals.common.load_model``): an aclip run (run dir,
+checkpoints dir, tag dir) by ``aclip.checkpoint.load_eval_model``; anything else (an open_clip
+folder or checkpoint, an OpenAI release, an aclip export) by ``aclip.interop.load_clip``.
+Settings: ``aclip.segment.SegSettings`` defaults < the settings file (default
+``configs/dense/<dataset>.yaml``) < ``--set``. Metrics (mmseg's ``IoUMetric`` counts): ``mIoU``,
+``aAcc`` (pixel accuracy), ``mAcc``, per-class IoU, ``n`` images.
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from tqdm import tqdm
 
-from aclip.checkpoint import MODEL_STATES, find_checkpoint, load_eval_model
 from aclip.data.segsets import DATASETS, IGNORE_INDEX, SegmentationSet
 from aclip.dense import HEADS
-from aclip.model.clip import CLIP
 from aclip.segment import (
     Segmenter,
     SegMetric,
@@ -40,36 +38,9 @@ from aclip.segment import (
     resolve_templates,
 )
 from aclip.tokenizer import Tokenizer
+from evals.common import is_aclip_run, load_model  # noqa: F401 (is_aclip_run: re-exported)
 
 SETTINGS_DIR = Path(__file__).resolve().parents[1] / "configs" / "dense"
-
-
-def is_aclip_run(path: str | Path) -> bool:
-    """Whether ``path`` is an aclip training checkpoint (run, checkpoints or tag directory, or
-    the model-states file) rather than a file or folder for ``aclip.interop.load_clip``."""
-    path = Path(path)
-    if path.is_file():
-        return path.name == MODEL_STATES
-    try:
-        find_checkpoint(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def load_model(
-    checkpoint: str, use_ema: bool = False, model_name: str | None = None, device: str = "cpu"
-) -> tuple[CLIP, int, tuple, tuple]:
-    """(model, context length, mean, std) of an aclip run or any CLIP ``load_clip`` reads."""
-    if is_aclip_run(checkpoint):
-        clip, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
-        return clip, cfg.model.context_length, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-    if not Path(checkpoint.removeprefix("local-dir:")).exists():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    from aclip.interop import load_clip
-
-    clip, cfg, pre = load_clip(checkpoint, model_name, use_ema=use_ema, device=device)
-    return clip, cfg.context_length, pre.mean, pre.std
 
 
 def parse_heads(spec: str) -> list[str]:
@@ -155,8 +126,9 @@ def segmentation(
     data = SegmentationSet(dataset, root, split, limit, reduce_zero_label)
     for s in settings.values():
         resolve_templates(s.templates, data.templates)
-    clip, context_length, mean, std = load_model(checkpoint, use_ema, model_name, device)
-    tokenizer = Tokenizer(context_length)
+    model = load_model(checkpoint, model_name, use_ema, device)
+    clip, mean, std = model.clip, model.preprocess.mean, model.preprocess.std
+    tokenizer = Tokenizer(model.context_length)
     cache: dict = {}  # text embedded once for the heads that share names and templates
     segmenters = {h: _segmenter(clip, tokenizer, data, s, mean, std, device, cache)
                   for h, s in settings.items()}  # fmt: skip

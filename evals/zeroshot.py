@@ -1,8 +1,14 @@
-"""Zero-shot classification of a checkpoint, counted as open_clip / CLIP_benchmark count it.
+"""Zero-shot classification of any CLIP, counted as open_clip / CLIP_benchmark count it.
 
     python -m evals.zeroshot --checkpoint runs/x --data path/to/wds_set [--ema] [--json out.json]
     python -m evals.zeroshot --checkpoint runs/x --imagefolder imagenet/val \\
                              [--classnames names.txt] [--templates openai|simple|FILE]
+    python -m evals.zeroshot --checkpoint exports/x --data ...            (an open_clip folder)
+    python -m evals.zeroshot --checkpoint ViT-B-16.pt --data ...          (an OpenAI release)
+    python -m evals.zeroshot --checkpoint model.safetensors --model-name ViT-B-16 --data ...
+
+``--checkpoint``: an aclip run, or any CLIP ``aclip.interop.load_clip`` reads (see
+``evals.common``); an imported model is evaluated with its own preprocessing (``preprocess_cfg``).
 
 ``aclip-zeroshot`` (installed with the package) takes the same arguments.
 
@@ -19,13 +25,11 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from aclip.checkpoint import find_checkpoint, load_eval_model
 from aclip.data.evalsets import load_wds_classification
 from aclip.data.imagefolder import load_imagefolder_classification
-from aclip.data.views import eval_transform
 from aclip.evaluation import zero_shot_evaluate
 from aclip.tokenizer import Tokenizer
-from evals.common import add_model_args, report
+from evals.common import add_model_args, check_model_source, load_model, report
 
 # transform -> (dataset, class names, templates)
 SetBuilder = Callable[[Callable], tuple]
@@ -63,16 +67,19 @@ def zeroshot(
     classnames: str | None = None,
     templates: str = "openai",
     workers: int = 0,
+    model_name: str | None = None,
 ) -> dict[str, float]:
-    """Top-1 / top-5 / mean per-class recall of ``checkpoint`` on the wds set ``data`` or the
-    ImageFolder tree ``imagefolder``, plus the number of images. Paths are checked first."""
-    find_checkpoint(checkpoint)
+    """Top-1 / top-5 / mean per-class recall of ``checkpoint`` (an aclip run or any CLIP
+    ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on the wds
+    set ``data`` or the ImageFolder tree ``imagefolder``, plus the number of images. Paths are
+    checked first."""
+    check_model_source(checkpoint)
     build_set = _set_builder(data, imagefolder, classnames, templates)
-    model, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
-    dataset, names, prompts = build_set(eval_transform(cfg.model.image_size))
-    tokenizer = Tokenizer(cfg.model.context_length)
+    model = load_model(checkpoint, model_name, use_ema, device)
+    dataset, names, prompts = build_set(model.transform)
+    tokenizer = Tokenizer(model.context_length)
     return zero_shot_evaluate(
-        model, tokenizer, dataset, names, prompts, device, batch_size, progress, workers
+        model.clip, tokenizer, dataset, names, prompts, device, batch_size, progress, workers
     )
 
 
@@ -80,7 +87,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or tag dir")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="CLIP_benchmark wds classification set")
     source.add_argument("--imagefolder", help="ImageFolder tree root/<class>/<image>")
@@ -111,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             classnames=args.classnames,
             templates=args.templates,
             workers=args.workers,
+            model_name=args.model_name,
         ),  # fmt: skip
         args.json,
     )

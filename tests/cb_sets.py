@@ -102,3 +102,51 @@ def _write(wb: types.ModuleType, sets: dict[str, Path]) -> None:
                        multilabel=True, verbose=False)  # fmt: skip
     wb.convert_retrieval_dataset(captions, "test", str(sets["cb_retrieval"]), transform=to_bytes,
                                  verbose=False)  # fmt: skip
+
+
+# ------------------------------------------------------- CLIP_benchmark's own evaluation code
+def _wds_loader(root: Path, transform, batch_size: int):
+    """CLIP_benchmark's wds reader and loader, as its CLI builds them for a ``wds/`` set."""
+    builder = clip_benchmark("datasets.builder")
+    dataset = builder.build_wds_dataset(
+        f"wds/{Path(root).name}", transform=transform, split="test", data_dir=str(root)
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset.batched(batch_size), batch_size=None, shuffle=False, num_workers=0
+    )
+    return dataset, loader
+
+
+def benchmark_zeroshot(model, transform, tokenizer, root: Path, batch_size: int = 8) -> dict:
+    """CLIP_benchmark's zero-shot top-1 / top-5 of a CLIP-like model (``encode_image`` /
+    ``encode_text``) on the wds set at ``root``: its reader, ``zero_shot_classifier``,
+    ``run_classification`` and (see ``_accuracy``) ``accuracy``, as its ``evaluate`` computes
+    acc1 / acc5 (its mean per-class recall is sklearn's, not installed here). Also the logits."""
+    zc = clip_benchmark("metrics.zeroshot_classification")
+    dataset, loader = _wds_loader(root, transform, batch_size)
+    with torch.no_grad():
+        classifier = zc.zero_shot_classifier(
+            model, tokenizer, dataset.classes, dataset.templates, "cpu", amp=False
+        )
+        logits, target = zc.run_classification(model, classifier, loader, "cpu", amp=False)
+    topk = (1, 5) if len(dataset.classes) >= 5 else (1,)
+    accs = _accuracy(logits, target, topk)
+    return {"top1": accs[0], "top5": accs[-1] if len(topk) == 2 else None, "n": len(target),
+            "logits": logits, "target": target}  # fmt: skip
+
+
+def _accuracy(logits: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...]) -> list[float]:
+    """CLIP_benchmark 1.6.2's ``accuracy`` step for step, its last step with ``.item()``: it calls
+    ``float()`` on a 1-element NumPy array, which NumPy 2 refuses (TypeError)."""
+    pred = logits.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum().item() / len(target) for k in topk]
+
+
+def benchmark_retrieval(model, transform, tokenizer, root: Path, batch_size: int = 8) -> dict:
+    """CLIP_benchmark's ``zeroshot_retrieval.evaluate`` (recall@1/5/10 both ways) of a CLIP-like
+    model on the wds retrieval set at ``root``, read by its own wds reader."""
+    zr = clip_benchmark("metrics.zeroshot_retrieval")
+    _, loader = _wds_loader(root, transform, batch_size)
+    with torch.no_grad():
+        return zr.evaluate(model, loader, tokenizer, "cpu", amp=False, recall_k_list=[1, 5, 10])

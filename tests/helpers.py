@@ -26,6 +26,11 @@ TINY_MODEL = {
 }
 # the same tiny model as command-line overrides (train.py tests)
 TINY_MODEL_ARGS = [f"{key}={value}" for key, value in TINY_MODEL.items()]
+# the tiny model with a CLIP-architecture (open_clip-expressible) image tower
+CLIP_TINY_ARGS = [a for a in TINY_MODEL_ARGS if not a.startswith("model.vision_")] + [
+    "model.vision_model=vit_base_patch16_clip_224",
+    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+]
 
 
 def tiny_config(out_dir: str, **overrides: object) -> Config:

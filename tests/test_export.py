@@ -11,7 +11,7 @@ import open_clip
 import pytest
 import timm
 import torch
-from helpers import TINY_MODEL_ARGS
+from helpers import CLIP_TINY_ARGS, TINY_MODEL_ARGS
 from torch import nn
 
 from aclip import export as export_cli
@@ -25,12 +25,7 @@ from aclip.tokenizer import Tokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 
-# the tiny test model with a CLIP-architecture (open_clip-expressible) image tower
-CLIP_TOWER = [
-    "model.vision_model=vit_base_patch16_clip_224",
-    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
-]
-CLIP_TINY = [a for a in TINY_MODEL_ARGS if not a.startswith("model.vision_")] + CLIP_TOWER
+CLIP_TINY = CLIP_TINY_ARGS  # the tiny test model with a CLIP-architecture image tower
 
 
 def save_run(run: Path, overrides: list[str]) -> Path:

@@ -240,7 +240,7 @@ def test_cli_refuses_a_classification_set_before_the_model(tmp_path, capsys, mon
     _fake_checkpoint(tmp_path)
     write_synthetic(tmp_path / "sets", n_train=0, n_eval_cls=6, n_eval_ret=0, image_size=32,
                     samples_per_shard=8)  # fmt: skip
-    monkeypatch.setattr(ret_cli, "load_eval_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(ret_cli, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     cls_set = tmp_path / "sets" / "eval_cls"
     assert retrieval_main(["--checkpoint", str(tmp_path), "--data", str(cls_set)]) == 2
     err = capsys.readouterr().err

@@ -414,7 +414,7 @@ def test_cli_errors(tmp_path, capsys) -> None:
     root = write_segmentation_set(tmp_path / "seg", 1, image_size=32)
     rc = cli.main(["--checkpoint", str(tmp_path / "missing"), "--dataset", "generic",
                    "--root", str(root)])  # fmt: skip
-    assert rc == 2 and "checkpoint not found" in capsys.readouterr().err
+    assert rc == 2 and "no checkpoint at" in capsys.readouterr().err
     rc = cli.main(["--checkpoint", str(folder), "--dataset", "generic", "--root", str(root),
                    "--head", "gem"])  # fmt: skip
     assert rc == 2 and "--head" in capsys.readouterr().err

@@ -190,7 +190,7 @@ def test_cli_bad_paths_exit_2_before_model_load(tiny, tree, tmp_path, capsys, mo
     def no_load(*args, **kwargs):
         raise AssertionError("model loaded before the paths were checked")
 
-    monkeypatch.setattr(zs_cli, "load_eval_model", no_load)
+    monkeypatch.setattr(zs_cli, "load_model", no_load)
     names_file = tmp_path / "names.txt"
     names_file.write_text("only_one\n")
     argv = {
@@ -294,7 +294,9 @@ def test_cli_multilabel_set_reports_clip_benchmark_map(tiny, cb_sets, capsys):
 
 
 @pytest.mark.parametrize("case", ["other_project", "state_dict", "text_file"])
-def test_cli_names_a_file_that_is_not_an_aclip_checkpoint(tree, tmp_path, capsys, case):
+def test_cli_names_a_file_that_is_neither_an_aclip_checkpoint_nor_clip_weights(
+    tree, tmp_path, capsys, case
+):
     path = tmp_path / f"{case}.pt"
     if case == "other_project":  # a DeepSpeed-style file of another project: no config
         torch.save({"module": {"w": torch.zeros(2)}, "epoch": 3}, path)
@@ -305,8 +307,21 @@ def test_cli_names_a_file_that_is_not_an_aclip_checkpoint(tree, tmp_path, capsys
     argv = ["--checkpoint", str(path), "--imagefolder", str(tree), "--no-progress"]
     assert zs_cli.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {path} is not an aclip checkpoint")
+    assert err.startswith(f"error: cannot evaluate {path}: not an aclip checkpoint")
     assert "mp_rank_00_model_states.pt" in err
+    assert "aclip.interop cannot read it as CLIP weights: " in err
+    why = "not a readable checkpoint" if case == "text_file" else "keys: w"
+    assert why in err
+
+
+def test_cli_names_a_model_states_file_of_another_project(tree, tmp_path, capsys):
+    path = tmp_path / "step" / "mp_rank_00_model_states.pt"  # the name, not aclip's content
+    path.parent.mkdir()
+    torch.save({"module": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    argv = ["--checkpoint", str(path), "--imagefolder", str(tree), "--no-progress"]
+    assert zs_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path} is not an aclip checkpoint: it lacks 'config'")
 
 
 def test_evaluate_sets_records_a_failing_set_and_runs_the_others(tiny, tmp_path, capsys):
