@@ -315,6 +315,18 @@ def check_compatible(cfg: Config, tag_dir: Path, fields_of: FieldsOf) -> None:
         )
 
 
+def will_resume(cfg: Config) -> bool:
+    """Whether ``cfg``'s run will resume from a checkpoint (``train.resume`` names one, or is
+    ``latest`` and a whole one exists): its weights then come from there, not ``init_from``."""
+    which = cfg.train.resume
+    if not which:
+        return False
+    if which != "latest":
+        return True
+    ckpt_dir = Path(cfg.train.output_dir) / "checkpoints"
+    return ckpt_dir.is_dir() and bool(resume_candidates(ckpt_dir))
+
+
 @dataclass
 class Counters:
     """The trainer's counters: optimizer steps taken and training samples seen (all ranks)."""

@@ -12,11 +12,13 @@ from aclip.config import Config, ConfigError
 def check_paths(cfg: Config) -> None:
     """Raise with a message naming the problem when the method's settings cannot run, an input is
     missing or of the wrong kind, the epoch size is unknown or the output unwritable."""
+    from aclip.checkpoint import will_resume
     from aclip.data.shards import expand_urls
     from aclip.methods import get_method
 
     get_method(cfg.method).validate(cfg)
-    if cfg.model.init_from and not Path(cfg.model.init_from.removeprefix("local-dir:")).exists():
+    pretrained = cfg.model.init_from.removeprefix("local-dir:")
+    if pretrained and not will_resume(cfg) and not Path(pretrained).exists():
         raise FileNotFoundError(
             f"model.init_from: no such file or folder: {cfg.model.init_from} (give the pretrained "
             "weights to start from: an OpenAI release file, an open_clip checkpoint or folder, or "

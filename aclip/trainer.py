@@ -19,7 +19,7 @@ import torch
 
 from aclip import distributed as dist_utils
 from aclip.accumulation import micro_losses
-from aclip.checkpoint import Checkpointer, Counters, seed_everything
+from aclip.checkpoint import Checkpointer, Counters, seed_everything, will_resume
 from aclip.config import Config, check_world_size, to_yaml
 from aclip.data.stream import TrainStream
 from aclip.distributed import DistInfo
@@ -89,8 +89,8 @@ class Trainer:
         """``model.init_from``: pretrained weights into the student's CLIP (before any teacher
         copies it); refused (WeightsError) naming the keys and shapes that do not fit."""
         model = self.cfg.model
-        if not model.init_from:
-            return
+        if not model.init_from or will_resume(self.cfg):
+            return  # a resumed run's weights come from its checkpoint
         from aclip.interop import init_from
 
         notes = init_from(student.clip, model.init_from, model.init_from_name or None)
