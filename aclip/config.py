@@ -242,17 +242,18 @@ def validate(cfg: Config) -> None:
         ),
         (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
         (
-            cfg.train.precision in ("fp32", "bf16", "fp16"),
+            cfg.train.precision in ("fp32", "bf16", "fp16", "amp_bf16"),
             "train.precision",
-            f"must be fp32, bf16 or fp16 (got {cfg.train.precision!r})",
+            f"must be fp32, bf16, fp16 or amp_bf16 (got {cfg.train.precision!r})",
         ),
         (cfg.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2"),
         (
-            cfg.train.precision == "fp32" or cfg.train.zero_stage >= 1,
+            cfg.train.precision in ("fp32", "amp_bf16") or cfg.train.zero_stage >= 1,
             "train.zero_stage",
             f"{cfg.train.precision} needs ZeRO 1 or 2: DeepSpeed's stage-0 half-precision "
             "optimizer keeps its fp32 master weights where neither evaluation, export nor the "
-            "logit-scale clamp can reach them (use train.zero_stage=1, or train.precision=fp32)",
+            "logit-scale clamp can reach them (use train.zero_stage=1, or train.precision=amp_bf16 "
+            "for fp32 weights with bf16 compute)",
         ),
         (cfg.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1"),
         (cfg.train.accum_freq >= 1, "train.accum_freq", "must be >= 1"),

@@ -264,10 +264,15 @@ def build_engine(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ds_config: dict[str, Any],
 ) -> Any:
-    """Wrap model, optimizer and per-step LR scheduler in a DeepSpeed engine."""
+    """Wrap model, optimizer and per-step LR scheduler in a DeepSpeed engine (on one rank with
+    ZeRO 0, without its gradient all-reduce)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if world_size() == 1 and ds_config["zero_optimization"]["stage"] == 0:
+        # nobody to reduce with: skip the bucketed all-reduce (flatten, reduce, copy back) that
+        # DeepSpeed runs after each backward anyway; the checkpoint layout does not change
+        engine.enable_backward_allreduce = False
     return engine

@@ -74,16 +74,24 @@ class Trainer:
     # ----------------------------------------------------------------- set-up
     def _precision(self) -> str:
         """The configured precision; fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16
-        training), so the CPU runs fp32 instead; bf16 runs on the CPU too."""
+        training), so the CPU runs fp32 instead; bf16 and amp_bf16 run on the CPU too."""
         precision = self.cfg.train.precision
         return "fp32" if precision == "fp16" and self.device.type != "cuda" else precision
 
     def _context(self) -> RunContext:
         precision = self._precision()
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        bf16_autocast = self.device.type == "cuda" and precision == "bf16"
+        autocast = precision == "amp_bf16" or (self.device.type == "cuda" and precision == "bf16")
         return RunContext(self.device, self.dist.rank, self.dist.world_size,
-                          self.length.total_steps, dtype, bf16_autocast)  # fmt: skip
+                          self.length.total_steps, dtype, autocast)  # fmt: skip
+
+    def _student_forward(self, *args: Any) -> dict[str, torch.Tensor]:
+        """The engine's forward; under bf16 autocast with ``train.precision=amp_bf16`` (fp32
+        weights and optimizer, open_clip's amp_bf16; the loss stays outside autocast)."""
+        if self._precision() != "amp_bf16":
+            return self.engine(*args)
+        with self.method.ctx.autocast():
+            return self.engine(*args)
 
     def _init_from_pretrained(self, student: torch.nn.Module) -> None:
         """``model.init_from``: pretrained weights into the student's CLIP (before any teacher
@@ -142,7 +150,8 @@ class Trainer:
         """
         self.numerics.snapshot()
         self.counters.samples_seen += len(batch["tokens"]) * self.dist.world_size
-        micro = micro_losses(self.method, self.engine, batch, self.step, self.cfg.train.accum_freq)
+        micro = micro_losses(self.method, self._student_forward, batch, self.step,
+                             self.cfg.train.accum_freq)  # fmt: skip
         loss, bad = apply_step(self.engine, self.model, micro)
         if bad:
             self._skip_step(bad)

@@ -274,3 +274,45 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_resumes(
                    "optim.total_steps=100000")  # fmt: skip
     assert f"resumed at step {step}" in text
     assert json.loads((out / "results.json").read_text())["step"] == step + 2
+
+
+def _save_one_rank(rank: int, port: int, out: str) -> None:
+    from helpers import fake_batch, set_rank_env
+
+    from aclip.distributed import init_distributed
+
+    set_rank_env(0, 1, port)
+    trainer = Trainer(tiny_config(out), init_distributed())
+    for i in range(2):
+        trainer.train_step(fake_batch(trainer.cfg, 8, seed=i))
+    trainer.save_checkpoint()
+    torch.save([p.detach().clone() for p in trainer.model.parameters()], Path(out, "saved.pt"))
+
+
+def _resume_two_ranks(rank: int, port: int, out: str) -> None:
+    from helpers import fake_batch, rank_slice, set_rank_env
+
+    from aclip.distributed import init_distributed
+
+    set_rank_env(rank, 2, port)
+    trainer = Trainer(tiny_config(out), init_distributed())
+    assert trainer.resume("latest") and trainer.step == 2
+    saved = torch.load(Path(out, "saved.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), saved, strict=True))
+    trainer.train_step(rank_slice(fake_batch(trainer.cfg, 8, seed=2), rank, 2))
+    assert trainer.step == 3
+    Path(out, f"rank{rank}.done").write_text("ok")
+
+
+@pytest.mark.slow
+def test_a_one_rank_zero0_checkpoint_resumes_on_two_ranks(tmp_path):
+    """The one-rank fast path (ZeRO 0, no gradient all-reduce) writes an ordinary ZeRO-0
+    checkpoint, whose optimizer state is whole: two ranks resume it (weights and step) and go on.
+    (A ZeRO 1/2 checkpoint partitions its optimizer state by world size: DeepSpeed refuses it on
+    another world size, see the README.)"""
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    mp.spawn(_save_one_rank, args=(free_port(), str(tmp_path)), nprocs=1)
+    mp.spawn(_resume_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert (tmp_path / "rank0.done").is_file() and (tmp_path / "rank1.done").is_file()

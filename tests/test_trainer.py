@@ -253,3 +253,32 @@ def test_bf16_runs_are_evaluated_and_saved_for_eval_from_the_fp32_master_weights
     for name, master in masters.items():
         assert torch.equal(evaluated[name], master), name
         assert torch.equal(loaded[name], master), name
+
+
+def test_one_rank_zero0_skips_the_gradient_all_reduce_and_changes_no_number(tmp_path, dist_info):
+    """On one rank with ZeRO 0 there is nobody to reduce with: the engine skips DeepSpeed's
+    bucketed gradient all-reduce (flatten, reduce, copy back); the steps are bit-identical to
+    the all-reducing engine's."""
+    runs = []
+    for allreduce in (False, True):
+        trainer = Trainer(tiny_config(str(tmp_path / str(allreduce))), dist_info)
+        assert trainer.engine.enable_backward_allreduce is False
+        trainer.engine.enable_backward_allreduce = allreduce
+        losses = [trainer.train_step(fake_batch(trainer.cfg, 8, seed=90 + i))["loss"].item()
+                  for i in range(3)]  # fmt: skip
+        runs.append((losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_amp_bf16_keeps_fp32_weights_and_computes_the_forward_in_bf16(tmp_path, dist_info):
+    """train.precision=amp_bf16 (open_clip's): fp32 weights and optimizer on any ZeRO stage (0
+    included), the student's forward under bf16 autocast; the loss stays close to fp32's."""
+    fp32 = Trainer(tiny_config(str(tmp_path / "fp32")), dist_info)
+    amp = Trainer(tiny_config(str(tmp_path / "amp"), **{"train.precision": "amp_bf16"}), dist_info)
+    assert all(p.dtype == torch.float32 for p in amp.model.parameters())
+    batch = fake_batch(amp.cfg, 8, seed=7)
+    out = amp._student_forward(batch["views"].flatten(0, 1), batch["tokens"], None)
+    assert out["image_emb"].dtype == torch.bfloat16
+    a, b = amp.train_step(batch)["loss"].item(), fp32.train_step(batch)["loss"].item()
+    assert a == pytest.approx(b, rel=2e-2) and a != b
