@@ -10,6 +10,7 @@ import math
 import os
 import tarfile
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -347,7 +348,9 @@ def region_data(tmp_path_factory):
     return root
 
 
-def test_alpha_clip_trains_with_frozen_text_and_fixed_temperature(region_data, tmp_path, dist_info):
+def test_alpha_clip_trains_with_frozen_text_and_fixed_temperature(
+    region_data, tmp_path, dist_info, capsys
+):
     from aclip.trainer import Trainer
 
     cfg = tiny_config(str(tmp_path / "run"), **{
@@ -372,6 +375,20 @@ def test_alpha_clip_trains_with_frozen_text_and_fixed_temperature(region_data, t
     assert torch.count_nonzero(clip.visual.alpha_conv.weight) > 0  # the alpha conv learned
     changed = [k for k, v in vision.items() if not torch.equal(v, clip.visual.state_dict()[k])]
     assert "vit.blocks.0.attn.qkv.weight" in changed
+    # the run through the region eval's command line: table, JSON, all five rows
+    from evals.region import main
+
+    out = tmp_path / "region.json"
+    capsys.readouterr()  # the training log
+    args = ["--checkpoint", str(tmp_path / "run"), "--data", str(region_data / "eval_region")]
+    assert main([*args, "--no-progress", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split() == ["row", "top1", "top5"]
+    results = json.loads(out.read_text())
+    assert results["n"] == 30 and results["alpha_channel"] is True
+    assert all(
+        results[row] is not None for row in ("full", "all_ones", "crop", "blackout", "alpha")
+    )
 
 
 def test_alpha_clip_needs_the_alpha_channel():
@@ -573,3 +590,23 @@ def test_init_from_base_weights_and_export_refusal(tmp_path):
         with pytest.raises(NotExpressible, match="alpha channel"):
             export(alpha_model)
     assert not (tmp_path / "alpha").exists()
+
+
+@pytest.mark.parametrize("name", ["alpha_clip_vit_b16.yaml", "demo_alpha.yaml"])
+def test_shipped_alpha_configs_build_their_groups(name):
+    from aclip.methods import build_method
+    from aclip.optim import apply_param_rules, param_groups
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    assert cfg.method == "alpha_clip" and cfg.model.alpha_channel
+    with torch.device("meta"):
+        student = build_method(cfg, None).build_student()
+    counts = apply_param_rules(student, cfg.optim.param_groups)
+    assert counts[0] == 1  # the alpha conv's one weight
+    groups = param_groups(student, cfg.optim.weight_decay, cfg.optim.param_groups, cfg.optim.lr)
+    trained = {id(p) for g in groups for p in g["params"]}
+    clip = student.clip
+    assert not any(id(p) in trained for p in [*clip.text.parameters(), clip.logit_scale])
+    assert id(clip.visual.alpha_conv.weight) in trained
+    lrs = {g["lr"] for g in groups}
+    assert lrs == {cfg.optim.lr, cfg.optim.lr * cfg.optim.param_groups[1].lr_scale}
