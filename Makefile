@@ -1,4 +1,4 @@
-# aclip — make demo | make test | make test-fast | make test-slurm | make bench | make lint | make install
+# aclip — make demo | make demo-alpha | make test | make test-fast | make test-slurm | make bench | make lint | make install
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo demo-dense test test-fast test-slurm lint clean
+.PHONY: install demo demo-dense demo-alpha test test-fast test-slurm lint clean
 
 install: $(STAMP)
 
@@ -43,6 +43,22 @@ demo-dense: install
 	$(PY) -m evals.segmentation --checkpoint $(DEMO)/run --dataset generic \
 		--root $(DEMO)/data/eval_seg --reduce-zero-label --settings configs/dense/synthetic_nobg.yaml \
 		--head all --json $(DEMO)/dense_results_nobg.json --vis $(DEMO)/dense_nobg.png --no-progress
+
+# Alpha-CLIP: fine-tune the demo run on synthetic region scenes (2-4 objects of different
+# colours, each with its mask and a caption naming it) and print the region zero-shot table of
+# the demo run and of the fine-tuned one (run make demo first)
+demo-alpha: install
+	test -d $(DEMO)/run || { echo "error: no demo run in $(DEMO)/run (run make demo first)"; exit 2; }
+	$(PY) -m aclip.data.synthetic --out $(DEMO)/data --n-train-region 6000 --n-eval-region 500 \
+		--samples-per-shard 500 --region-only --seed 0
+	rm -rf $(DEMO)/alpha_run
+	$(PY) train.py --config configs/demo_alpha.yaml model.init_from=$(DEMO)/run \
+		train.output_dir=$(DEMO)/alpha_run \
+		'data.train_shards=$(DEMO)/data/train_region/{00000..00011}.tar'
+	$(PY) -m evals.region --checkpoint $(DEMO)/run --data $(DEMO)/data/eval_region --no-progress \
+		--json $(DEMO)/region_base.json
+	$(PY) -m evals.region --checkpoint $(DEMO)/alpha_run --data $(DEMO)/data/eval_region \
+		--no-progress --json $(DEMO)/region_alpha.json
 
 test: install
 	$(PY) -m ruff check aclip evals tests train.py

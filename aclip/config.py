@@ -35,6 +35,7 @@ class ModelConfig:
     text_layers: int = 12
     text_heads: int = 8
     text_act: str = "gelu"  # text MLP activation: gelu, or quick_gelu (OpenAI CLIP weights)
+    alpha_channel: bool = False  # Alpha-CLIP: a zero-initialised alpha conv beside the patch conv
     init_from: str = ""  # pretrained weights to start from (OpenAI / open_clip / aclip run)
     init_from_name: str = ""  # open_clip model name (or open_clip_config.json) for a bare file
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
@@ -88,6 +89,22 @@ class DataConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    """One rule of ``optim.param_groups``: the parameters it matches get their own learning rate
+    (``lr_scale`` x ``optim.lr``, on the same schedule), weight decay, or are frozen.
+
+    ``pattern`` matches a parameter's name in the student (``clip.visual.alpha_conv.weight``)
+    as an fnmatch pattern (``clip.text*``), or a module's name (``clip.visual``: all of its
+    parameters). The first rule that matches a parameter decides it.
+    """
+
+    pattern: str = ""
+    lr_scale: float = 1.0
+    weight_decay: float | None = None  # None: optim.weight_decay (biases, norms: always none)
+    frozen: bool = False
+
+
+@dataclass
 class OptimConfig:
     """AdamW with per-step linear warm-up and cosine decay."""
 
@@ -100,6 +117,9 @@ class OptimConfig:
     epochs: float = 25.0
     total_steps: int = 0  # length of training and of the LR/EMA schedules; 0: epochs x steps/epoch
     grad_clip: float = 0.0
+    # per-parameter-group learning rates, weight decay and freezing (any method); see
+    # ParamGroupConfig. Parameters no rule matches keep optim.lr and optim.weight_decay.
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +131,15 @@ class EvalConfig:
     every_steps: int = 0
     batch_size: int = 256
     use_ema: bool = False
+
+
+@dataclass
+class AlphaConfig:
+    """Alpha-CLIP's region-text samples and loss (``method=alpha_clip``; docs in README)."""
+
+    full_image_prob: float = 0.1  # chance of a (full caption, all-ones alpha) pair per sample
+    view: str = "pad"  # pad: whole image padded to a square (official code); crop: random crop
+    label_smoothing: float = 0.1  # InfoNCE label smoothing (official code)
 
 
 @dataclass
@@ -136,8 +165,8 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """The whole run: the training method (``aclip``, ``clip``, ``flip``; see aclip.methods) and
-    one section per component."""
+    """The whole run: the training method (``aclip``, ``clip``, ``flip``, ``alpha_clip``; see
+    aclip.methods) and one section per component."""
 
     method: str = "aclip"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -147,6 +176,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    alpha: AlphaConfig = field(default_factory=AlphaConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -270,11 +300,32 @@ def validate(cfg: Config) -> None:
             "need 0 <= ema.momentum <= ema.final_momentum <= 1",
         ),
     ]
-    for ok, key, why in checks:
+    for ok, key, why in checks + _alpha_checks(cfg.alpha):
         if not ok:
             raise ConfigError(f"config key '{key}': {why}")
+    _check_param_groups(cfg.optim.param_groups)
     if cfg.data.weights is not None:
         _check_weights(cfg.data.weights, cfg.data.train_shards)
+
+
+def _alpha_checks(alpha: AlphaConfig) -> list[tuple[bool, str, str]]:
+    return [
+        (0.0 <= alpha.full_image_prob <= 1.0, "alpha.full_image_prob", "must be in [0, 1]"),
+        (alpha.view in ("pad", "crop"), "alpha.view", f"must be pad or crop (got {alpha.view!r})"),
+        (0.0 <= alpha.label_smoothing < 1.0, "alpha.label_smoothing", "must be in [0, 1)"),
+    ]
+
+
+def _check_param_groups(rules: list[ParamGroupConfig]) -> None:
+    """Each rule names a pattern, a non-negative lr scale and weight decay."""
+    for i, rule in enumerate(rules):
+        key = f"optim.param_groups[{i}]"
+        if not rule.pattern.strip():
+            raise ConfigError(f"config key '{key}.pattern': must name parameters (got '')")
+        if rule.lr_scale < 0:
+            raise ConfigError(f"config key '{key}.lr_scale': must be >= 0 (got {rule.lr_scale})")
+        if rule.weight_decay is not None and rule.weight_decay < 0:
+            raise ConfigError(f"config key '{key}.weight_decay': must be >= 0")
 
 
 def _check_weights(weights: list[float], spec: str) -> None:

@@ -58,6 +58,7 @@ LOCAL_DIR = "local-dir:"
 NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 OPENAI_HEAD_WIDTH = 64  # OpenAI's towers have 64-wide heads (as open_clip's build from OpenAI)
 LN_EPS = 1e-5  # CLIP's LayerNorms (OpenAI, open_clip, timm vit_*_clip_*)
+ALPHA_KEY = "visual.alpha_conv.weight"  # Alpha-CLIP's alpha conv (model.alpha_channel)
 
 
 class WeightsError(ValueError):
@@ -839,7 +840,8 @@ def fit_state_dict(
     sd: Mapping[str, Tensor], clip: CLIP, layout: str = "aclip"
 ) -> tuple[dict[str, Tensor], list[str]]:
     """``sd`` (aclip layout) made to fit ``clip``: the position embedding resampled to its patch
-    grid, the text position embedding truncated to its context; then every key and shape checked.
+    grid, the text position embedding truncated to its context, a missing alpha conv (a model
+    with ``model.alpha_channel`` from base CLIP weights) zero; then every key and shape checked.
 
     Raises:
         WeightsError: naming the missing, unexpected and mis-shaped keys (with both shapes; with
@@ -861,6 +863,9 @@ def fit_state_dict(
             )
         out["text.positional_embedding"] = tpos[: want[0]].clone()
         notes.append(f"text position embedding truncated {tpos.shape[0]} -> {want[0]}")
+    if ALPHA_KEY in target and ALPHA_KEY not in out:
+        out[ALPHA_KEY] = torch.zeros_like(target[ALPHA_KEY])  # official code: zeros if absent
+        notes.append("alpha conv not in the weights: zero-initialised (the base model exactly)")
     _check_keys(out, target, LAYOUT_RULES.get(layout))
     return {k: v.to(target[k].dtype) for k, v in out.items()}, notes
 
@@ -960,9 +965,22 @@ def load_clip(
 
 
 # ------------------------------------------------------------------ out of a model
+def refuse_alpha(clip: CLIP, fmt: str) -> None:
+    """An Alpha-CLIP model (an alpha conv beside the patch embedding) is not an open_clip,
+    OpenAI or timm model: refused (``NotExpressible``) rather than exported without its alpha
+    input, which would silently be another model."""
+    if getattr(clip.visual, "alpha_conv", None) is not None:
+        raise NotExpressible(
+            f"this model has an alpha channel (Alpha-CLIP, model.alpha_channel=true): {fmt} "
+            f"models have no alpha input, and exporting the RGB path alone would be another "
+            f"model; load the run with aclip (aclip.interop.load_clip, evals.region)"
+        )
+
+
 def to_openai_state_dict(clip: CLIP) -> dict[str, Tensor]:
     """The model in OpenAI's (= open_clip's native) layout, fp32; refuses a tower that is not
-    CLIP architecture (``NotExpressible``, with the reasons)."""
+    CLIP architecture or has an alpha channel (``NotExpressible``, with the reasons)."""
+    refuse_alpha(clip, "OpenAI-layout")
     clip_vision_arch(clip.visual.vit)
     return convert_keys(
         {k: v.detach().float() for k, v in clip.state_dict().items()}, OPENAI_RULES, False
@@ -987,6 +1005,7 @@ def open_clip_model_cfg(clip: CLIP) -> dict[str, Any]:
     Raises:
         NotExpressible: with the reasons for both routes.
     """
+    refuse_alpha(clip, "open_clip")
     vit, text_act = clip.visual.vit, clip.text.act
     problems = clip_vision_problems(vit)
     if not problems:
@@ -1083,7 +1102,9 @@ def export_open_clip(clip: CLIP, out_dir: str | Path, preprocess: Preprocess) ->
 
 def to_timm_model(clip: CLIP, head: bool = True) -> VisionTransformer:
     """A stand-alone timm copy of the vision tower (fp32, eval); with ``head`` its classifier
-    head is the image projection (bias zero), so its output is ``encode_image``'s."""
+    head is the image projection (bias zero), so its output is ``encode_image``'s; refuses an
+    alpha tower (:func:`refuse_alpha`)."""
+    refuse_alpha(clip, "timm")
     model = copy.deepcopy(clip.visual.vit).float().eval()
     # the architecture's pretrained_cfg describes someone else's weights: drop what names them
     drop = ("tag", "license", "notes", "hf_hub_id", "url", "file", "source", "paper_ids",

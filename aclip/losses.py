@@ -65,7 +65,11 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
 
 
 def clip_infonce(
-    image_emb: Tensor, text_emb: Tensor, logit_scale_exp: Tensor, all_text: Tensor | None = None
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale_exp: Tensor,
+    all_text: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Symmetric CLIP InfoNCE on L2-normalised embeddings, gathered across ranks.
 
@@ -73,7 +77,8 @@ def clip_infonce(
     labels are ``offset + arange(n)``; the loss is (CE_image + CE_text) / 2. On one process this is
     ``open_clip.loss.ClipLoss()``; the mean over ranks equals the 1-process loss on the whole batch.
     ``all_text`` is ``gather_with_grad(text_emb)[0]`` when the caller already has it (several
-    views share one text gather).
+    views share one text gather). ``label_smoothing`` is cross-entropy's, over the gathered
+    columns (Alpha-CLIP's official code: 0.1).
     """
     all_image, offset = gather_with_grad(image_emb)
     if all_text is None:
@@ -81,16 +86,24 @@ def clip_infonce(
     labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     logits_image = logit_scale_exp * image_emb @ all_text.t()
     logits_text = logit_scale_exp * text_emb @ all_image.t()
-    return (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels)) / 2
+    ce_image = F.cross_entropy(logits_image, labels, label_smoothing=label_smoothing)
+    ce_text = F.cross_entropy(logits_text, labels, label_smoothing=label_smoothing)
+    return (ce_image + ce_text) / 2
 
 
 def multi_view_infonce(
-    image_emb_views: list[Tensor], text_emb: Tensor, logit_scale_exp: Tensor
+    image_emb_views: list[Tensor],
+    text_emb: Tensor,
+    logit_scale_exp: Tensor,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """Mean over views of :func:`clip_infonce` (view v's images against the captions), with one
     gather of the text features for all views."""
     all_text, _ = gather_with_grad(text_emb)
-    per_view = [clip_infonce(emb, text_emb, logit_scale_exp, all_text) for emb in image_emb_views]
+    per_view = [
+        clip_infonce(emb, text_emb, logit_scale_exp, all_text, label_smoothing)
+        for emb in image_emb_views
+    ]
     return torch.stack(per_view).mean()
 
 

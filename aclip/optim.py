@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from aclip.config import Config, OptimConfig, steps_per_epoch
+from aclip.config import Config, ConfigError, OptimConfig, ParamGroupConfig, steps_per_epoch
 
 
 @dataclass(frozen=True)
@@ -43,32 +45,95 @@ def run_length(cfg: Config, samples_per_epoch: int) -> RunLength:
     return RunLength(samples_per_epoch, batch, per_epoch, total, end)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: weight decay on matrices, none on biases, norms, 1-D params, logit scale.
+def _decays(name: str, param: nn.Parameter) -> bool:
+    """Weight decay on matrices only: none on biases, norms, 1-D params or the logit scale."""
+    return not (param.ndim < 2 or name.endswith(".bias") or "logit_scale" in name)
+
+
+def rule_matches(pattern: str, name: str) -> bool:
+    """Whether an ``optim.param_groups`` pattern matches the parameter ``name``: an fnmatch
+    pattern over the whole name, or a module name (the parameter lies under it)."""
+    return fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")
+
+
+def _rule_of(name: str, rules: Sequence[ParamGroupConfig]) -> int | None:
+    return next((i for i, rule in enumerate(rules) if rule_matches(rule.pattern, name)), None)
+
+
+def apply_param_rules(model: nn.Module, rules: Sequence[ParamGroupConfig]) -> dict[int, int]:
+    """Freeze the parameters a ``frozen`` rule matches (``requires_grad=False``); return how
+    many parameters each rule decides (rule index -> count).
+
+    Raises:
+        ConfigError: for a rule that matches no parameter (a typo would silently do nothing).
+    """
+    counts = dict.fromkeys(range(len(rules)), 0)
+    for name, param in model.named_parameters():
+        i = _rule_of(name, rules)
+        if i is None:
+            continue
+        counts[i] += 1
+        if rules[i].frozen:
+            param.requires_grad_(False)
+    for i, n in counts.items():
+        if n == 0:
+            raise ConfigError(
+                f"config key 'optim.param_groups[{i}].pattern': {rules[i].pattern!r} matches no "
+                f"parameter of the model (names look like "
+                f"{next(iter(dict(model.named_parameters())), '?')!r})"
+            )
+    return counts
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    rules: Sequence[ParamGroupConfig] = (),
+    lr: float | None = None,
+) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases, norms, 1-D params, logit scale.
 
     Every parameter of shape (n,) or () — biases, LayerNorm/BatchNorm weights, the (1,)-shaped
-    logit scale — lands in the no-decay group; frozen parameters are left out.
+    logit scale — lands in a no-decay group; frozen parameters are left out. Without ``rules``
+    these are the two groups (decay, no decay). With ``optim.param_groups`` ``rules`` the
+    parameters no rule matches come first (those two groups, when not empty), then per rule
+    its decay and no-decay groups, with ``lr`` x ``lr_scale`` as their learning rate and the
+    rule's weight decay (if it sets one) on its matrices; empty groups are left out.
     """
-    decay, no_decay = [], []
+    groups: dict[tuple[int | None, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or name.endswith(".bias") or "logit_scale" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        if param.requires_grad:
+            key = (_rule_of(name, rules), _decays(name, param))
+            groups.setdefault(key, []).append(param)
+    if not rules:
+        return [
+            {"params": groups.get((None, True), []), "weight_decay": weight_decay},
+            {"params": groups.get((None, False), []), "weight_decay": 0.0},
+        ]
+    out = []
+    for index in [None, *range(len(rules))]:
+        rule = rules[index] if index is not None else None
+        for decays in (True, False):
+            params = groups.get((index, decays))
+            if not params:
+                continue
+            wd = weight_decay if rule is None or rule.weight_decay is None else rule.weight_decay
+            group = {"params": params, "weight_decay": wd if decays else 0.0}
+            if rule is not None and lr is not None:
+                group["lr"] = lr * rule.lr_scale
+            out.append(group)
+    return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with the configured betas and eps."""
+    """AdamW over :func:`param_groups` with the configured betas and eps; the parameters that
+    ``optim.param_groups`` freezes are frozen first (:func:`apply_param_rules`)."""
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps
-    )
+    rules = list(cfg.param_groups)
+    if rules:
+        apply_param_rules(model, rules)
+    groups = param_groups(model, cfg.weight_decay, rules, cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -87,7 +152,8 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step LambdaLR implementing :func:`lr_factor` for this run's length."""
+    """Per-step LambdaLR implementing :func:`lr_factor` for this run's length (each group's
+    learning rate, ``optim.param_groups``' scaled ones too, follows the same factor)."""
     warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch)) if cfg.warmup_epochs > 0 else 0
     warmup = min(warmup, total_steps)
     min_ratio = cfg.min_lr / cfg.lr

@@ -149,6 +149,7 @@ WANT_IN_PROCESS = {
     "too_small": 1,
     "bad_tar": 2,
     "missing_shard": 1,
+    "bad_mask": 0,
     "other": 0,
     "caption_not_utf8": 1,
     "mode_converted": 5,  # L, CMYK, RGBA, I;16, the huge L JPEG

@@ -47,9 +47,9 @@ def _image():
 
 
 def test_an_unknown_method_is_refused_naming_the_choices(tmp_path):
-    with pytest.raises(ConfigError, match=r"unknown method 'slip'.*aclip, clip, flip"):
+    with pytest.raises(ConfigError, match=r"unknown method 'slip'.*aclip, alpha_clip, clip, flip"):
         get_method("slip")
-    assert {"aclip", "clip", "flip"} <= set(METHODS)
+    assert {"aclip", "alpha_clip", "clip", "flip"} <= set(METHODS)
 
 
 @register

@@ -26,6 +26,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "too_small",  # shorter side below MIN_IMAGE_SIDE
     "bad_tar",  # shard not a tar, or cut in the middle (the rest of the shard is lost)
     "missing_shard",  # shard path missing or unreadable
+    "bad_mask",  # region mask unusable: undecodable RLE/PNG, wrong size, empty, bad region entry
     "other",  # any other error while making views / tokens
 )
 CONVERT_REASONS: tuple[str, ...] = (

@@ -12,6 +12,14 @@ Every sample is drawn from its own seeded RNG, so the output bytes depend only o
 
 ``--n-eval-seg N`` also writes ``eval_seg/``: N scenes with per-pixel masks (background and one
 class per colour) in the generic segmentation layout of ``aclip.data.segsets``.
+
+``--n-train-region N`` / ``--n-eval-region N`` also write Alpha-CLIP's region data: scenes of
+2-4 objects of different shapes and colours, so that the whole image does not say which object
+is meant;
+``train_region/`` img2dataset shards whose ``.json`` lists each object's region (``caption``
+naming it, ``mask`` as COCO RLE) beside the full caption in ``.txt``, and ``eval_region/``, a
+CLIP_benchmark-style classification set (classes: the colours) with one object's mask per
+sample as ``.mask.png``. ``--region-only`` writes only these.
 """
 
 from __future__ import annotations
@@ -422,6 +430,140 @@ def write_segmentation_set(
     return root
 
 
+# ----------------------------------------------------------------------------- regions
+
+REGION_SALT = {"train_region": 4, "eval_region": 5}
+REGION_TEMPLATE = "a photo of a {c}."
+
+
+def region_classnames() -> list[str]:
+    """The region set's classes: the colours, as ``<colour> object`` (the demo model tells
+    colours apart; a scene's objects differ in colour, so the whole image is ambiguous)."""
+    return [f"{colour} object" for colour in COLOURS]
+
+
+def render_region_scene(
+    rng: np.random.Generator, size: int, objects: list[tuple[str, str]]
+) -> tuple[Image.Image, np.ndarray]:
+    """A scene as ``render_scene`` draws it and its object map (uint8: 0 background, i + 1 on
+    the pixels object i shows; a later object covers an earlier one)."""
+    img = _background(rng, size)
+    labels = Image.new("L", (size, size), 0)
+    draw, label_draw = ImageDraw.Draw(img), ImageDraw.Draw(labels)
+    for i, ((shape, colour), (cx, cy, r)) in enumerate(
+        zip(objects, _place(rng, size, len(objects)), strict=True)
+    ):
+        angle = rng.uniform(-math.pi, math.pi)
+        _draw_object(draw, shape, COLOURS[colour], cx, cy, r, angle)
+        _draw_object(label_draw, shape, i + 1, cx, cy, r, angle)
+    return img, np.asarray(labels)
+
+
+def _full_caption(objects: list[tuple[str, str]]) -> str:
+    names = [_article(f"{colour} {shape}") for shape, colour in objects]
+    return f"{', '.join(names[:-1])} and {names[-1]} on a cluttered background"
+
+
+def make_region_sample(seed: int, kind: str, index: int, size: int) -> dict:
+    """Region scene ``index`` of ``kind`` (``train_region`` / ``eval_region``): 2-4 objects of
+    distinct shapes and distinct colours (the classes of ``eval_region``); the JPEG, the full
+    caption, and per visible object its (shape, colour), region caption and mask (0/255)."""
+    rng = np.random.default_rng([seed, REGION_SALT[kind], index])
+    n = int(rng.integers(2, 5))
+    shapes, colours = rng.choice(len(SHAPES), n, replace=False), rng.choice(len(COLOURS), n, False)
+    objects = [
+        (SHAPES[int(s)], list(COLOURS)[int(c)]) for s, c in zip(shapes, colours, strict=True)
+    ]
+    img, labels = render_region_scene(rng, size, objects)
+    regions = []
+    for i, obj in enumerate(objects):
+        mask = (labels == i + 1).astype(np.uint8) * 255
+        if mask.any():
+            regions.append({"object": obj, "caption": caption(rng, [obj]), "mask": mask})
+    return {"jpg": _jpeg(img), "caption": _full_caption(objects), "regions": regions,
+            "target": int(rng.integers(len(regions)))}  # fmt: skip
+
+
+def _png(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_region_train_shard(path: Path, shard: int, start: int, n: int, size: int,
+                              seed: int) -> int:  # fmt: skip
+    """One img2dataset-style shard of region scenes (``.json`` ``regions`` with RLE masks)."""
+    from aclip.data.regions import rle_of
+
+    width = max(4, len(str(n - 1)))
+    with tarfile.open(path / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(n):
+            s = make_region_sample(seed, "train_region", start + i, size)
+            key = f"{shard:05d}{i:0{width}d}"
+            regions = [{"caption": r["caption"], "mask": rle_of(r["mask"])} for r in s["regions"]]
+            meta = {"key": key, "caption": s["caption"], "url": f"synthetic-region://{start + i}"}
+            meta |= {"width": size, "height": size, "status": "success", "regions": regions}
+            _add(tar, f"{key}.jpg", s["jpg"])
+            _add(tar, f"{key}.txt", s["caption"].encode())
+            _add(tar, f"{key}.json", json.dumps(meta).encode())
+    stats = {"count": n, "successes": n, "failed_to_download": 0, "failed_to_resize": 0}
+    (path / f"{shard:05d}_stats.json").write_text(
+        json.dumps(stats | {"status_dict": {"success": n}})
+    )
+    return n
+
+
+def _write_region_eval_shard(path: Path, shard: int, start: int, n: int, size: int,
+                             seed: int) -> int:  # fmt: skip
+    with tarfile.open(path / f"{shard}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(start, start + n):
+            s = make_region_sample(seed, "eval_region", i, size)
+            target = s["regions"][s["target"]]
+            key = f"s{i:07d}"
+            _add(tar, f"{key}.jpg", s["jpg"])
+            _add(tar, f"{key}.mask.png", _png(target["mask"]))
+            _add(tar, f"{key}.cls", str(list(COLOURS).index(target["object"][1])).encode())
+    return n
+
+
+def write_region_sets(
+    out: str | os.PathLike,
+    n_train: int = 0,
+    n_eval: int = 0,
+    image_size: int = 96,
+    samples_per_shard: int = 1000,
+    seed: int = 0,
+    workers: int = 1,
+) -> dict[str, int]:
+    """Alpha-CLIP's synthetic region data under ``out``: ``train_region/`` (img2dataset shards
+    with ``regions``) and ``eval_region/`` (wds classification set with ``.mask.png``); a part
+    with count 0 is not written. Returns the counts."""
+    if min(n_train, n_eval) < 0 or samples_per_shard < 1 or image_size < 16:
+        raise ValueError("counts must be >= 0, samples_per_shard >= 1 and image_size >= 16")
+    root, jobs = Path(out), []
+    train_shards = _shards(n_train, samples_per_shard)
+    if n_train:
+        (root / "train_region").mkdir(parents=True, exist_ok=True)
+        for k, s, n in train_shards:
+            jobs.append((_write_region_train_shard, root / "train_region", k, s, n, image_size,
+                         seed))  # fmt: skip
+    if n_eval:
+        eval_root = root / "eval_region"
+        (eval_root / "test").mkdir(parents=True, exist_ok=True)
+        shards = _shards(n_eval, samples_per_shard)
+        (eval_root / "test" / "nshards.txt").write_text(f"{len(shards)}\n")
+        (eval_root / "dataset_type.txt").write_text("classification\n")
+        (eval_root / "classnames.txt").write_text("\n".join(region_classnames()) + "\n")
+        (eval_root / "zeroshot_classification_templates.txt").write_text(REGION_TEMPLATE + "\n")
+        for k, s, n in shards:
+            jobs.append((_write_region_eval_shard, eval_root / "test", k, s, n, image_size, seed))
+    _run(jobs, workers)
+    if n_train:
+        sizes = {f"{k:05d}.tar": n for k, _, n in train_shards}
+        (root / "train_region" / "sizes.json").write_text(json.dumps(sizes, indent=2))
+    return {"train_region": n_train, "eval_region": n_eval}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -444,14 +586,26 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="write only OUT/eval_seg (the other parts are left as they are)",
     )
+    p.add_argument("--n-train-region", type=int, default=0,
+                   help="also write N region scenes as shards to OUT/train_region")  # fmt: skip
+    p.add_argument("--n-eval-region", type=int, default=0,
+                   help="also write N region eval samples to OUT/eval_region")  # fmt: skip
+    p.add_argument("--region-only", action="store_true",
+                   help="write only the region parts (and eval_seg if asked)")  # fmt: skip
     a = p.parse_args(argv)
     if a.seg_only and a.n_eval_seg < 1:
         p.error("--seg-only needs --n-eval-seg N (N >= 1)")
+    if a.region_only and a.n_train_region < 1 and a.n_eval_region < 1:
+        p.error("--region-only needs --n-train-region N or --n-eval-region N (N >= 1)")
     t0 = time.perf_counter()
     if a.n_eval_seg > 0:
         write_segmentation_set(Path(a.out) / "eval_seg", a.n_eval_seg, a.image_size, a.seed)
         print(f"wrote {a.n_eval_seg} segmentation scenes to {Path(a.out) / 'eval_seg'}")
-    if a.seg_only:
+    if a.n_train_region > 0 or a.n_eval_region > 0:
+        counts = write_region_sets(a.out, a.n_train_region, a.n_eval_region, a.image_size,
+                                   a.samples_per_shard, a.seed, a.workers)  # fmt: skip
+        print(f"wrote {counts} region samples to {a.out}")
+    if a.seg_only or a.region_only:
         return
     counts = write_synthetic(
         a.out, a.n_train, a.n_eval_cls, a.n_eval_ret, a.image_size, a.samples_per_shard,

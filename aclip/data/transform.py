@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -15,6 +16,21 @@ Tokenizer = Callable[[list[str]], torch.Tensor]
 Views = Callable[[Image.Image], dict[str, torch.Tensor]]
 
 
+@runtime_checkable
+class SampleViews(Protocol):
+    """A method's per-sample transform that reads the raw sample's members (e.g. Alpha-CLIP's
+    region masks in ``.json`` or ``.mask.png``) and chooses the caption the sample trains with.
+    ``SampleTransform`` calls ``from_sample`` instead of ``views(image)`` for such an object,
+    under the same seeded RNG; views that are plain callables are called as before."""
+
+    def from_sample(
+        self, img: Image.Image, caption: str, sample: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], str]:
+        """(tensors of this sample, the caption to tokenize) from the decoded image, the
+        sample's caption and its raw members (``BadSample`` to skip it)."""
+        ...
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack per-sample dicts of tensors into a batch dict (webdataset's `__key__` dropped)."""
     keys = [k for k in samples[0] if not k.startswith("__")]
@@ -22,7 +38,8 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class SampleTransform:
-    """Raw sample -> {"views", "ema", "boxes", "tokens", "data_pos"}.
+    """Raw sample -> {"views", "ema", "boxes", "tokens", "data_pos"} (the views' keys: those of
+    the method's views, e.g. Alpha-CLIP's "views", "alpha").
 
     The views of the sample at stream position n (`__pos__`, set by the loader) draw from torch's
     CPU RNG seeded by (seed, epoch, rank, worker, n), swapped in around the call so the
@@ -42,13 +59,15 @@ class SampleTransform:
         self.views, self.tokenizer, self.seed, self.epoch = views, tokenizer, seed, epoch
         self.stats, self.offset = stats, offset
         self._calls = 0
+        self._reads_sample = isinstance(views, SampleViews)
 
-    def _views(self, img: Image.Image, pos: int) -> dict[str, torch.Tensor]:
+    def _seeded(self, pos: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` with torch's CPU RNG seeded for the sample at position ``pos``."""
         cpu_rng = torch.default_generator
         saved = cpu_rng.get_state()
         cpu_rng.manual_seed(worker_seed(self.seed, self.epoch, f"views{pos}", self.offset))
         try:
-            return self.views(img)
+            return fn(*args)
         finally:
             cpu_rng.set_state(saved)
 
@@ -56,7 +75,10 @@ class SampleTransform:
         pos = int(sample.get("__pos__", self._calls))
         self._calls += 1
         img, caption, _ = decode_sample(sample, self.stats)
-        out = self._views(img, pos)
+        if self._reads_sample:
+            out, caption = self._seeded(pos, self.views.from_sample, img, caption, sample)
+        else:
+            out = self._seeded(pos, self.views, img)
         out["tokens"] = self.tokenizer([caption])[0].long()
         out["data_pos"] = torch.tensor(pos, dtype=torch.long)
         return out

@@ -120,6 +120,15 @@ def resize_box(image_13HW: torch.Tensor, box: tuple[int, int, int, int], size: i
     return out[0]
 
 
+def resize_mask(
+    mask_HW: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], size: int
+) -> torch.Tensor:
+    """A uint8 mask [H, W] through each box's crop and resize as :func:`resize_box` does the
+    image (the same antialiased bilinear, equal per channel): [V, 1, S, S] uint8."""
+    mask_11HW = mask_HW.view(1, 1, *mask_HW.shape[-2:])
+    return torch.stack([resize_box(mask_11HW, box, size) for box in boxes])
+
+
 def to_pil(pixels_3HW: torch.Tensor) -> Image.Image:
     """A uint8 [3, H, W] tensor (channels-last memory) as a PIL RGB image."""
     return Image.fromarray(pixels_3HW.permute(1, 2, 0).contiguous().numpy())
@@ -276,9 +285,15 @@ class ACLIPViews:
             boxes.append((left, top, left + w, top + h))
         return boxes
 
-    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, img: Image.Image, mask_HW: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         """Return {"views": [V,3,S,S], "ema": [3,S,S], "boxes": [V,4]} for one PIL image
-        (without "ema" when ``ema_view=False``: a method without a teacher needs none)."""
+        (without "ema" when ``ema_view=False``: a method without a teacher needs none).
+
+        With a uint8 mask [H, W] of the image's size (Alpha-CLIP's alpha, 0-255) also "alpha"
+        [V,1,S,S] uint8: the mask through each view's own crop and resize (the same op as the
+        pixels'; no colour augmentation). It draws nothing: the views are those without it."""
         img = to_rgb(img)
         boxes = self.sample_boxes(img)
         union = union_box(boxes)
@@ -293,6 +308,8 @@ class ACLIPViews:
             if self.color is not None:
                 view = self.color(to_pil(view))
             self.normalize(view, view_out)
+        if mask_HW is not None:
+            out["alpha"] = resize_mask(mask_HW, boxes, size)
         return out | {"views": views, "boxes": boxes_in_union(boxes, union)}
 
 

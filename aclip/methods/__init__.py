@@ -1,4 +1,4 @@
-"""Training methods, one file each, chosen by name (``method=aclip|clip|flip``).
+"""Training methods, one file each, chosen by name (``method=aclip|clip|flip|alpha_clip``).
 
 A method owns what is specific to a recipe (student, teacher, views, loss, after-step update,
 scalars, state); see :mod:`aclip.methods.base` and docs/design.md ("Adding a method"). Adding
@@ -9,7 +9,7 @@ one: a new file with a :class:`~aclip.methods.base.Method` subclass decorated wi
 from __future__ import annotations
 
 from aclip.config import Config
-from aclip.methods import aclip, clip  # noqa: F401  (each file registers its methods)
+from aclip.methods import aclip, alpha_clip, clip  # noqa: F401  (each file registers its methods)
 from aclip.methods.base import Method, RunContext
 from aclip.methods.registry import METHODS, get_method
 

@@ -10,7 +10,7 @@ from aclip.config import LossConfig, ModelConfig
 from aclip.model.clip import CLIP, ACLIPModel
 from aclip.model.heads import byol_predictor, byol_projector, simclr_head
 from aclip.model.text import TextTransformer
-from aclip.model.vision import VisionTower, gather_tokens
+from aclip.model.vision import VisionTower, gather_tokens, normalize_alpha
 
 __all__ = [
     "ACLIPModel",
@@ -22,6 +22,7 @@ __all__ = [
     "build_student",
     "compile_student",
     "gather_tokens",
+    "normalize_alpha",
 ]
 
 
@@ -32,6 +33,7 @@ def build_clip(model_cfg: ModelConfig) -> CLIP:
         model_cfg.image_size,
         model_kwargs=dict(model_cfg.vision_kwargs),
         freeze_patch_embed=model_cfg.freeze_patch_embed,
+        alpha_channel=model_cfg.alpha_channel,
     )
     text = TextTransformer(
         context_length=model_cfg.context_length,

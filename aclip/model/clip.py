@@ -44,10 +44,17 @@ class CLIP(nn.Module):
         return _maybe_normalize(self.image_proj(pooled_BW), normalize)
 
     def encode_image(
-        self, images: Tensor, keep_idx_BK: Tensor | None = None, normalize: bool = False
+        self,
+        images: Tensor,
+        keep_idx_BK: Tensor | None = None,
+        normalize: bool = False,
+        alpha: Tensor | None = None,
+        use_alpha: bool = True,
     ) -> Tensor:
-        """Image embeddings [B, embed_dim], encoding only ``keep_idx_BK`` patches if given."""
-        return self.project_image(self.visual(images, keep_idx_BK), normalize)
+        """Image embeddings [B, embed_dim], encoding only ``keep_idx_BK`` patches if given;
+        ``alpha`` [B, 1, H, W] normalised, for an alpha tower (see ``VisionTower.forward``)."""
+        pooled_BW = self.visual(images, keep_idx_BK, alpha, use_alpha)
+        return self.project_image(pooled_BW, normalize)
 
     def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
         """Text embeddings [B, embed_dim] of token rows [B, L]."""
@@ -80,15 +87,20 @@ class ACLIPModel(nn.Module):
         self.byol_predictor = byol_predictor
 
     def forward(
-        self, images_BCHW: Tensor, tokens_BL: Tensor, keep_idx_BK: Tensor | None = None
+        self,
+        images_BCHW: Tensor,
+        tokens_BL: Tensor,
+        keep_idx_BK: Tensor | None = None,
+        alpha_B1HW: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Student outputs for the loss; images are all views flattened ([B*V, C, H, W]).
+        """Student outputs for the loss; images are all views flattened ([B*V, C, H, W]), with
+        their normalised alpha masks [B*V, 1, H, W] for an alpha tower (Alpha-CLIP).
 
         Returns ``image_emb`` [B*V, embed_dim] and ``text_emb`` [B, embed_dim] (both
         L2-normalised), ``logit_scale_exp`` (1,), ``pooled`` [B*V, width], and when the heads
         exist ``simclr_z`` [B*V, simclr_out] and ``byol_pred`` [B*V, byol_out] (raw).
         """
-        pooled_BW = self.clip.visual(images_BCHW, keep_idx_BK)
+        pooled_BW = self.clip.visual(images_BCHW, keep_idx_BK, alpha_B1HW)
         out = {
             "image_emb": self.clip.project_image(pooled_BW, normalize=True),
             "text_emb": self.clip.encode_text(tokens_BL, normalize=True),

@@ -12,6 +12,17 @@ from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+# Alpha-CLIP's alpha normalisation (official code, SunzeY/AlphaCLIP: Normalize(0.5, 0.26) on the
+# mask in [0, 1]): foreground (1 - 0.5) / 0.26 = +1.923, background -1.923
+ALPHA_MEAN, ALPHA_STD = 0.5, 0.26
+
+
+def normalize_alpha(alpha: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """An alpha mask as the alpha conv takes it: uint8 [0, 255] (the loader's) or float [0, 1]
+    -> (alpha - 0.5) / 0.26, in ``dtype``."""
+    a = alpha.float() / 255.0 if alpha.dtype == torch.uint8 else alpha.float()
+    return ((a - ALPHA_MEAN) / ALPHA_STD).to(dtype)
+
 
 def gather_tokens(tokens_BND: Tensor, keep_idx_BK: Tensor) -> Tensor:
     """Rows ``keep_idx_BK`` of each sample's token sequence: [B, N, D] -> [B, K, D]."""
@@ -98,6 +109,12 @@ class VisionTower(nn.Module):
     its own position. The pooled output is timm's own head path (``norm``, ``pool``,
     ``fc_norm``; the CLS token for the standard ``global_pool='token'``), without classifier.
     timm's random PatchDropout is refused: token dropping is what ``keep_idx_BK`` is for.
+
+    With ``alpha_channel`` (Alpha-CLIP) a bias-free ``Conv2d(1, width, patch, patch)``,
+    ``alpha_conv``, initialised to zero, maps the normalised alpha mask (:func:`normalize_alpha`)
+    to one vector per patch, added to the RGB patch embedding before the position embedding
+    (as the official code adds ``conv1_alpha(alpha)`` to ``conv1(x)``), so token keeping works
+    on top. No alpha means an all-ones mask; a zero alpha conv leaves the base model exactly.
     """
 
     def __init__(
@@ -106,6 +123,7 @@ class VisionTower(nn.Module):
         image_size: int,
         model_kwargs: dict | None = None,
         freeze_patch_embed: bool = False,
+        alpha_channel: bool = False,
     ) -> None:
         super().__init__()
         vit = timm.create_model(
@@ -128,6 +146,7 @@ class VisionTower(nn.Module):
         if freeze_patch_embed:
             for param in vit.patch_embed.parameters():
                 param.requires_grad_(False)
+        self.alpha_conv: nn.Conv2d | None = _alpha_conv(vit) if alpha_channel else None
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them
@@ -144,9 +163,32 @@ class VisionTower(nn.Module):
         """The timm ViT's transformer blocks (``self.vit.blocks``)."""
         return self.vit.blocks
 
-    def embed(self, images_BCHW: Tensor, keep_idx_BK: Tensor | None = None) -> Tensor:
+    def patch_embed(
+        self, images_BCHW: Tensor, alpha_B1HW: Tensor | None = None, use_alpha: bool = True
+    ) -> Tensor:
+        """Patch embeddings [B, num_patches, width]: the RGB patch conv, plus the alpha conv of
+        the normalised alpha (all ones if None) when the tower has one and ``use_alpha``."""
+        tokens_BND = self.vit.patch_embed(images_BCHW)
+        if self.alpha_conv is None or not use_alpha:
+            if alpha_B1HW is not None and use_alpha:
+                raise ValueError("this vision tower has no alpha channel (model.alpha_channel)")
+            return tokens_BND
+        if alpha_B1HW is None:
+            b, _, h, w = images_BCHW.shape
+            alpha_B1HW = images_BCHW.new_full((b, 1, h, w), (1.0 - ALPHA_MEAN) / ALPHA_STD)
+        alpha_BDhw = self.alpha_conv(alpha_B1HW.to(self.alpha_conv.weight.dtype))
+        return tokens_BND + alpha_BDhw.flatten(2).transpose(1, 2).to(tokens_BND.dtype)
+
+    def embed(
+        self,
+        images_BCHW: Tensor,
+        keep_idx_BK: Tensor | None = None,
+        alpha_B1HW: Tensor | None = None,
+        use_alpha: bool = True,
+    ) -> Tensor:
         """Token sequence entering the blocks: [B, prefix + K, width] (K = num_patches if None)."""
-        tokens_BND = self.vit._pos_embed(self.vit.patch_embed(images_BCHW))
+        patches_BND = self.patch_embed(images_BCHW, alpha_B1HW, use_alpha)
+        tokens_BND = self.vit._pos_embed(patches_BND)
         if keep_idx_BK is not None:
             prefix = self.num_prefix_tokens
             kept_BKD = gather_tokens(tokens_BND[:, prefix:], keep_idx_BK)
@@ -161,13 +203,22 @@ class VisionTower(nn.Module):
     def _pool(self, tokens_BND: Tensor) -> Tensor:
         return self.vit.forward_head(self.vit.norm(tokens_BND), pre_logits=True)
 
-    def forward(self, images_BCHW: Tensor, keep_idx_BK: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        images_BCHW: Tensor,
+        keep_idx_BK: Tensor | None = None,
+        alpha_B1HW: Tensor | None = None,
+        use_alpha: bool = True,
+    ) -> Tensor:
         """Pooled features [B, width] of the images, encoding only ``keep_idx_BK`` patches.
 
         ``keep_idx_BK`` holds patch indices in [0, num_patches), row-major over ``grid_hw``;
         prefix (CLS/register) tokens are always kept, first. None encodes all patches.
+        ``alpha_B1HW`` is the normalised alpha mask of an alpha tower (see :meth:`patch_embed`);
+        ``use_alpha=False`` leaves the alpha conv out (the RGB path alone).
         """
-        return self._pool(self._run_blocks(self.embed(images_BCHW, keep_idx_BK)))
+        tokens_BND = self.embed(images_BCHW, keep_idx_BK, alpha_B1HW, use_alpha)
+        return self._pool(self._run_blocks(tokens_BND))
 
     def forward_with_relevance(self, images_BCHW: Tensor) -> tuple[Tensor, Tensor]:
         """Pooled features [B, width] with all tokens, and relevance [B, num_patches].
@@ -182,3 +233,23 @@ class VisionTower(nn.Module):
         with _ClsAttentionProbe(self.vit.blocks, self.num_prefix_tokens) as probe:
             tokens_BND = self.vit.blocks(tokens_BND)
         return self._pool(tokens_BND), probe.relevance()
+
+
+def _alpha_conv(vit: VisionTransformer) -> nn.Conv2d:
+    """Alpha-CLIP's ``Conv2d(1, width, patch, patch, bias=False)`` for ``vit``'s patch grid,
+    zero-initialised (official code: ``conv1_alpha``, zeros when the weights have none). Made
+    with ``skip_init``, so it draws nothing from the RNG: the rest of the model is initialised
+    as without it."""
+    patch_embed = vit.patch_embed
+    if not isinstance(patch_embed.norm, nn.Identity):
+        raise ValueError(
+            "alpha_channel needs a patch embedding without a norm (the alpha conv is added to "
+            f"the patch conv's output); this ViT's is {type(patch_embed.norm).__name__}"
+        )
+    proj = patch_embed.proj
+    conv = nn.utils.skip_init(
+        nn.Conv2d, 1, proj.out_channels, kernel_size=proj.kernel_size, stride=proj.stride,
+        padding=proj.padding, bias=False,
+    )  # fmt: skip
+    nn.init.zeros_(conv.weight)
+    return conv
