@@ -62,7 +62,6 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or tag dir")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="CLIP_benchmark-style wds set with .mask.png per sample")
     source.add_argument("--imagenet-s", help="ImageNet-S root (e.g. ImageNetS919)")
@@ -79,7 +78,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry: the table on stdout, then the metrics as JSON."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.model_name:
+        parser.error("--model-name: region zero-shot reads aclip runs (an alpha model has no "
+                     "open_clip form); give the run as --checkpoint")  # fmt: skip
     if "{}" not in args.template:
         print(f"error: --template must hold {{}} for the class name (got {args.template!r})",
               file=sys.stderr)  # fmt: skip
