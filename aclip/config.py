@@ -128,6 +128,7 @@ class EvalConfig:
 
     zeroshot_sets: list[str] = field(default_factory=list)
     retrieval_sets: list[str] = field(default_factory=list)
+    region_sets: list[str] = field(default_factory=list)  # wds sets with .mask.png (Alpha-CLIP)
     every_steps: int = 0
     batch_size: int = 256
     use_ema: bool = False

@@ -188,8 +188,10 @@ def evaluate_sets(
     image_size: int,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    extra: Sequence[tuple[str, Sequence[str], Callable[..., dict]]] = (),
 ) -> dict[str, dict]:
-    """Every set: ``zeroshot/<set name>`` and ``retrieval/<set name>`` -> its metrics.
+    """Every set: ``zeroshot/<set name>`` and ``retrieval/<set name>`` -> its metrics; ``extra``
+    adds kinds as (kind, sets, fn) with fn called like :func:`zero_shot_on_wds`.
 
     A set whose evaluation raises gets ``{"error": "<type>: <message>"}`` (also printed on
     stderr) and the others still run: a failed evaluation never loses a trained run.
@@ -201,6 +203,7 @@ def evaluate_sets(
         for kind, roots, fn in (
             ("zeroshot", zeroshot_sets, zero_shot_on_wds),
             ("retrieval", retrieval_sets, retrieval_on_wds),
+            *extra,
         ):
             for root in roots:
                 name = f"{kind}/{str(root).rstrip('/').split('/')[-1]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 
 from aclip.config import Config, ConfigError
@@ -39,14 +40,17 @@ def _check_eval_sets(cfg: Config) -> None:
     """Refuse an eval set that is missing, of the wrong kind or laid out wrong, naming the key
     (the final evaluation would otherwise find it only after training)."""
     from aclip.data.evalsets import check_eval_set
+    from aclip.data.regionsets import WdsRegionSet
 
-    for key, task, roots in (
-        ("eval.zeroshot_sets", "zeroshot", cfg.eval.zeroshot_sets),
-        ("eval.retrieval_sets", "retrieval", cfg.eval.retrieval_sets),
-    ):
+    checks = (
+        ("eval.zeroshot_sets", cfg.eval.zeroshot_sets, partial(check_eval_set, task="zeroshot")),
+        ("eval.retrieval_sets", cfg.eval.retrieval_sets, partial(check_eval_set, task="retrieval")),
+        ("eval.region_sets", cfg.eval.region_sets, WdsRegionSet),
+    )
+    for key, roots, check in checks:
         for root in roots:
             try:
-                check_eval_set(root, task)
+                check(root)
             except FileNotFoundError as err:
                 raise FileNotFoundError(f"{key}: {err}") from None
             except ValueError as err:

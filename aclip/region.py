@@ -209,3 +209,25 @@ def format_table(results: dict[str, object]) -> str:
         else:
             lines.append(f"{row:<10} {100 * metrics['top1']:7.2f} {100 * metrics['top5']:7.2f}")
     return "\n".join(lines)
+
+
+def region_on_wds(
+    model: CLIP,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    root: str,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """The region rows on a wds region set, flat (``<row>/top1``, ``<row>/top5``, ``n``), for
+    evaluation during training (``eval.region_sets``)."""
+    from aclip.data.regionsets import WdsRegionSet
+
+    dataset = WdsRegionSet(root)
+    rows = region_zeroshot(model, tokenizer, dataset, dataset.classnames, image_size,
+                           device=device, batch_size=batch_size)  # fmt: skip
+    flat: dict[str, float] = {"n": float(rows["n"])}
+    for row in ROWS:
+        if isinstance(rows.get(row), dict):
+            flat |= {f"{row}/{metric}": value for metric, value in rows[row].items()}
+    return flat

@@ -303,12 +303,14 @@ class Trainer:
         clip = self.eval_clip()
         if self.dist.is_main:
             from aclip.evaluation import evaluate_sets
+            from aclip.region import region_on_wds
 
             with self.method.ctx.autocast():
                 ev = self.cfg.eval
                 results = evaluate_sets(
                     clip, self.tokenizer, ev.zeroshot_sets, ev.retrieval_sets,
                     self.cfg.model.image_size, ev.batch_size, self.device,
+                    extra=[("region", ev.region_sets, region_on_wds)],
                 )  # fmt: skip
         dist_utils.barrier()
         return results

@@ -610,3 +610,42 @@ def test_shipped_alpha_configs_build_their_groups(name):
     assert id(clip.visual.alpha_conv.weight) in trained
     lrs = {g["lr"] for g in groups}
     assert lrs == {cfg.optim.lr, cfg.optim.lr * cfg.optim.param_groups[1].lr_scale}
+
+
+def test_region_sets_are_checked_before_training_and_evaluated_during_it(
+    region_data, tmp_path, dist_info
+):
+    """eval.region_sets: the pre-flight refuses a set without masks; during training every
+    eval.every_steps steps the five rows go to tensorboard (eval/region/<set>/<row>/top1) and the
+    final evaluation holds them, equal to region_zeroshot's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aclip.config import ConfigError
+    from aclip.data.regionsets import WdsRegionSet
+    from aclip.data.synthetic import write_synthetic
+    from aclip.preflight import check_paths
+    from aclip.region import region_zeroshot
+    from aclip.trainer import Trainer
+
+    over = {
+        "method": "alpha_clip", "model.alpha_channel": True, "data.workers": 0,
+        "data.train_shards": f"{region_data}/train_region/{{00000..00001}}.tar",
+        "data.samples_per_epoch": 48, "eval.every_steps": 3, "eval.batch_size": 16,
+        "eval.region_sets": f"[{region_data}/eval_region]",
+    }  # fmt: skip
+    plain = tmp_path / "plain"
+    write_synthetic(plain, n_train=0, n_eval_cls=8, n_eval_ret=0, image_size=48)
+    with pytest.raises(ConfigError, match=r"eval.region_sets: .*no \.mask\.png"):
+        check_paths(tiny_config(str(tmp_path / "x"), **over | {
+            "eval.region_sets": f"[{plain}/eval_cls]"}))  # fmt: skip
+    trainer = Trainer(tiny_config(str(tmp_path / "run"), **over), dist_info)
+    trainer.fit()
+    results = trainer.evaluate()["region/eval_region"]
+    dataset = WdsRegionSet(region_data / "eval_region")
+    rows = region_zeroshot(trainer.model.clip, trainer.tokenizer, dataset, dataset.classnames,
+                           trainer.cfg.model.image_size)  # fmt: skip
+    assert results["alpha/top1"] == rows["alpha"]["top1"] and results["n"] == 30
+    trainer.close()
+    scalars = EventAccumulator(str(tmp_path / "run" / "tb"))
+    scalars.Reload()
+    assert "eval/region/eval_region/alpha/top1" in scalars.Tags()["scalars"]
