@@ -437,6 +437,7 @@ def _rank_with_bad_data(rank: int, world: int, port: int, out: str) -> None:
         raise
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_loader_error_on_one_rank_ends_every_rank(tmp_path):
     """The failing rank exits non-zero at once; the other, waiting in a collective, gets an

@@ -248,3 +248,30 @@ def test_each_rank_reads_different_shards(shards, tok, monkeypatch, workers):
         batches = islice(iter(_loader(spec, tok, resampled=True, batch_size=4)), 3)
         resampled.append(torch.cat([b["tokens"] for b in batches]))
     assert not torch.equal(resampled[0], resampled[1])  # each rank its own shard stream
+
+
+_HOLD_A_LOADER_AT_EXIT = """
+import sys
+from aclip.data.pipeline import build_train_loader
+from aclip.data.views import ACLIPViews
+from aclip.tokenizer import Tokenizer
+
+loader = build_train_loader(sys.argv[1], Tokenizer(context_length=24), ACLIPViews(32), 4, 2,
+                            resampled=True, shuffle_buffer=8)
+batches = iter(loader)
+next(batches)
+print("got a batch", flush=True)
+"""
+
+
+def test_a_process_holding_a_loader_with_workers_exits(shards):
+    """The workers ignore SIGTERM (it is the main process's to handle), so multiprocessing's exit
+    hook, which SIGTERMs and joins daemonic children, used to wait forever for the workers of a
+    loader still referenced at exit; they are killed first now."""
+    import subprocess
+    import sys
+
+    spec = str(shards / "a" / "train" / "{00000..00001}.tar")
+    proc = subprocess.run([sys.executable, "-c", _HOLD_A_LOADER_AT_EXIT, spec], timeout=60,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0 and "got a batch" in proc.stdout, proc.stderr[-2000:]

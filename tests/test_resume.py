@@ -217,6 +217,7 @@ def _finish(shards: Path, out: Path, log: Path, *extra: str) -> str:
     return log.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moment", ["mid-run", "mid-save"])
 def test_kill_9_then_the_next_start_resumes_from_the_last_whole_checkpoint(
     tmp_path, shards, moment

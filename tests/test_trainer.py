@@ -106,6 +106,7 @@ def _spawn(world: int, out: Path, steps: int, **overrides: object) -> list[list[
     return json.loads((out / "losses.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_two_ranks_match_one_rank(tmp_path, stage):
     """Same global batch of 16: 2 gloo ranks x 8 vs 1 rank x 16, full A-CLIP loss, 5 steps.

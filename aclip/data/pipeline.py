@@ -30,6 +30,7 @@ from aclip.data.workers import (
     ResampledShards,
     SplitByWorker,
     derive_seed,
+    end_workers_at_exit,
     worker_init,
     worker_seed,
 )
@@ -165,5 +166,7 @@ def build_train_loader(
         prefetch_factor=4 if num_workers > 0 else None,
         worker_init_fn=worker_init if num_workers > 0 else None,
     )
+    if num_workers > 0:
+        end_workers_at_exit(loader)
     loader.skip_stats = stats  # live counts with num_workers=0; workers count in their copies
     return loader

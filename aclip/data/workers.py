@@ -3,10 +3,14 @@ they leave to the main process."""
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing.util  # noqa: F401  (its exit hook first: ours, registered later, runs before)
 import random
 import signal
+import weakref
 import zlib
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from webdataset.utils import pytorch_worker_info
@@ -64,6 +68,42 @@ def worker_init(_: int) -> None:
     """Loader workers leave the stop signals to the main process: SIGTERM, SIGUSR1 and SIGINT
     are ignored here (``timeout``, ``scancel`` and Ctrl-C signal the whole process group, workers
     included; the main process checkpoints and stops). A worker whose main process is gone exits
-    by itself (PyTorch's worker watchdog)."""
+    by itself (PyTorch's worker watchdog); at the main process's exit, `end_workers_at_exit`
+    kills them."""
     for sig in WORKER_IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def end_workers_at_exit(loader: Any) -> None:
+    """Make sure the workers of ``loader`` (a DataLoader or WebLoader whose workers run
+    `worker_init`) end when this process exits.
+
+    The workers ignore SIGTERM, so multiprocessing's own exit hook, which terminates daemonic
+    children with SIGTERM and then joins them, would wait forever for the workers of a loader
+    still referenced at exit (their watchdog sees the main process alive). This hook, run first
+    (registered after multiprocessing's), kills them with SIGKILL: the run is over.
+    """
+    if not _LOADERS:
+        atexit.register(_kill_loader_workers)
+    # webdataset's WebLoader is a pipeline whose first stage is the DataLoader
+    for stage in [loader, *getattr(loader, "pipeline", ())]:
+        if isinstance(stage, torch.utils.data.DataLoader):
+            _LOADERS.add(stage)
+
+
+_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _kill_loader_workers() -> None:
+    from torch.utils.data._utils import signal_handling
+
+    for loader in list(_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if getattr(iterator, "_worker_pids_set", False):  # PyTorch's SIGCHLD check: off first
+            signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        workers = [w for w in getattr(iterator, "_workers", ()) if w.is_alive()]
+        for proc in workers:
+            proc.kill()
+        for proc in workers:
+            proc.join(timeout=5)
