@@ -66,10 +66,12 @@ class LossConfig:
 
 @dataclass
 class EMAConfig:
-    """Teacher momentum, cosine from ``momentum`` to ``final_momentum`` over training."""
+    """Teacher momentum, cosine from ``momentum`` to ``final_momentum`` over training, and the
+    resolution the teacher sees the EMA view at (``image_size``; 0: the model's image size)."""
 
     momentum: float = 0.996
     final_momentum: float = 1.0
+    image_size: int = 0  # e.g. 112 for a 224 model: ~1/4 of the teacher's FLOPs (issue 16)
 
 
 @dataclass
@@ -259,6 +261,7 @@ def validate(cfg: Config) -> None:
             "ema.momentum",
             "need 0 <= ema.momentum <= ema.final_momentum <= 1",
         ),
+        (cfg.ema.image_size >= 0, "ema.image_size", "must be >= 0 (0: the model's image size)"),
     ]
     for ok, key, why in checks:
         if not ok:

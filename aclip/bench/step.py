@@ -24,7 +24,7 @@ import torch
 from aclip.bench import common
 from aclip.config import Config, ModelConfig, load_config
 from aclip.distributed import DistInfo, init_distributed
-from aclip.flops import StepFlops, TextDims, ViTDims, step_flops
+from aclip.flops import StepFlops, TextDims, ViTDims, config_step_flops
 from aclip.model import ACLIPModel, build_model
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -154,7 +154,7 @@ def meta_model(cfg: Config) -> ACLIPModel:
 
 def mode_flops(cfg: Config, batch: int, world_size: int = 1) -> StepFlops:
     """Analytic FLOPs of one step of the mode ``cfg`` describes (open_clip's: as ``clip``)."""
-    return step_flops(meta_model(cfg), cfg, batch, world_size)
+    return config_step_flops(cfg, batch, world_size)
 
 
 def trainer_runner(cfg: Config, dist_info: DistInfo, batch: dict) -> Runner:

@@ -241,7 +241,8 @@ class ACLIPViews:
 
     Randomness comes from torch's global RNG only (box sampling and colour ops), so seeding
     `torch.manual_seed` makes a call reproducible (the EMA view draws nothing, so
-    ``ema_view=False`` leaves the draws as they are). With ``normalize=False`` the views and the
+    ``ema_view=False`` leaves the draws as they are; ``ema_size`` is the EMA view's side, the
+    teacher's resolution, default ``image_size``). With ``normalize=False`` the views and the
     EMA view are returned as uint8 pixels, for :func:`normalize_images` on the GPU (4x fewer
     bytes through collation, shared memory and the host-to-device copy).
     """
@@ -256,6 +257,7 @@ class ACLIPViews:
         color_aug: bool = True,
         normalize: bool = True,
         ema_view: bool = True,
+        ema_size: int | None = None,
     ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
@@ -267,6 +269,7 @@ class ACLIPViews:
         self.color = colour_augment() if color_aug else None
         self.normalize = _Normalize(mean, std, enabled=normalize)
         self.ema_view = ema_view
+        self.ema_size = ema_size or image_size
 
     def sample_boxes(self, img: Image.Image) -> list[tuple[int, int, int, int]]:
         """Draw `num_views` RandomResizedCrop boxes as pixel (x0, y0, x1, y1)."""
@@ -285,8 +288,9 @@ class ACLIPViews:
         pixels, size = image_tensor(img), self.image_size
         out: dict[str, torch.Tensor] = {}
         if self.ema_view:
-            out["ema"] = torch.empty(3, size, size, dtype=self.normalize.dtype)
-            self.normalize(resize_box(pixels, union, size), out["ema"])
+            ema_size = self.ema_size
+            out["ema"] = torch.empty(3, ema_size, ema_size, dtype=self.normalize.dtype)
+            self.normalize(resize_box(pixels, union, ema_size), out["ema"])
         views = torch.empty(self.num_views, 3, size, size, dtype=self.normalize.dtype)
         for view_out, box in zip(views, boxes, strict=True):
             view = resize_box(pixels, box, size)

@@ -50,6 +50,7 @@ class Cost:
     kept: int | None  # patches each view keeps (None: all)
     teacher: bool  # an EMA teacher pass (all tokens, relevance) per sample
     simclr: bool  # NT-Xent between views
+    teacher_patches: int | None = None  # patches the teacher sees (None: the model's number)
 
 
 @dataclass
