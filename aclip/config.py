@@ -86,6 +86,7 @@ class DataConfig:
     workers: int = 4
     crop_scale_min: float = 0.5
     color_aug: bool = True
+    augment_on: str = "cpu"  # cpu: views made by the loader; gpu: crops/resizes/colour on device
     max_skip_fraction: float = 0.1
 
 
@@ -250,6 +251,11 @@ def validate(cfg: Config) -> None:
         (cfg.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2"),
         (cfg.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1"),
         (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]"),
+        (
+            cfg.data.augment_on in ("cpu", "gpu"),
+            "data.augment_on",
+            f"must be cpu or gpu (got {cfg.data.augment_on!r})",
+        ),
         (0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from aclip.config import Config, ConfigError
-from aclip.data.views import ACLIPViews, model_input
+from aclip.data.views import model_input
 from aclip.ema import EMATeacher, ema_momentum
 from aclip.losses import aclip_loss
 from aclip.masking import TokenSelector, map_relevance_to_views, num_keep
@@ -105,15 +105,7 @@ class ACLIP(Method):
         boxes, as uint8 pixels (normalised on the device in :meth:`loss`). The EMA view is
         resized to the teacher's size here, from the decoded image: one resampling, and cheaper
         than resizing a full-size view on the device (see BENCHMARKS.md)."""
-        data = self.cfg.data
-        return ACLIPViews(
-            self.cfg.model.image_size,
-            num_views=self.cfg.mask.num_views,
-            scale=(data.crop_scale_min, 1.0),
-            color_aug=data.color_aug,
-            normalize=False,
-            ema_size=self.teacher_size,
-        )
+        return self.view_sampler(self.cfg.mask.num_views, ema_size=self.teacher_size)
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -156,6 +148,7 @@ class ACLIP(Method):
 
     def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
         """Steps 2-6 of the module docstring on this rank's batch."""
+        batch = self.device_batch(batch, self.teacher_size)  # data.augment_on=gpu
         views = model_input(self.to_device(batch["views"]), self.ctx.input_dtype)
         tokens = self.to_device(batch["tokens"])
         ema = model_input(self.to_device(batch["ema"]))
@@ -201,6 +194,7 @@ class ACLIP(Method):
     def images(self, batch: Mapping[str, Tensor], step: int, n: int = 4) -> dict[str, Tensor]:
         """The first views of ``n`` samples with the dropped patches dimmed, beside the EMA view
         and the teacher's relevance."""
+        batch = self.device_batch({k: v[:n] for k, v in batch.items()}, self.teacher_size)
         views = model_input(batch["views"][:n].to(self.ctx.device))
         ema = model_input(batch["ema"][:n].to(self.ctx.device))
         boxes = batch["boxes"][:n].to(self.ctx.device).float()

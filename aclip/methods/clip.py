@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from aclip.config import Config
-from aclip.data.views import ACLIPViews, model_input
+from aclip.data.views import model_input
 from aclip.losses import multi_view_infonce
 from aclip.masking import TokenSelector, num_keep
 from aclip.methods.aclip import mask_generator
@@ -46,18 +46,11 @@ class CLIP(Method):
 
     def sample_views(self) -> Views:
         """One RandomResizedCrop view with colour augmentation, uint8 (no EMA view)."""
-        data = self.cfg.data
-        return ACLIPViews(
-            self.cfg.model.image_size,
-            num_views=1,
-            scale=(data.crop_scale_min, 1.0),
-            color_aug=data.color_aug,
-            normalize=False,
-            ema_view=False,
-        )
+        return self.view_sampler(num_views=1)
 
     def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
         """InfoNCE of the (token-selected) view against this rank's captions, gathered."""
+        batch = self.device_batch(batch)
         views = model_input(self.to_device(batch["views"]), self.ctx.input_dtype)
         tokens = self.to_device(batch["tokens"])
         rows = views.shape[0] * views.shape[1]
