@@ -169,4 +169,7 @@ def test_a_method_trains_on_device_views(tmp_path, method):
         batch = collate(samples)
         student.eval()  # no dropout; BatchNorm in eval: the two batches are compared alone
         losses.append(float(m.loss(student, batch, step=0).total.detach()))
+        if method == "aclip":  # the trainer's pictures, from a stream batch (with scalars)
+            grid = m.images(batch | {"skipped": torch.tensor(0)}, step=0, n=2)
+            assert grid["masking/kept_tokens"].shape[0] == 3
     assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) < 0.05 * abs(losses[0])

@@ -194,7 +194,9 @@ class ACLIP(Method):
     def images(self, batch: Mapping[str, Tensor], step: int, n: int = 4) -> dict[str, Tensor]:
         """The first views of ``n`` samples with the dropped patches dimmed, beside the EMA view
         and the teacher's relevance."""
-        batch = self.device_batch({k: v[:n] for k, v in batch.items()}, self.teacher_size)
+        pictured = ("views", "ema", "boxes", "canvas", "view_boxes", "colour")
+        batch = {k: batch[k][:n] for k in pictured if k in batch}  # the stream adds scalars
+        batch = self.device_batch(batch, self.teacher_size)
         views = model_input(batch["views"][:n].to(self.ctx.device))
         ema = model_input(batch["ema"][:n].to(self.ctx.device))
         boxes = batch["boxes"][:n].to(self.ctx.device).float()
