@@ -6,12 +6,12 @@
 Runs, in this order, each phase only while the time budget lasts (``--budget-s``; a phase
 that would not fit is recorded as skipped, never silently dropped):
 
-1. the step benchmark (``aclip.bench.step``) of open_clip's CLIP step, our CLIP, FLIP, A-CLIP
+1. the loader benchmark (``aclip.bench.loader``): the CPU view path and the GPU view path
+   (``data.augment_on=gpu``: the loader's half per core, the device's half per batch);
+2. the step benchmark (``aclip.bench.step``) of open_clip's CLIP step, our CLIP, FLIP, A-CLIP
    and A-CLIP with the cheaper teacher (``ema.image_size`` = half the model's), eager;
-2. the same modes with ``torch.compile`` (``model.compile=true``; open_clip's model compiled
-   the same way);
-3. the loader benchmark (``aclip.bench.loader``): the CPU view path and the GPU view path
-   (``data.augment_on=gpu``: the loader's half per core, the device's half per batch).
+3. the same modes with ``torch.compile`` (``model.compile=true``; open_clip's model compiled
+   the same way), last: compiling five graphs is the longest phase.
 
 Writes ``bench_gpu.json`` (every payload, the environment, the phases' times) and
 ``bench_gpu.md`` (the tables) into ``--out``. Without a GPU it refuses (exit 2) unless told to
@@ -79,10 +79,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     estimates = TINY_ESTIMATE_S if args.preset == "tiny" else PHASE_ESTIMATE_S
     phases: dict[str, Any] = {}
-    plan = [("eager", lambda: run_step_bench(_step_options(args, compiled=False)))]
+    # cheapest and most needed first: torch.compile's phase (compilation per mode) runs last
+    plan = [
+        ("loader", lambda: run_loader_bench(_loader_options(args))),
+        ("eager", lambda: run_step_bench(_step_options(args, compiled=False))),
+    ]
     if not args.no_compile:
         plan.append(("compiled", lambda: run_step_bench(_step_options(args, compiled=True))))
-    plan.append(("loader", lambda: run_loader_bench(_loader_options(args))))
     timings, skipped = {}, []
     for name, phase in plan:
         left = args.budget_s - (time.perf_counter() - start)
