@@ -45,9 +45,9 @@ def _factor(value: float | Tensor) -> float | Tensor:
 def luma(x_3HW: Tensor) -> Tensor:
     """Pillow's ``convert("L")`` of RGB planes ``[..., 3, H, W]`` -> ``[..., H, W]``."""
     r, g, b = x_3HW.unbind(-3)
-    total = r * _LUMA_WEIGHTS[0]
-    total += g * _LUMA_WEIGHTS[1]
-    total += b * _LUMA_WEIGHTS[2]
+    total = torch.mul(r, _LUMA_WEIGHTS[0])
+    total.add_(g, alpha=_LUMA_WEIGHTS[1])  # fused or not: every term is an integer < 2^24
+    total.add_(b, alpha=_LUMA_WEIGHTS[2])
     total += 32768.0
     return total.mul_(1.0 / 65536.0).floor_()
 
@@ -78,8 +78,13 @@ def contrast(x_3HW: Tensor, factor: float | Tensor) -> Tensor:
 
 def saturation(x_3HW: Tensor, factor: float | Tensor) -> Tensor:
     """``TF.adjust_saturation`` on PIL: blend with the luma image (``convert("L")``), in
-    place."""
-    return blend(x_3HW, luma(x_3HW).unsqueeze(-3), factor)
+    place: :func:`blend`'s operations, plane by plane (no broadcast along the planes)."""
+    lum, factor = luma(x_3HW), _factor(factor)
+    if isinstance(factor, Tensor):
+        factor = factor.squeeze(-3)  # [..., 1, 1, 1] -> [..., 1, 1], as the planes
+    for plane in x_3HW.unbind(-3):
+        plane.sub_(lum).mul_(factor).add_(lum)
+    return x_3HW.clamp_(0.0, 255.0).floor_()
 
 
 def grayscale(x_3HW: Tensor) -> Tensor:
