@@ -171,12 +171,14 @@ def test_bench_gpu_refuses_without_a_gpu_and_runs_its_cpu_smoke_preset(tmp_path,
     small = ["model.vocab_size=500", "model.context_length=16", "model.text_layers=1"]
     args = ["--cpu", "--preset", "tiny", "--batch", "4", "--warmup", "2", "--steps", "1",
             "--no-compile", "--loader-samples", "32", "--loader-batches", "1",
-            "--loader-batch", "8", "--out", str(tmp_path), "--set", *small]  # fmt: skip
+            "--loader-batch", "8", "--modes", "clip", "aclip_cheap",
+            "--out", str(tmp_path), "--set", *small]  # fmt: skip
     assert bench_gpu(args) == 0
     payload = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert set(payload["phases"]) == {"eager", "loader"} and not payload["skipped"]
     modes = payload["phases"]["eager"]["modes"]
-    assert set(modes) == {"openclip", "clip", "flip", "aclip", "aclip_cheap"}
+    assert set(modes) == {"clip", "aclip_cheap"}
+    assert modes["aclip_cheap"]["flops"]["teacher"] > 0 and modes["clip"]["flops"]["teacher"] == 0
     runs = {r["augment_on"]: r for r in payload["phases"]["loader"]["runs"]}
     assert runs["gpu"]["device_ms_per_batch"] > 0 and runs["cpu"]["samples_per_cpu_s"] > 0
     table = (tmp_path / "bench_gpu.md").read_text()

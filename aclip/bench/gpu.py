@@ -47,6 +47,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="per-device batch (preset default)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps per mode")
+    p.add_argument("--modes", nargs="+", choices=GPU_MODES, default=list(GPU_MODES),
+                   help="step modes (default: all five)")  # fmt: skip
     p.add_argument("--cpu", action="store_true", help="run on the CPU (a smoke test)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile phase")
     p.add_argument("--budget-s", type=float, default=450.0, help="time budget of the run")
@@ -62,7 +64,7 @@ def _step_options(args: argparse.Namespace, compiled: bool) -> StepOptions:
     warmup = args.warmup if args.warmup is not None else (5 if compiled else None)
     overrides = [*args.overrides, *(["model.compile=true"] if compiled else [])]
     return StepOptions(preset=args.preset, batch=args.batch, precision="bf16",
-                       modes=list(GPU_MODES), warmup=warmup, steps=args.steps,
+                       modes=list(args.modes), warmup=warmup, steps=args.steps,
                        overrides=overrides)  # fmt: skip
 
 

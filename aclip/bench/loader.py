@@ -163,18 +163,19 @@ def time_loader(
 def time_device(batch: dict, opts: LoaderOptions, runs: int = 5) -> dict[str, Any]:
     """The device's half of the GPU path (``augment_batch``) on one loader batch: milliseconds
     per batch (median of ``runs`` after 2 warm-up runs, synchronised) on the GPU if there is
-    one, else on the CPU (all threads)."""
+    one, else once on the CPU (all threads; seconds per batch there, not a figure to plan by)."""
     from aclip.data.gpu_views import CANVAS_KEYS, augment_batch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     moved = {k: batch[k].to(device) for k in CANVAS_KEYS}
+    warmup, runs = (2, runs) if device.type == "cuda" else (0, 1)
     times = []
-    for i in range(runs + 2):
+    for i in range(runs + warmup):
         common.synchronize(device)
         t0 = time.perf_counter()
         augment_batch(moved, opts.image_size)
         common.synchronize(device)
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     ms = 1e3 * statistics.median(times)
     return {"device": str(device), "device_ms_per_batch": ms,
