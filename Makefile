@@ -83,7 +83,12 @@ clean:
 
 # quick CPU benchmark (tiny model + the data loader, a few minutes); GPU: see BENCHMARKS.md
 BENCH ?= runs/bench
-.PHONY: bench
+.PHONY: bench bench-gpu
 bench: install
 	$(PY) -m aclip.bench --preset tiny --threads 1 --json $(BENCH)/step_tiny.json
-	$(PY) -m aclip.bench loader --json $(BENCH)/loader.json
+	$(PY) -m aclip.bench loader --augment-on cpu gpu --json $(BENCH)/loader.json
+
+# the prepared one-GPU check (< 8 min): ViT-B/16 batch 64 bf16 steps, eager and compiled, and
+# both view paths; refuses without a GPU (python -m aclip.bench.gpu --cpu --preset tiny: smoke)
+bench-gpu: install
+	DS_ACCELERATOR=cuda $(PY) -m aclip.bench.gpu --out $(BENCH)/gpu

@@ -67,10 +67,12 @@ class LossConfig:
 
 @dataclass
 class EMAConfig:
-    """Teacher momentum, cosine from ``momentum`` to ``final_momentum`` over training."""
+    """Teacher momentum, cosine from ``momentum`` to ``final_momentum`` over training, and the
+    resolution the teacher sees the EMA view at (``image_size``; 0: the model's image size)."""
 
     momentum: float = 0.996
     final_momentum: float = 1.0
+    image_size: int = 0  # e.g. 112 for a 224 model: ~1/4 of the teacher's FLOPs (issue 16)
 
 
 @dataclass
@@ -85,6 +87,7 @@ class DataConfig:
     workers: int = 4
     crop_scale_min: float = 0.5
     color_aug: bool = True
+    augment_on: str = "cpu"  # cpu: views made by the loader; gpu: crops/resizes/colour on device
     max_skip_fraction: float = 0.1
 
 
@@ -289,6 +292,11 @@ def validate(cfg: Config) -> None:
         (cfg.train.global_batch_size >= 1, "train.global_batch_size", "must be >= 1"),
         (cfg.train.accum_freq >= 1, "train.accum_freq", "must be >= 1"),
         (0.0 < cfg.data.crop_scale_min <= 1.0, "data.crop_scale_min", "must be in (0, 1]"),
+        (
+            cfg.data.augment_on in ("cpu", "gpu"),
+            "data.augment_on",
+            f"must be cpu or gpu (got {cfg.data.augment_on!r})",
+        ),
         (0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]"),
         (len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
@@ -300,6 +308,7 @@ def validate(cfg: Config) -> None:
             "ema.momentum",
             "need 0 <= ema.momentum <= ema.final_momentum <= 1",
         ),
+        (cfg.ema.image_size >= 0, "ema.image_size", "must be >= 0 (0: the model's image size)"),
     ]
     for ok, key, why in checks + _alpha_checks(cfg.alpha):
         if not ok:

@@ -12,7 +12,7 @@ checkpointing is not counted, so MFU stays comparable with and without it.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
@@ -156,8 +156,9 @@ def step_flops(model: ACLIPModel, cfg: Config, batch: int, world_size: int = 1) 
     views = cost.num_views
     image_proj, text_proj = linear_flops(clip.image_proj), linear_flops(clip.text_proj)
     teacher = 0
-    if cost.teacher:
-        teacher = batch * vit_forward_flops(vit, None, relevance=True)
+    if cost.teacher:  # at ema.image_size: the same ViT on the teacher's (coarser) patch grid
+        teacher_vit = replace(vit, num_patches=cost.teacher_patches or vit.num_patches)
+        teacher = batch * vit_forward_flops(teacher_vit, None, relevance=True)
         teacher += batch * linear_flops(model.byol_projector)
     heads = sum(
         linear_flops(m) for m in (model.simclr_head, model.byol_projector, model.byol_predictor)
@@ -171,3 +172,17 @@ def step_flops(model: ACLIPModel, cfg: Config, batch: int, world_size: int = 1) 
         teacher=teacher,
         batch=batch,
     )
+
+
+def config_step_flops(cfg: Config, batch: int | None = None, world_size: int = 1) -> StepFlops:
+    """:func:`step_flops` of the model ``cfg`` describes, built on the meta device (sizes
+    without memory or init time); ``batch`` defaults to the per-rank share of
+    ``train.global_batch_size``."""
+    import torch
+
+    from aclip.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model, cfg.loss)
+    batch = batch or max(1, cfg.train.global_batch_size // world_size)
+    return step_flops(model, cfg, batch, world_size)

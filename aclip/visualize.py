@@ -40,8 +40,12 @@ def kept_tokens_grid(
     grid_hw: tuple[int, int],
     ema_BCHW: torch.Tensor | None = None,
     relevance_BN: torch.Tensor | None = None,
+    relevance_grid_hw: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """One row per sample: EMA view, relevance heat map, online view with dropped patches dim."""
+    """One row per sample: EMA view, relevance heat map, online view with dropped patches dim.
+
+    The relevance lies on ``relevance_grid_hw`` (default ``grid_hw``: the teacher's grid when it
+    sees the EMA view at another resolution); the EMA view is shown at the views' size."""
     size = views_BCHW.shape[-1]
     view = denormalize(views_BCHW)
     if keep_idx_BK is not None:
@@ -50,6 +54,9 @@ def kept_tokens_grid(
     columns = [view]
     if ema_BCHW is not None and relevance_BN is not None:
         ema = denormalize(ema_BCHW.to(view.device))
-        columns = [ema, relevance_image(relevance_BN.to(view.device), grid_hw, size), view]
+        if ema.shape[-1] != size:
+            ema = F.interpolate(ema, size=(size, size), mode="bilinear", antialias=True)
+        rel_grid = relevance_grid_hw or grid_hw
+        columns = [ema, relevance_image(relevance_BN.to(view.device), rel_grid, size), view]
     tiles = torch.stack(columns, dim=1).flatten(0, 1)
     return make_grid(tiles.cpu(), nrow=len(columns), padding=2)

@@ -3,10 +3,14 @@
 ``study``: train a grid of masking configs and compare their zero-shot accuracy.
 
     python -m evals.keep_ratio study --config configs/demo.yaml --out runs/study \
-        --strategies random attentive --keep-ratios 0.25 0.5 --seeds 0 1 [override ...]
+        --strategies random attentive --keep-ratios 0.25 0.5 --seeds 0 1 \
+        [--teacher-sizes 0 112] [override ...]
 
 Each grid point is one ``train.py`` run (its own process, same base config and overrides, same
-number of steps) evaluated on the config's ``eval.zeroshot_sets``.
+number of steps) evaluated on the config's ``eval.zeroshot_sets``. ``--teacher-sizes`` adds the
+teacher-resolution axis (``ema.image_size``; 0: the model's size): each row of the table gives
+the analytic model FLOPs per training sample beside the accuracy, and the plot shows accuracy
+against that cost.
 
 ``checkpoint``: one model, evaluated while keeping only part of the patch tokens.
 
@@ -61,33 +65,62 @@ class GridPoint:
     keep_ratio: float
     views: int
     seed: int
+    teacher_size: int = 0  # ema.image_size (0: the model's image size)
 
     @property
     def name(self) -> str:
-        """Directory name of the run."""
-        return f"{self.strategy}_k{self.keep_ratio:g}_v{self.views}_s{self.seed}"
+        """Directory name of the run (``_t<px>`` only for a teacher at another resolution)."""
+        teacher = f"_t{self.teacher_size}" if self.teacher_size else ""
+        return f"{self.strategy}_k{self.keep_ratio:g}_v{self.views}{teacher}_s{self.seed}"
 
     def overrides(self) -> list[str]:
         """The dotted overrides that select this point."""
         ratio = 1.0 if self.strategy == "none" else self.keep_ratio
-        return [
-            f"mask.strategy={self.strategy}",
-            f"mask.keep_ratio={ratio}",
-            f"mask.num_views={self.views}",
-            f"train.seed={self.seed}",
-        ] + (["loss.w_simclr=0"] if self.views < 2 else [])
+        return (
+            [
+                f"mask.strategy={self.strategy}",
+                f"mask.keep_ratio={ratio}",
+                f"mask.num_views={self.views}",
+                f"train.seed={self.seed}",
+            ]
+            + (["loss.w_simclr=0"] if self.views < 2 else [])
+            + ([f"ema.image_size={self.teacher_size}"] if self.teacher_size else [])
+        )
 
 
 def grid(
-    strategies: list[str], ratios: list[float], views: list[int], seeds: list[int]
+    strategies: list[str],
+    ratios: list[float],
+    views: list[int],
+    seeds: list[int],
+    teacher_sizes: Sequence[int] = (0,),
 ) -> list[GridPoint]:
-    """The study's runs; ``none`` keeps every token, so it is run once per views × seed."""
+    """The study's runs; ``none`` keeps every token, so it is run once per views × teacher
+    size × seed."""
     points = []
-    for strategy, ratio, n_views, seed in itertools.product(strategies, ratios, views, seeds):
-        point = GridPoint(strategy, 1.0 if strategy == "none" else ratio, n_views, seed)
+    for strategy, ratio, n_views, size, seed in itertools.product(
+        strategies, ratios, views, teacher_sizes, seeds
+    ):
+        point = GridPoint(strategy, 1.0 if strategy == "none" else ratio, n_views, seed, size)
         if point not in points:
             points.append(point)
     return points
+
+
+def point_cost(point: GridPoint, config: str | None, extra: Sequence[str] = ()) -> dict:
+    """The teacher's resolution (px) and the analytic model FLOPs per training sample
+    (``aclip.flops``; GFLOP) of a grid point's run, from its resolved config."""
+    from aclip.config import load_config
+    from aclip.flops import config_step_flops
+    from aclip.methods.aclip import teacher_image_size
+
+    cfg = load_config(config, [*extra, *point.overrides()])
+    flops = config_step_flops(cfg)
+    return {
+        "teacher_px": teacher_image_size(cfg),
+        "gflop_per_sample": flops.per_sample / 1e9,
+        "teacher_gflop_per_sample": flops.teacher / flops.batch / 1e9,
+    }
 
 
 def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dict:
@@ -132,34 +165,52 @@ def _top1(results: dict, eval_set: str | None = None) -> float:
     return 100.0 * sets[name]["top1"]
 
 
-def summarise(rows: list[tuple[GridPoint, float]]) -> list[dict]:
-    """Mean and spread of top-1 over seeds for each (strategy, keep ratio, views)."""
-    groups: dict[tuple, list[float]] = {}
+def summarise(
+    rows: list[tuple[GridPoint, float]], cost: Callable[[GridPoint], dict] | None = None
+) -> list[dict]:
+    """Mean and spread of top-1 over seeds for each (strategy, keep ratio, views, teacher
+    size); ``cost`` (e.g. :func:`point_cost`) adds its keys to each row."""
+    groups: dict[tuple, list[tuple[GridPoint, float]]] = {}
     for point, top1 in rows:
-        groups.setdefault((point.strategy, point.keep_ratio, point.views), []).append(top1)
+        key = (point.strategy, point.keep_ratio, point.views, point.teacher_size)
+        groups.setdefault(key, []).append((point, top1))
     table = []
-    for (strategy, ratio, views), values in sorted(groups.items()):
-        table.append(
-            {
-                "strategy": strategy,
-                "keep_ratio": ratio,
-                "views": views,
-                "runs": len(values),
-                "top1_mean": statistics.fmean(values),
-                "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "top1_runs": " ".join(f"{v:.1f}" for v in values),
-            }
-        )
+    for (strategy, ratio, views, teacher), members in sorted(groups.items()):
+        values = [top1 for _, top1 in members]
+        row = {
+            "strategy": strategy,
+            "keep_ratio": ratio,
+            "views": views,
+            "teacher_size": teacher,
+            "runs": len(values),
+            "top1_mean": statistics.fmean(values),
+            "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "top1_runs": " ".join(f"{v:.1f}" for v in values),
+        }
+        table.append(row | (cost(members[0][0]) if cost is not None else {}))
     return table
 
 
 Column = tuple[str, Callable[[dict], str]]
 Plotter = Callable[[list[dict], Path, str], None]
 
+
+def _teacher_cell(row: dict) -> str:
+    if "teacher_px" in row:
+        return str(row["teacher_px"])
+    return str(row["teacher_size"]) if row.get("teacher_size") else "model"
+
+
+def _gflop_cell(row: dict) -> str:
+    return f"{row['gflop_per_sample']:.4g}" if "gflop_per_sample" in row else "–"
+
+
 STUDY_COLUMNS: list[Column] = [
     ("strategy", lambda r: r["strategy"]),
     ("keep ratio", lambda r: f"{r['keep_ratio']:g}"),
     ("views", lambda r: str(r["views"])),
+    ("teacher px", _teacher_cell),
+    ("GFLOP/sample", _gflop_cell),
     ("runs", lambda r: str(r["runs"])),
     ("top-1 (mean ± sd)", lambda r: f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f}"),
     ("per run", lambda r: r["top1_runs"]),
@@ -211,10 +262,16 @@ def _by_strategy(table: list[dict], *extra: str) -> Iterator[tuple[tuple, list[d
         yield key, list(group)
 
 
-def _finish(fig, axes: list, path: Path, title: str, extra_axes: Sequence = ()) -> None:
-    """Label, grid and (on ``axes``, not ``extra_axes``) legend the panels; save and close."""
+def _finish(
+    fig, axes: list, path: Path, title: str, extra_axes: Sequence = (), extra_xlabel: str = ""
+) -> None:
+    """Label, grid and (on ``axes``, not ``extra_axes``) legend the panels; save and close.
+    ``extra_xlabel`` replaces the kept-fraction label on ``extra_axes``."""
     for ax in [*axes, *extra_axes]:
-        ax.set_xlabel("kept fraction of patch tokens")
+        is_extra = ax in extra_axes
+        ax.set_xlabel(
+            extra_xlabel if is_extra and extra_xlabel else "kept fraction of patch tokens"
+        )
         ax.grid(alpha=0.3)
     for ax in axes:
         ax.legend()
@@ -224,19 +281,40 @@ def _finish(fig, axes: list, path: Path, title: str, extra_axes: Sequence = ()) 
     _pyplot().close(fig)
 
 
+def _series_label(strategy: str, views: int, row: dict) -> str:
+    label = f"{strategy} ({views} view{'s' if views > 1 else ''}"
+    if row.get("teacher_size") or "teacher_px" in row:
+        label += f", teacher {_teacher_cell(row)} px"
+    return label + ")"
+
+
 def _plot(table: list[dict], path: Path, title: str) -> None:
-    fig, ax = _pyplot().subplots(figsize=(6, 4))
-    for (strategy, views), rows in _by_strategy(table, "views"):
-        ax.errorbar(
+    """Top-1 against the kept fraction and, when the rows have costs, against GFLOP/sample."""
+    with_cost = all("gflop_per_sample" in r for r in table)
+    fig, axes = _pyplot().subplots(1, 2 if with_cost else 1, figsize=(11 if with_cost else 6, 4))
+    acc = axes[0] if with_cost else axes
+    for (strategy, views, _), rows in _by_strategy(table, "views", "teacher_size"):
+        label = _series_label(strategy, views, rows[0])
+        acc.errorbar(
             [r["keep_ratio"] for r in rows],
             [r["top1_mean"] for r in rows],
             yerr=[r["top1_std"] for r in rows],
             marker="o",
             capsize=3,
-            label=f"{strategy} ({views} view{'s' if views > 1 else ''})",
+            label=label,
         )
-    ax.set_ylabel("zero-shot top-1 (%)")
-    _finish(fig, [ax], path, title)
+        if with_cost:
+            axes[1].errorbar([r["gflop_per_sample"] for r in rows],
+                             [r["top1_mean"] for r in rows], yerr=[r["top1_std"] for r in rows],
+                             marker="o", capsize=3, linestyle="none", label=label)  # fmt: skip
+    acc.set_ylabel("zero-shot top-1 (%)")
+    if not with_cost:
+        _finish(fig, [acc], path, title)
+        return
+    axes[1].set_ylabel("zero-shot top-1 (%)")
+    axes[1].legend(fontsize="small")
+    _finish(fig, [acc], path, title, extra_axes=[axes[1]],
+            extra_xlabel="training cost: model GFLOP per sample (aclip.flops)")  # fmt: skip
 
 
 def study(args: argparse.Namespace) -> int:
@@ -245,16 +323,17 @@ def study(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    points = grid(args.strategies, args.keep_ratios, args.views, args.seeds)
+    points = grid(args.strategies, args.keep_ratios, args.views, args.seeds, args.teacher_sizes)
     rows = []
     try:
+        costs = {p: point_cost(p, args.config, args.overrides) for p in points}  # refuses first
         for point in tqdm(points, desc="study"):
             results = run_point(point, args.config, out, args.overrides)
             rows.append((point, _top1(results, args.eval_set)))
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # no train.py; a failed run
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, RuntimeError) else 2
-    table = summarise(rows)
+    table = summarise(rows, costs.__getitem__)
     write_outputs(table, out, args.title)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}")
@@ -518,6 +597,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-ratios", nargs="+", type=float, default=[0.25, 0.5])
     p.add_argument("--views", nargs="+", type=int, default=[2])
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument(
+        "--teacher-sizes",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="ema.image_size values (teacher resolution in px; 0: the model's size)",
+    )
     p.add_argument("--eval-set", help="zero-shot set (folder name) to compare; default: first")
     p.add_argument("--title", default="Zero-shot top-1 by token selection")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run")

@@ -119,7 +119,14 @@ def test_step_bench_runs_every_mode_and_writes_json(tmp_path, capsys):
     main(["--preset", "tiny", "--batch", "4", "--warmup", "2", "--steps", "2",
           "--json", str(out), "--set", *small])  # fmt: skip
     payload = json.loads(out.read_text())
-    assert set(payload["modes"]) == {"openclip", "clip_torch", "clip", "flip", "aclip"}
+    assert set(payload["modes"]) == {
+        "openclip",
+        "clip_torch",
+        "clip",
+        "flip",
+        "aclip",
+        "aclip_cheap",
+    }
     for result in payload["modes"].values():
         assert len(result["step_s_all"]) == 2 and result["step_s_median"] > 0
         assert result["flops"]["total"] > 0 and result["samples_per_s"] > 0
@@ -128,8 +135,11 @@ def test_step_bench_runs_every_mode_and_writes_json(tmp_path, capsys):
     assert modes["aclip"]["teacher"] and not modes["clip"]["teacher"]
     assert modes["flip"]["flops"]["vision"] < modes["clip"]["flops"]["vision"]
     assert set(payload["ratios"]) == {
-        "aclip_time_vs_clip", "aclip_memory_vs_clip", "clip_time_vs_openclip"
+        "aclip_time_vs_clip", "aclip_memory_vs_clip", "clip_time_vs_openclip",
+        "aclip_cheap_time_vs_clip",
     }  # fmt: skip
+    cheap, full = modes["aclip_cheap"]["flops"], modes["aclip"]["flops"]
+    assert cheap["teacher"] < full["teacher"] and cheap["vision"] == full["vision"]
     assert "aclip_time_vs_clip" in capsys.readouterr().out
 
 
@@ -150,3 +160,26 @@ def test_peak_table_and_override():
     assert common.peak_tflops(cpu, 123.0) == 123.0
     table = dict(common.PEAK_BF16_TFLOPS)
     assert table["H100"] == 989.0 and table["A100"] == 312.0
+
+
+def test_bench_gpu_refuses_without_a_gpu_and_runs_its_cpu_smoke_preset(tmp_path, capsys):
+    from aclip.bench.gpu import main as bench_gpu
+
+    if not torch.cuda.is_available():
+        assert bench_gpu(["--out", str(tmp_path / "refused")]) == 2
+        assert "error: no GPU" in capsys.readouterr().err
+    small = ["model.vocab_size=500", "model.context_length=16", "model.text_layers=1"]
+    args = ["--cpu", "--preset", "tiny", "--batch", "4", "--warmup", "2", "--steps", "1",
+            "--no-compile", "--loader-samples", "32", "--loader-batches", "1",
+            "--loader-batch", "8", "--modes", "clip", "aclip_cheap",
+            "--out", str(tmp_path), "--set", *small]  # fmt: skip
+    assert bench_gpu(args) == 0
+    payload = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert set(payload["phases"]) == {"eager", "loader"} and not payload["skipped"]
+    modes = payload["phases"]["eager"]["modes"]
+    assert set(modes) == {"clip", "aclip_cheap"}
+    assert modes["aclip_cheap"]["flops"]["teacher"] > 0 and modes["clip"]["flops"]["teacher"] == 0
+    runs = {r["augment_on"]: r for r in payload["phases"]["loader"]["runs"]}
+    assert runs["gpu"]["device_ms_per_batch"] > 0 and runs["cpu"]["samples_per_cpu_s"] > 0
+    table = (tmp_path / "bench_gpu.md").read_text()
+    assert "Training step, eager" in table and "aclip_cheap" in table and "gpu" in table

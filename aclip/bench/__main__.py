@@ -86,6 +86,14 @@ def loader_parser() -> argparse.ArgumentParser:
         metavar="BOOL",
         help="views as uint8 (normalised on the GPU) or float: both by default",
     )
+    p.add_argument(
+        "--augment-on",
+        nargs="+",
+        choices=["cpu", "gpu"],
+        default=["cpu"],
+        help="data.augment_on: views made by the loader (cpu) or on the device (gpu: the "
+        "loader's half timed per core, the device's half per batch)",
+    )
     p.add_argument("--json", help="write the results here")
     return p  # fmt: skip
 

@@ -31,7 +31,7 @@ _CAPTION_TEXT = (
     "woman man child beach mountain city night sky water food table window"
 )
 WORDS: tuple[str, ...] = tuple(_CAPTION_TEXT.split())
-TARGET_PER_CORE = 150.0  # A-CLIP samples/s per worker core (issue 5)
+TARGET_PER_CORE = 250.0  # A-CLIP samples/s per worker core (issue 16: enough to feed an H100)
 PREFETCH_FACTOR = 4  # batches each worker of build_train_loader prefetches
 
 
@@ -46,6 +46,7 @@ class LoaderOptions:
     batch: int = 64
     workers: list[int] = field(default_factory=lambda: [0, 2])
     uint8: list[bool] = field(default_factory=lambda: [False, True])  # ACLIPViews(normalize=not)
+    augment_on: list[str] = field(default_factory=lambda: ["cpu"])  # data.augment_on values
     batches: int = 12
     warmup_batches: int = 2
     seed: int = 0
@@ -99,21 +100,24 @@ def write_shards(
     return str(out / f"{{00000..{n_shards - 1:05d}}}.tar")
 
 
-def _views(opts: LoaderOptions, uint8: bool = False) -> Any:
+def _views(opts: LoaderOptions, uint8: bool = False, augment_on: str = "cpu") -> Any:
+    from aclip.data.gpu_views import DeviceViewInputs
     from aclip.data.views import ACLIPViews
 
+    if augment_on == "gpu":  # the loader's half of the GPU path (always uint8)
+        return DeviceViewInputs(opts.image_size, num_views=2, normalize=False)
     return ACLIPViews(opts.image_size, num_views=2, normalize=not uint8)
 
 
 def _next_batches(
-    spec: str, opts: LoaderOptions, workers: int, uint8: bool
+    spec: str, opts: LoaderOptions, workers: int, uint8: bool, augment_on: str = "cpu"
 ) -> tuple[float, float, dict]:
     """(wall seconds, this process's CPU seconds, last batch) for ``opts.batches`` batches."""
     from aclip.data.pipeline import build_train_loader
     from aclip.tokenizer import Tokenizer
 
     loader = build_train_loader(
-        spec, Tokenizer(77), _views(opts, uint8), opts.batch, workers, resampled=True,
+        spec, Tokenizer(77), _views(opts, uint8, augment_on), opts.batch, workers, resampled=True,
         shuffle_buffer=256, seed=opts.seed,
     )  # fmt: skip
     batches = iter(loader)
@@ -126,31 +130,62 @@ def _next_batches(
     return time.perf_counter() - t0, time.process_time() - cpu0, batch
 
 
-def time_loader(spec: str, opts: LoaderOptions, workers: int, uint8: bool) -> dict[str, Any]:
+def time_loader(
+    spec: str, opts: LoaderOptions, workers: int, uint8: bool, augment_on: str = "cpu"
+) -> dict[str, Any]:
     """Samples/s of ``build_train_loader`` with ``workers`` workers (0: all in this process,
     torch on one thread: the per-core figure, also given per CPU-second of this process, which
-    other processes competing for the cores do not change)."""
+    other processes competing for the cores do not change). ``augment_on="gpu"``: the loader's
+    half of the GPU path, plus the device's half timed on the last batch (:func:`time_device`)."""
     threads = torch.get_num_threads()
     if workers == 0:
         torch.set_num_threads(1)
     try:
-        wall, cpu, batch = _next_batches(spec, opts, workers, uint8)
+        wall, cpu, batch = _next_batches(spec, opts, workers, uint8, augment_on)
     finally:
         torch.set_num_threads(threads)
     samples = opts.batch * opts.batches
+    device = time_device(batch, opts) if augment_on == "gpu" else {}
+    if augment_on == "gpu":
+        batch = batch | {"views": torch.empty(0, dtype=torch.uint8)}
     return {
         "workers": workers,
+        "augment_on": augment_on,
+        **device,
         "views_dtype": str(batch["views"].dtype).removeprefix("torch."),
         "samples_per_s": samples / wall,
         "samples_per_s_per_worker": samples / wall / max(workers, 1),
         "samples_per_cpu_s": samples / cpu if workers == 0 else None,
-        "views_shape": list(batch["views"].shape),
+        "views_shape": list(batch["views"].shape if augment_on == "cpu" else batch["canvas"].shape),
     }
+
+
+def time_device(batch: dict, opts: LoaderOptions, runs: int = 5) -> dict[str, Any]:
+    """The device's half of the GPU path (``augment_batch``) on one loader batch: milliseconds
+    per batch (median of ``runs`` after 2 warm-up runs, synchronised) on the GPU if there is
+    one, else once on the CPU (all threads; seconds per batch there, not a figure to plan by)."""
+    from aclip.data.gpu_views import CANVAS_KEYS, augment_batch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    moved = {k: batch[k].to(device) for k in CANVAS_KEYS}
+    warmup, runs = (2, runs) if device.type == "cuda" else (0, 1)
+    times = []
+    for i in range(runs + warmup):
+        common.synchronize(device)
+        t0 = time.perf_counter()
+        augment_batch(moved, opts.image_size)
+        common.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    ms = 1e3 * statistics.median(times)
+    return {"device": str(device), "device_ms_per_batch": ms,
+            "device_samples_per_s": opts.batch / ms * 1e3}  # fmt: skip
 
 
 def stage_times(spec: str, opts: LoaderOptions, samples: int = 200) -> dict[str, float]:
     """CPU milliseconds per sample of each stage of the sample path, on one thread (median of 5
-    runs over the same ``samples`` samples): decode, views (crops, colour, normalise), tokenize."""
+    runs over the same ``samples`` samples): decode, views (crops, colour; uint8, the
+    trainer's CPU path), tokenize."""
     import webdataset as wds
 
     from aclip.data.decode import decode_sample
@@ -159,7 +194,7 @@ def stage_times(spec: str, opts: LoaderOptions, samples: int = 200) -> dict[str,
 
     raw = list(wds.DataPipeline(wds.SimpleShardList(expand_urls(spec)[0]),
                                 wds.tarfile_to_samples()).iterator())[:samples]  # fmt: skip
-    views, tokenizer = _views(opts), Tokenizer(77)
+    views, tokenizer = _views(opts, uint8=True), Tokenizer(77)  # the trainer's CPU path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -188,14 +223,17 @@ def run_loader_bench(opts: LoaderOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="aclip_loader_") as tmp:
         spec = opts.shards or write_shards(Path(tmp), opts.samples, opts.src_size, seed=opts.seed)
         runs = []
-        for uint8 in opts.uint8:
-            for workers in opts.workers:
-                print(f"[bench] loader: {workers} workers, uint8 views: {uint8}", flush=True)
-                runs.append(time_loader(spec, opts, workers, uint8))
+        for augment_on in opts.augment_on:
+            for uint8 in opts.uint8 if augment_on == "cpu" else [True]:
+                for workers in opts.workers:
+                    print(f"[bench] loader: {workers} workers, augment on {augment_on}, "
+                          f"uint8 views: {uint8}", flush=True)  # fmt: skip
+                    runs.append(time_loader(spec, opts, workers, uint8, augment_on))
         stages = stage_times(spec, opts)
-    # the target is judged on the trainer's path: uint8 views when measured, else float
+    # the target is judged on the trainer's CPU path: uint8 views when measured, else float
     one_core = sorted(
-        (r for r in runs if r["workers"] == 0), key=lambda r: r["views_dtype"] != "uint8"
+        (r for r in runs if r["workers"] == 0 and r["augment_on"] == "cpu"),
+        key=lambda r: r["views_dtype"] != "uint8",
     )
     per_core = one_core[0]["samples_per_cpu_s"] if one_core else None
     views = one_core[0]["views_dtype"] if one_core else None
@@ -220,8 +258,10 @@ def run_loader_bench(opts: LoaderOptions) -> dict[str, Any]:
 def loader_table(payload: dict[str, Any]) -> str:
     """The loader runs and the per-stage breakdown as text."""
     keys = ("samples_per_s", "samples_per_s_per_worker", "samples_per_cpu_s")
-    rows = [[r["workers"], r["views_dtype"], *(r[k] for k in keys)] for r in payload["runs"]]
-    header = ["workers", "views", "samples/s (wall)", "per worker (wall)", "per CPU-second"]
+    rows = [[r["workers"], r.get("augment_on", "cpu"), r["views_dtype"], *(r[k] for k in keys),
+             r.get("device_ms_per_batch")] for r in payload["runs"]]  # fmt: skip
+    header = ["workers", "augment on", "views", "samples/s (wall)", "per worker (wall)",
+              "per CPU-second", "device ms/batch"]  # fmt: skip
     table = common.format_table(header, rows)
     stages = payload["stages_ms_per_sample_one_core"]
     parts = ", ".join(f"{k[:-3]} {v:.2f} ms" for k, v in stages.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,8 @@ from torch.nn import functional as F
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+
+from aclip.data import colour
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = tuple(OPENAI_DATASET_MEAN)
 OPENAI_CLIP_STD: tuple[float, float, float] = tuple(OPENAI_DATASET_STD)
@@ -67,8 +70,13 @@ class _Normalize:
         return torch.float32 if self.enabled else torch.uint8
 
     def __call__(self, pixels: Image.Image | torch.Tensor, out_CHW: torch.Tensor) -> None:
-        """Store a PIL image or a uint8 [3, H, W] tensor into ``out_CHW``, normalised if on."""
-        out_CHW.copy_(_chw(pixels))
+        """Store a PIL image, a uint8 [3, H, W] tensor or float planes holding whole numbers
+        (:class:`PlanarColour`) into ``out_CHW``, normalised if on."""
+        pixels = _chw(pixels)
+        if pixels.is_floating_point() and not self.enabled:  # numpy's cast: 7x torch's here
+            np.copyto(out_CHW.numpy(), pixels.numpy(), casting="unsafe")
+            return
+        out_CHW.copy_(pixels)
         if self.enabled:
             out_CHW.sub_(self.shift).mul_(self.scale)
 
@@ -156,38 +164,70 @@ def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     The same operation as torchvision's ``adjust_hue`` (exact HSV arithmetic, as its tensor
     path; within 1 level of it after rounding), 2-3x faster than its PIL path, which round-trips
     through PIL's uint8 HSV (that quantises hue to 256 steps, so it is off by up to ~15 levels).
-    Value (max) and chroma (max - min) are kept; only the hue moves. Branch-free numpy on
-    colour planes: ``np.where`` and float ``mod`` are the slow numpy ops, so neither is used.
+    Value (max) and chroma (max - min) are kept; only the hue moves (:func:`hue_planes`).
     Images not in RGB mode are returned unchanged (as torchvision does for L).
     """
     if not -0.5 <= hue_factor <= 0.5:
         raise ValueError(f"hue_factor must be in [-0.5, 0.5], got {hue_factor}")
     if img.mode != "RGB":
         return img
-    r, g, b = (np.asarray(band, dtype=np.float32) for band in img.split())
-    vmax = np.maximum(np.maximum(r, g), b)
-    chroma = vmax - np.minimum(np.minimum(r, g), b)
+    planes = [np.asarray(band, dtype=np.float32) for band in img.split()]
+    out = hue_planes(planes, hue_factor).astype(np.uint8)
+    return Image.merge("RGB", [Image.fromarray(plane) for plane in out])
+
+
+def hue_planes(rgb: Sequence[np.ndarray], hue_factor: float, out: np.ndarray | None = None
+               ) -> np.ndarray:  # fmt: skip
+    """:func:`adjust_hue` on float32 R, G, B planes holding whole numbers 0..255: the rotated
+    planes [3, H, W], rounded to whole numbers (float32; into ``out`` if given, which may be
+    the input). Branch-free numpy on colour planes (``np.where`` and float ``mod`` are the slow
+    numpy ops, so neither is used), every temporary written in place."""
+    r, g, b = rgb
+    vmax = np.maximum(r, g)
+    np.maximum(vmax, b, out=vmax)
+    chroma = np.minimum(r, g)
+    np.minimum(chroma, b, out=chroma)
+    np.subtract(vmax, chroma, out=chroma)
     is_r = r == vmax
     is_g = np.greater(g == vmax, is_r)  # g is the max and r is not
     is_b = ~(is_r | is_g)
-    hue6 = is_r * (g - b)  # hue in sixths of a turn, times chroma: [-1, 5] * chroma
-    hue6 += is_g * (b - r + 2.0 * chroma)
-    hue6 += is_b * (r - g + 4.0 * chroma)
-    hue6 /= np.maximum(chroma, 1.0)
+    hue6 = g - b  # hue in sixths of a turn, times chroma: [-1, 5] * chroma
+    hue6 *= is_r
+    tmp = np.multiply(chroma, 2.0)
+    tmp += b - r
+    tmp *= is_g
+    hue6 += tmp
+    np.multiply(chroma, 4.0, out=tmp)
+    tmp += r - g
+    tmp *= is_b
+    hue6 += tmp
+    hue6 /= np.maximum(chroma, 1.0, out=tmp)
     hue6 += 6.0 * hue_factor
-    return Image.merge("RGB", [_hsv_channel(hue6, vmax, chroma, n) for n in (5.0, 3.0, 1.0)])
+    if out is None:
+        out = np.empty((3, *hue6.shape), dtype=np.float32)
+    for plane, n in zip(out, (5.0, 3.0, 1.0), strict=True):
+        _hsv_channel(hue6, vmax, chroma, n, plane, tmp)
+    return out
 
 
-def _hsv_channel(hue6: np.ndarray, vmax: np.ndarray, chroma: np.ndarray, n: float) -> Image.Image:
-    """One RGB channel of HSV (hue in sixths, value, chroma): V - C * clip(min(k, 4 - k), 0, 1)
-    with k = (n + hue6) mod 6; n = 5, 3, 1 for R, G, B (the closed form of HSV -> RGB)."""
-    k = hue6 + n
-    k -= 6.0 * np.floor(k * (1.0 / 6.0))
-    weight = np.minimum(k, 4.0 - k)
-    np.clip(weight, 0.0, 1.0, out=weight)
-    out = vmax - chroma * weight
-    out += 0.5  # round to nearest on the uint8 cast
-    return Image.fromarray(out.astype(np.uint8))
+def _hsv_channel(hue6: np.ndarray, vmax: np.ndarray, chroma: np.ndarray, n: float,
+                 k: np.ndarray, tmp: np.ndarray) -> None:  # fmt: skip
+    """One RGB channel of HSV (hue in sixths, value, chroma), into ``k``:
+    V - C * clip(min(k, 4 - k), 0, 1) with k = (n + hue6) mod 6; n = 5, 3, 1 for R, G, B (the
+    closed form of HSV -> RGB), rounded to the nearest whole number (halves up, as the uint8
+    cast of ``x + 0.5``). ``tmp`` is scratch space."""
+    np.add(hue6, n, out=k)
+    np.multiply(k, 1.0 / 6.0, out=tmp)
+    np.floor(tmp, out=tmp)
+    tmp *= 6.0
+    k -= tmp
+    np.subtract(4.0, k, out=tmp)
+    np.minimum(k, tmp, out=k)
+    np.clip(k, 0.0, 1.0, out=k)
+    k *= chroma  # chroma * weight
+    np.subtract(vmax, k, out=k)
+    k += 0.5
+    np.floor(k, out=k)
 
 
 class ColorJitter(T.ColorJitter):
@@ -223,6 +263,85 @@ def colour_augment() -> T.Compose:
     )
 
 
+@dataclass(frozen=True)
+class ColourDraw:
+    """The random choices of :func:`colour_augment` for one view, in the order they are drawn:
+    colour jitter applied or not, its op order and factors (brightness, contrast, saturation,
+    hue), grayscale, the blur's sigma (None: no blur) and solarize."""
+
+    order: tuple[int, ...] | None  # None: no colour jitter
+    factors: tuple[float, float, float, float]
+    gray: bool
+    blur_sigma: float | None
+    solarize: bool
+
+    def as_row(self) -> list[float]:
+        """12 numbers (for a batch on the GPU): jitter, order x4, factors x4, gray, sigma (0: no
+        blur), solarize."""
+        order = self.order or (0, 1, 2, 3)
+        flags = [float(self.gray), self.blur_sigma or 0.0, float(self.solarize)]
+        return [float(self.order is not None), *map(float, order), *self.factors, *flags]
+
+
+class PlanarColour:
+    """:func:`colour_augment` on float colour planes [3, H, W] (whole numbers 0..255; ops in
+    :mod:`aclip.data.colour`): the same draws from torch's RNG in the same order, and the same
+    pixels, bit for bit (tests/test_colour.py), without PIL images except for the blur (Pillow's
+    box-blur approximation of a Gaussian, p=0.1). :meth:`draw` alone makes the choices (for the
+    GPU path, which applies them to a batch on the device)."""
+
+    P_JITTER, P_GRAY, P_BLUR, P_SOLARIZE = 0.8, 0.2, 0.1, 0.2
+    SIGMA = (0.1, 2.0)
+
+    def __init__(self) -> None:
+        jitter = T.ColorJitter(0.4, 0.4, 0.2, 0.1)  # torchvision's parameter ranges
+        self.ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+
+    def draw(self) -> ColourDraw:
+        """Draw one view's choices exactly as ``colour_augment()`` does (RandomApply tests
+        ``p < rand``, RandomGrayscale ``rand < p``, the blur its sigma, RandomSolarize
+        ``rand < p``)."""
+        order, factors = None, (1.0, 1.0, 1.0, 0.0)
+        if torch.rand(1) <= self.P_JITTER:  # RandomApply skips when p < rand
+            idx, b, c, s, h = T.ColorJitter.get_params(*self.ranges)
+            order, factors = tuple(idx.tolist()), (b, c, s, h)
+        gray = bool(torch.rand(1) < self.P_GRAY)
+        sigma = None
+        if torch.rand(1) <= self.P_BLUR:
+            lo, hi = self.SIGMA
+            sigma = lo + (hi - lo) * torch.rand(()).item()
+        return ColourDraw(order, factors, gray, sigma, torch.rand(1).item() < self.P_SOLARIZE)
+
+    @staticmethod
+    def apply(x_3HW: torch.Tensor, draw: ColourDraw) -> torch.Tensor:
+        """The drawn ops on float planes (contiguous [3, H, W], which may be overwritten: pass
+        planes you own) -> the augmented planes."""
+        if draw.order is not None:
+            b, c, s, h = draw.factors
+            for op in draw.order:
+                if op == 0:
+                    x_3HW = colour.brightness(x_3HW, b)
+                elif op == 1:
+                    x_3HW = colour.contrast(x_3HW, c)
+                elif op == 2:
+                    x_3HW = colour.saturation(x_3HW, s)
+                else:
+                    hue_planes(x_3HW.numpy(), h, out=x_3HW.numpy())  # in place
+        if draw.gray:
+            x_3HW = colour.grayscale(x_3HW)
+        if draw.blur_sigma is not None:
+            pil = Image.fromarray(np.ascontiguousarray(x_3HW.permute(1, 2, 0).numpy(), np.uint8))
+            blurred = pil.filter(ImageFilter.GaussianBlur(radius=draw.blur_sigma))
+            x_3HW = torch.from_numpy(np.asarray(blurred).transpose(2, 0, 1).astype(np.float32))
+        if draw.solarize:
+            x_3HW = colour.solarize(x_3HW)
+        return x_3HW
+
+    def __call__(self, x_3HW: torch.Tensor) -> torch.Tensor:
+        """Draw and apply."""
+        return self.apply(x_3HW, self.draw())
+
+
 def union_box(boxes: Sequence[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
     """Smallest (x0, y0, x1, y1) box holding all the given (x0, y0, x1, y1) boxes."""
     return (
@@ -250,7 +369,8 @@ class ACLIPViews:
 
     Randomness comes from torch's global RNG only (box sampling and colour ops), so seeding
     `torch.manual_seed` makes a call reproducible (the EMA view draws nothing, so
-    ``ema_view=False`` leaves the draws as they are). With ``normalize=False`` the views and the
+    ``ema_view=False`` leaves the draws as they are; ``ema_size`` is the EMA view's side, the
+    teacher's resolution, default ``image_size``). With ``normalize=False`` the views and the
     EMA view are returned as uint8 pixels, for :func:`normalize_images` on the GPU (4x fewer
     bytes through collation, shared memory and the host-to-device copy).
     """
@@ -265,6 +385,7 @@ class ACLIPViews:
         color_aug: bool = True,
         normalize: bool = True,
         ema_view: bool = True,
+        ema_size: int | None = None,
     ) -> None:
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
@@ -273,9 +394,10 @@ class ACLIPViews:
         self.image_size = image_size
         self.num_views = num_views
         self.scale = (float(scale[0]), float(scale[1]))
-        self.color = colour_augment() if color_aug else None
+        self.color = PlanarColour() if color_aug else None
         self.normalize = _Normalize(mean, std, enabled=normalize)
         self.ema_view = ema_view
+        self.ema_size = ema_size or image_size
 
     def sample_boxes(self, img: Image.Image) -> list[tuple[int, int, int, int]]:
         """Draw `num_views` RandomResizedCrop boxes as pixel (x0, y0, x1, y1)."""
@@ -300,13 +422,14 @@ class ACLIPViews:
         pixels, size = image_tensor(img), self.image_size
         out: dict[str, torch.Tensor] = {}
         if self.ema_view:
-            out["ema"] = torch.empty(3, size, size, dtype=self.normalize.dtype)
-            self.normalize(resize_box(pixels, union, size), out["ema"])
+            ema_size = self.ema_size
+            out["ema"] = torch.empty(3, ema_size, ema_size, dtype=self.normalize.dtype)
+            self.normalize(resize_box(pixels, union, ema_size), out["ema"])
         views = torch.empty(self.num_views, 3, size, size, dtype=self.normalize.dtype)
         for view_out, box in zip(views, boxes, strict=True):
             view = resize_box(pixels, box, size)
             if self.color is not None:
-                view = self.color(to_pil(view))
+                view = self.color(torch.empty(view.shape).copy_(view))  # float planes
             self.normalize(view, view_out)
         if mask_HW is not None:
             out["alpha"] = resize_mask(mask_HW, boxes, size)

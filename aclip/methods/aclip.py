@@ -5,7 +5,9 @@ One step, top to bottom (docs/design.md, "A-CLIP step by step"):
 1. The loader gives each sample two (``mask.num_views``) online crops, their union box resized
    as the EMA view, and each crop's box in the EMA view's coordinates (`sample_views`).
 2. The EMA teacher encodes the EMA view with all tokens, without gradients, and returns the CLS
-   query's attention to every patch averaged over layers and heads (`teacher_pass`).
+   query's attention to every patch averaged over layers and heads (`teacher_pass`); with
+   ``ema.image_size`` it sees the EMA view at that (lower) resolution, its position embedding
+   resampled on the fly, and the relevance lies on that coarser grid.
 3. That relevance is cropped to each online view's box and resampled onto its patch grid
    (`map_relevance_to_views`, one batched `roi_align`).
 4. The top-k patches of each view are kept (`TokenSelector`; ``mask.strategy`` ``random`` and
@@ -25,9 +27,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from aclip.config import Config, ConfigError
-from aclip.data.views import ACLIPViews, model_input
+from aclip.data.views import model_input
 from aclip.ema import EMATeacher, ema_momentum
 from aclip.losses import aclip_loss
 from aclip.masking import TokenSelector, map_relevance_to_views, num_keep
@@ -46,6 +49,11 @@ def runs_teacher(cfg: Config, num_patches: int) -> bool:
         num_patches
     )
     return selects or cfg.loss.w_byol > 0 or cfg.eval.use_ema
+
+
+def teacher_image_size(cfg: Config) -> int:
+    """The side of the EMA view the teacher sees: ``ema.image_size``, or the model's (0)."""
+    return cfg.ema.image_size or cfg.model.image_size
 
 
 def mask_generator(seed: int, rank: int, step: int, device: torch.device) -> torch.Generator:
@@ -68,6 +76,7 @@ class ACLIP(Method):
         self.selector: TokenSelector | None = None
         self.teacher: EMATeacher | None = None
         self._ema_source: nn.ModuleDict | None = None
+        self.teacher_size = teacher_image_size(cfg)
 
     # ------------------------------------------------------------------ modules
     def build_student(self) -> nn.Module:
@@ -81,6 +90,10 @@ class ACLIP(Method):
         mask, visual = self.cfg.mask, student.clip.visual
         self.selector = TokenSelector(mask.strategy, mask.keep_ratio, visual.grid_hw,
                                       mask.block_size)  # fmt: skip
+        try:
+            visual.grid_for(self.teacher_size, self.teacher_size)
+        except ValueError as err:
+            raise ConfigError(f"config key 'ema.image_size': {err}") from None
         parts = {"visual": visual, "image_proj": student.clip.image_proj}
         if student.byol_projector is not None:
             parts["byol_projector"] = student.byol_projector
@@ -89,16 +102,11 @@ class ACLIP(Method):
             self.teacher = EMATeacher(self._ema_source)
 
     def sample_views(self) -> Views:
-        """``mask.num_views`` online crops, the EMA (union) view and the boxes, as uint8 pixels
-        (normalised on the device in :meth:`loss`)."""
-        data = self.cfg.data
-        return ACLIPViews(
-            self.cfg.model.image_size,
-            num_views=self.cfg.mask.num_views,
-            scale=(data.crop_scale_min, 1.0),
-            color_aug=data.color_aug,
-            normalize=False,
-        )
+        """``mask.num_views`` online crops, the EMA (union) view at the teacher's size and the
+        boxes, as uint8 pixels (normalised on the device in :meth:`loss`). The EMA view is
+        resized to the teacher's size here, from the decoded image: one resampling, and cheaper
+        than resizing a full-size view on the device (see BENCHMARKS.md)."""
+        return self.view_sampler(self.cfg.mask.num_views, ema_size=self.teacher_size)
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
@@ -106,13 +114,18 @@ class ACLIP(Method):
         self, ema_images: Tensor, boxes_BV4: Tensor, step: int, byol: bool = True
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """EMA view through the teacher: (keep_idx [B*V, k] or None, BYOL target or None,
-        relevance_BN or None); ``byol=False`` skips the BYOL projector."""
+        relevance_BN or None on the teacher's grid); ``byol=False`` skips the BYOL projector.
+
+        The teacher sees the EMA view at ``ema.image_size`` (a view of another size, e.g. a
+        full-size one, is resized on the device first: antialiased bilinear); its relevance map,
+        on that coarser grid, is resampled onto each online view's grid by the box mapping."""
         batch, views = boxes_BV4.shape[:2]
         device = self.ctx.device
         generator = mask_generator(self.cfg.train.seed, self.ctx.rank, step, device)
         if self.teacher is None:
             return self.selector.select(None, batch * views, generator, device), None, None
         teacher = self.teacher.module
+        ema_images = self.teacher_input(ema_images)
         with self.ctx.autocast():
             pooled_BW, relevance_BN = teacher["visual"].forward_with_relevance(ema_images)
             project = byol and "byol_projector" in teacher
@@ -120,14 +133,25 @@ class ACLIP(Method):
         relevance_BN = relevance_BN.float()
         mapped_BVN = None
         if self.selector.needs_relevance:
-            grid = teacher["visual"].grid_hw
-            mapped_BVN = map_relevance_to_views(relevance_BN, grid, boxes_BV4, grid).flatten(0, 1)
+            visual = teacher["visual"]
+            grid = visual.grid_for(*ema_images.shape[-2:])
+            mapped_BVN = map_relevance_to_views(relevance_BN, grid, boxes_BV4, visual.grid_hw)
+            mapped_BVN = mapped_BVN.flatten(0, 1)
         keep_idx = self.selector.select(mapped_BVN, batch * views, generator, device)
         return keep_idx, (target.float() if target is not None else None), relevance_BN
 
+    def teacher_input(self, ema_images: Tensor) -> Tensor:
+        """The EMA view at the teacher's size (resized here only if the loader did not)."""
+        size = self.teacher_size
+        if tuple(ema_images.shape[-2:]) == (size, size):
+            return ema_images
+        return F.interpolate(ema_images, size=(size, size), mode="bilinear", antialias=True)
+
     def prepare(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
-        """Steps 2-4 of the module docstring: the views normalised on the device, the teacher's
-        pass on the EMA views, the kept tokens and the BYOL target."""
+        """Steps 2-4 of the module docstring: the views (augmented on the device with
+        data.augment_on=gpu) normalised on the device, the teacher's pass on the EMA views, the
+        kept tokens and the BYOL target."""
+        batch = self.device_batch(batch, self.teacher_size)
         views = model_input(self.to_device(batch["views"]), self.ctx.input_dtype)
         ema = model_input(self.to_device(batch["ema"]))
         boxes = self.to_device(batch["boxes"]).float()
@@ -185,14 +209,19 @@ class ACLIP(Method):
     def images(self, batch: Mapping[str, Tensor], step: int, n: int = 4) -> dict[str, Tensor]:
         """The first views of ``n`` samples with the dropped patches dimmed, beside the EMA view
         and the teacher's relevance."""
+        pictured = ("views", "ema", "boxes", "canvas", "view_boxes", "colour")
+        batch = {k: batch[k][:n] for k in pictured if k in batch}  # the stream adds scalars
+        batch = self.device_batch(batch, self.teacher_size)
         views = model_input(batch["views"][:n].to(self.ctx.device))
         ema = model_input(batch["ema"][:n].to(self.ctx.device))
         boxes = batch["boxes"][:n].to(self.ctx.device).float()
         keep, _, relevance = self.teacher_pass(ema, boxes, step, byol=False)
         first_keep = None if keep is None else keep.view(len(views), -1, keep.shape[-1])[:, 0]
-        grid = self.student.clip.visual.grid_hw
+        visual = self.student.clip.visual
+        relevance_grid = visual.grid_for(self.teacher_size, self.teacher_size)
+        grid = visual.grid_hw
         return {"masking/kept_tokens": kept_tokens_grid(views[:, 0], first_keep, grid, ema,
-                                                        relevance)}  # fmt: skip
+                                                        relevance, relevance_grid)}  # fmt: skip
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -223,12 +252,16 @@ class ACLIP(Method):
     @classmethod
     def cost(cls, cfg: Config, num_patches: int) -> Cost:
         """``mask.num_views`` views keeping ``mask.keep_ratio`` (unless ``none``), the teacher
-        when :func:`runs_teacher`, NT-Xent with two or more views."""
+        when :func:`runs_teacher` (on the patches of ``ema.image_size``), NT-Xent with two or
+        more views."""
         mask = cfg.mask
         kept = None if mask.strategy == "none" else num_keep(num_patches, mask.keep_ratio)
+        scale = teacher_image_size(cfg) / cfg.model.image_size
+        teacher_patches = round(num_patches * scale * scale)
         return Cost(
             num_views=mask.num_views,
             kept=None if kept == num_patches else kept,
             teacher=runs_teacher(cfg, num_patches),
             simclr=cfg.loss.w_simclr > 0 and mask.num_views >= 2,
+            teacher_patches=None if teacher_patches == num_patches else teacher_patches,
         )

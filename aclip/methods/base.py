@@ -50,6 +50,7 @@ class Cost:
     kept: int | None  # patches each view keeps (None: all)
     teacher: bool  # an EMA teacher pass (all tokens, relevance) per sample
     simclr: bool  # NT-Xent between views
+    teacher_patches: int | None = None  # patches the teacher sees (None: the model's number)
 
 
 @dataclass
@@ -151,6 +152,31 @@ class Method:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ helpers
+    def view_sampler(self, num_views: int, ema_size: int = 0) -> Views:
+        """The loader's per-image transform for ``num_views`` online views and, with
+        ``ema_size`` > 0, an EMA view of that side, as uint8 pixels: made by the loader
+        (``data.augment_on=cpu``) or drawn there and made on the device (``gpu``,
+        :meth:`device_batch`)."""
+        from aclip.data.gpu_views import DeviceViewInputs
+        from aclip.data.views import ACLIPViews
+
+        data = self.cfg.data
+        sampler = DeviceViewInputs if data.augment_on == "gpu" else ACLIPViews
+        return sampler(self.cfg.model.image_size, num_views=num_views,
+                       scale=(data.crop_scale_min, 1.0), color_aug=data.color_aug,
+                       normalize=False, ema_view=ema_size > 0,
+                       ema_size=ema_size or None)  # fmt: skip
+
+    def device_batch(self, batch: Mapping[str, Tensor], ema_size: int = 0) -> Mapping[str, Tensor]:
+        """``batch`` with its views (and an EMA view of side ``ema_size`` > 0) made on this
+        run's device when the loader sent canvases (``data.augment_on=gpu``); otherwise as it
+        is."""
+        if "canvas" not in batch:
+            return batch
+        from aclip.data.gpu_views import on_device
+
+        return on_device(batch, self.ctx.device, self.cfg.model.image_size, ema_size)
+
     def to_device(self, x: Tensor) -> Tensor:
         """A loader tensor on this run's device (pinned memory: asynchronous)."""
         return x.to(self.ctx.device, non_blocking=True)

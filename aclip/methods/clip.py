@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from torch import Tensor, nn
 
 from aclip.config import Config
-from aclip.data.views import ACLIPViews, model_input
+from aclip.data.views import model_input
 from aclip.losses import multi_view_infonce
 from aclip.masking import TokenSelector, num_keep
 from aclip.methods.aclip import mask_generator
@@ -46,18 +46,12 @@ class CLIP(Method):
 
     def sample_views(self) -> Views:
         """One RandomResizedCrop view with colour augmentation, uint8 (no EMA view)."""
-        data = self.cfg.data
-        return ACLIPViews(
-            self.cfg.model.image_size,
-            num_views=1,
-            scale=(data.crop_scale_min, 1.0),
-            color_aug=data.color_aug,
-            normalize=False,
-            ema_view=False,
-        )
+        return self.view_sampler(num_views=1)
 
     def prepare(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
-        """The view normalised on the device, the captions and the kept tokens."""
+        """The view (augmented on the device with data.augment_on=gpu) normalised on the device,
+        the captions and the kept tokens."""
+        batch = self.device_batch(batch)
         views = model_input(self.to_device(batch["views"]), self.ctx.input_dtype)
         rows = views.shape[0] * views.shape[1]
         device = self.ctx.device

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import partial
 from typing import Any
 
 import timm
 import torch
-from timm.layers import Attention, PatchDropout
+from timm.layers import Attention, Format, PatchDropout
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -101,6 +103,22 @@ class _ClsAttentionProbe:
         return self.sum_BN / self.num_layers
 
 
+@contextlib.contextmanager
+def _dynamic_img_size(vit: VisionTransformer) -> Iterator[None]:
+    """timm's own variable-input-size path for the passes inside the block: the attributes a
+    ``VisionTransformer(dynamic_img_size=True)`` is built with (no strict size check, NHWC
+    patch grid, ``_pos_embed`` resampling ``pos_embed`` with ``resample_abs_pos_embed``,
+    bicubic, on the fly), restored on exit. The weights keep their shapes."""
+    embed = vit.patch_embed
+    saved = (vit.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt)
+    vit.dynamic_img_size, embed.strict_img_size = True, False
+    embed.flatten, embed.output_fmt = False, Format.NHWC
+    try:
+        yield
+    finally:
+        vit.dynamic_img_size, embed.strict_img_size, embed.flatten, embed.output_fmt = saved
+
+
 class VisionTower(nn.Module):
     """A timm ViT that can encode a subset of patch tokens and report CLS→patch relevance.
 
@@ -158,6 +176,16 @@ class VisionTower(nn.Module):
         """Whether block activations are recomputed in the backward pass."""
         return bool(self.vit.grad_checkpointing)
 
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an input of ``height`` x ``width`` pixels (a multiple of the patch
+        size; ValueError otherwise)."""
+        ph, pw = self.vit.patch_embed.patch_size
+        if height % ph or width % pw:
+            raise ValueError(
+                f"input {height}x{width} is not a multiple of the patch size {ph}x{pw}"
+            )
+        return height // ph, width // pw
+
     @property
     def blocks(self) -> nn.Sequential:
         """The timm ViT's transformer blocks (``self.vit.blocks``)."""
@@ -186,9 +214,23 @@ class VisionTower(nn.Module):
         alpha_B1HW: Tensor | None = None,
         use_alpha: bool = True,
     ) -> Tensor:
-        """Token sequence entering the blocks: [B, prefix + K, width] (K = num_patches if None)."""
-        patches_BND = self.patch_embed(images_BCHW, alpha_B1HW, use_alpha)
-        tokens_BND = self.vit._pos_embed(patches_BND)
+        """Token sequence entering the blocks: [B, prefix + K, width] (K = all patches if None).
+
+        An input of another size than the tower's (a multiple of the patch size) is embedded on
+        its own grid with the position embedding resampled on the fly (timm's dynamic-size path,
+        ``resample_abs_pos_embed``): e.g. the EMA teacher at a lower resolution
+        (``ema.image_size``). ``keep_idx_BK`` then indexes that grid. An alpha tower's alpha
+        input is taken at the tower's own size only.
+        """
+        if self.grid_for(*images_BCHW.shape[-2:]) == self.grid_hw:
+            tokens_BND = self.vit._pos_embed(self.patch_embed(images_BCHW, alpha_B1HW, use_alpha))
+        elif self.alpha_conv is not None and use_alpha:
+            raise ValueError(
+                f"an alpha tower takes images of its own grid {self.grid_hw} only (the alpha conv's)"
+            )
+        else:
+            with _dynamic_img_size(self.vit):
+                tokens_BND = self.vit._pos_embed(self.vit.patch_embed(images_BCHW))
         if keep_idx_BK is not None:
             prefix = self.num_prefix_tokens
             kept_BKD = gather_tokens(tokens_BND[:, prefix:], keep_idx_BK)
@@ -221,7 +263,8 @@ class VisionTower(nn.Module):
         return self._pool(self._run_blocks(tokens_BND))
 
     def forward_with_relevance(self, images_BCHW: Tensor) -> tuple[Tensor, Tensor]:
-        """Pooled features [B, width] with all tokens, and relevance [B, num_patches].
+        """Pooled features [B, width] with all tokens, and relevance [B, h * w] on the input's
+        patch grid (``grid_for``; ``grid_hw`` at the tower's own size).
 
         Relevance of a patch = softmax attention from the CLS query to that patch (softmax over
         all keys, prefix tokens included), averaged over all layers and heads, in float32. See
