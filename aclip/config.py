@@ -38,6 +38,7 @@ class ModelConfig:
     alpha_channel: bool = False  # Alpha-CLIP: a zero-initialised alpha conv beside the patch conv
     init_from: str = ""  # pretrained weights to start from (OpenAI / open_clip / aclip run)
     init_from_name: str = ""  # open_clip model name (or open_clip_config.json) for a bare file
+    init_temperature: float = 0.07  # logit scale starts at ln(1 / init_temperature)
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the student's forward (ACLIPModel)
 
@@ -273,6 +274,11 @@ def validate(cfg: Config) -> None:
             cfg.model.text_act in ("gelu", "quick_gelu"),
             "model.text_act",
             f"must be gelu or quick_gelu (got {cfg.model.text_act!r})",
+        ),
+        (
+            cfg.model.init_temperature >= 0.01,
+            "model.init_temperature",
+            f"must be >= 0.01, the logit scale's clamp (got {cfg.model.init_temperature})",
         ),
         (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
         (

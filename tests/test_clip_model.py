@@ -57,6 +57,15 @@ def test_logit_scale_init_shape_and_exp(clip: CLIP) -> None:
     assert model.logit_scale_exp().shape == (1,)
 
 
+def test_init_temperature_sets_the_initial_logit_scale() -> None:
+    cfg = dataclasses.replace(MODEL_CFG, init_temperature=0.02)
+    clip = build_model(cfg, LossConfig(w_simclr=0, w_byol=0)).clip
+    torch.testing.assert_close(clip.logit_scale.detach(), torch.tensor([math.log(50.0)]))
+    torch.testing.assert_close(clip.logit_scale_exp().detach(), torch.tensor([50.0]))
+    with pytest.raises(ValueError, match="init_temperature"):
+        CLIP(clip.visual, clip.text, 24, init_temperature=0.0)
+
+
 def test_the_scale_has_a_gradient_at_any_value_and_is_clamped_after_the_step(clip: CLIP) -> None:
     """No clamp in the forward pass (it would zero the gradient above ln 100); the trainer clamps
     the parameter to [0, ln 100] in place after each optimizer step, as open_clip does."""

@@ -37,6 +37,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("mask.keep_ratio=1.01", "mask.keep_ratio"),
         ("mask.strategy=magic", "mask.strategy"),
         ("train.zero_stage=3", "train.zero_stage"),
+        ("model.init_temperature=0.005", "model.init_temperature"),
         ("nosection.x=1", "nosection"),
     ],
 )

@@ -43,7 +43,7 @@ def build_clip(model_cfg: ModelConfig) -> CLIP:
         heads=model_cfg.text_heads,
         act=model_cfg.text_act,
     )
-    return CLIP(visual, text, model_cfg.embed_dim)
+    return CLIP(visual, text, model_cfg.embed_dim, model_cfg.init_temperature)
 
 
 def build_student(

@@ -23,12 +23,18 @@ class CLIP(nn.Module):
     """Vision and text towers projected into a joint ``embed_dim`` space.
 
     ``logit_scale`` has shape (1,) (DeepSpeed refuses 0-dim parameters), initialised to
-    ln(1/0.07). It is clamped to [0, ln 100] in place after each optimizer step (the trainer does
+    ln(1/init_temperature) (CLIP: ln(1/0.07)). It is clamped to [0, ln 100] in place after each optimizer step (the trainer does
     it, as open_clip does), not in the forward pass: a forward clamp would cut its gradient above
     ln 100, where Adam's momentum could then leave it for good.
     """
 
-    def __init__(self, visual: VisionTower, text: TextTransformer, embed_dim: int) -> None:
+    def __init__(
+        self,
+        visual: VisionTower,
+        text: TextTransformer,
+        embed_dim: int,
+        init_temperature: float = 0.07,
+    ) -> None:
         super().__init__()
         self.visual = visual
         self.text = text
@@ -37,7 +43,9 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=visual.width**-0.5)
         nn.init.normal_(self.text_proj.weight, std=text.width**-0.5)
-        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        if init_temperature <= 0:
+            raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
 
     def project_image(self, pooled_BW: Tensor, normalize: bool = False) -> Tensor:
         """Joint-space embedding [B, embed_dim] of a vision tower's pooled output."""

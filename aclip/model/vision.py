@@ -226,7 +226,7 @@ class VisionTower(nn.Module):
             tokens_BND = self.vit._pos_embed(self.patch_embed(images_BCHW, alpha_B1HW, use_alpha))
         elif self.alpha_conv is not None and use_alpha:
             raise ValueError(
-                f"an alpha tower takes images of its own grid {self.grid_hw} only (the alpha conv's)"
+                f"an alpha tower takes images on its own grid {self.grid_hw} only"
             )
         else:
             with _dynamic_img_size(self.vit):
