@@ -1,0 +1,157 @@
+"""Diagnostics of what a CLIP model learned: linear probe and class-prompt similarity.
+
+Feature suppression (an easy attribute solves most of the contrastive task and a harder one is
+never learned) shows in two numbers: a linear probe on the image embeddings that cannot recover
+the hard attribute, and text embeddings of prompts that differ only in that attribute lying
+close together. :func:`linear_probe` fits a fixed-recipe multinomial logistic regression on a
+seeded, stratified train/test split; :func:`prompt_similarity` measures the text side.
+
+The probe's objective is scikit-learn's ``LogisticRegression(C=C)`` (multinomial, L2 on the
+weights, none on the intercept) on features standardised with the training split's mean and
+standard deviation:  ``C * sum_i CE(W x_i + b, y_i) + ||W||^2 / 2``, minimised with L-BFGS in
+float64 (strong-Wolfe line search) until the gradient is below ``tol``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from aclip.evaluation import Template, _format
+
+
+def stratified_split(
+    labels_N: torch.Tensor, test_fraction: float = 0.5, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (train, test) with ``test_fraction`` of every class in the test part, drawn with
+    a CPU generator seeded by ``seed`` (round half up per class; each part keeps >= 1 sample of
+    a class with >= 2 samples)."""
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for cls in torch.unique(labels_N).tolist():
+        idx = torch.nonzero(labels_N == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_test = int(len(idx) * test_fraction + 0.5)
+        if len(idx) >= 2:
+            n_test = min(max(n_test, 1), len(idx) - 1)
+        test.append(idx[:n_test])
+        train.append(idx[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+def fit_logistic_regression(
+    x_ND: torch.Tensor,
+    y_N: torch.Tensor,
+    num_classes: int,
+    C: float = 1.0,
+    max_iter: int = 500,
+    tol: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [D, C] and intercept [C] minimising ``C * sum CE + ||W||^2 / 2`` (float64).
+
+    ``x_ND`` is used as given (standardise it first); the intercept is not penalised.
+    """
+    if C <= 0:
+        raise ValueError(f"C must be > 0, got {C}")
+    x_ND, y_N = x_ND.double(), y_N.long()
+    w_DC = torch.zeros(x_ND.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    b_C = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [w_DC, b_C],
+        lr=1.0,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        ce = F.cross_entropy(x_ND @ w_DC + b_C, y_N, reduction="sum")
+        loss = C * ce + 0.5 * (w_DC * w_DC).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w_DC.detach(), b_C.detach()
+
+
+def linear_probe(
+    features_ND: torch.Tensor,
+    labels_N: torch.Tensor,
+    num_classes: int,
+    test_fraction: float = 0.5,
+    seed: int = 0,
+    C: float = 1.0,
+) -> dict[str, float]:
+    """Accuracy of a logistic-regression probe trained on a seeded stratified split.
+
+    Features are standardised with the training part's statistics. Returns ``top1`` (test),
+    ``train_top1``, ``n_train``, ``n_test``, ``C`` and ``seed``.
+    """
+    if len(features_ND) != len(labels_N):
+        raise ValueError(f"{len(features_ND)} feature rows but {len(labels_N)} labels")
+    train, test = stratified_split(labels_N, test_fraction, seed)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError("the probe needs samples in both the train and the test part")
+    x = features_ND.double()
+    mean_D = x[train].mean(0)
+    std_D = x[train].std(0, unbiased=False).clamp_min(1e-12)
+    z = (x - mean_D) / std_D
+    w_DC, b_C = fit_logistic_regression(z[train], labels_N[train], num_classes, C)
+
+    def accuracy(idx: torch.Tensor) -> float:
+        pred = (z[idx] @ w_DC + b_C).argmax(1)
+        return (pred == labels_N[idx]).double().mean().item()
+
+    return {
+        "top1": accuracy(test),
+        "train_top1": accuracy(train),
+        "n_train": len(train),
+        "n_test": len(test),
+        "C": C,
+        "seed": seed,
+    }
+
+
+def _mean_off_diagonal(sim_CC: torch.Tensor) -> tuple[float, float]:
+    """Mean and max of a square similarity matrix off its diagonal."""
+    n = sim_CC.shape[0]
+    off = sim_CC[~torch.eye(n, dtype=torch.bool, device=sim_CC.device)]
+    return off.mean().item(), off.max().item()
+
+
+@torch.no_grad()
+def prompt_similarity(
+    encode_text: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """How close the text tower puts prompts of different classes (cosine similarity).
+
+    ``prompt_cosine_mean``: over every template, the mean cosine between the prompts of two
+    different classes made from that template (prompts that differ only in the class name),
+    averaged over templates. ``classifier_cosine_mean`` / ``_max``: between the zero-shot
+    classifier's class vectors (per class, normalised template embeddings averaged and
+    normalised again, as open_clip builds them).
+    """
+    if len(classnames) < 2 or not templates:
+        raise ValueError("prompt similarity needs at least two class names and one template")
+    prompts = [_format(t, name) for name in classnames for t in templates]
+    emb = F.normalize(encode_text(tokenizer(prompts).to(device)).float(), dim=-1)
+    emb_CTD = emb.reshape(len(classnames), len(templates), -1)
+    per_template = [_mean_off_diagonal(e @ e.T)[0] for e in emb_CTD.unbind(1)]
+    weights_CD = F.normalize(emb_CTD.mean(1), dim=-1)
+    cls_mean, cls_max = _mean_off_diagonal(weights_CD @ weights_CD.T)
+    return {
+        "prompt_cosine_mean": sum(per_template) / len(per_template),
+        "classifier_cosine_mean": cls_mean,
+        "classifier_cosine_max": cls_max,
+    }
