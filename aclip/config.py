@@ -39,6 +39,7 @@ class ModelConfig:
     init_from: str = ""  # pretrained weights to start from (OpenAI / open_clip / aclip run)
     init_from_name: str = ""  # open_clip model name (or open_clip_config.json) for a bare file
     init_temperature: float = 0.07  # logit scale starts at ln(1 / init_temperature)
+    text_token_drop: float = 0.0  # training: hide each caption token with this probability
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the student's forward (ACLIPModel)
 
@@ -281,6 +282,7 @@ def validate(cfg: Config) -> None:
             f"must be >= 0.01, the logit scale's clamp (got {cfg.model.init_temperature})",
         ),
         (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
+        (0.0 <= cfg.model.text_token_drop < 1.0, "model.text_token_drop", "must be in [0, 1)"),
         (
             cfg.train.precision in ("fp32", "bf16", "fp16", "amp_bf16"),
             "train.precision",

@@ -38,6 +38,7 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("mask.strategy=magic", "mask.strategy"),
         ("train.zero_stage=3", "train.zero_stage"),
         ("model.init_temperature=0.005", "model.init_temperature"),
+        ("model.text_token_drop=1.0", "model.text_token_drop"),
         ("nosection.x=1", "nosection"),
     ],
 )

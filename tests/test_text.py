@@ -137,3 +137,57 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         model(tokens_with_eot([3, 7, 14])).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_token_drop_hides_dropped_tokens_from_every_other_position() -> None:
+    torch.manual_seed(0)
+    model = TextTransformer(**TINY, token_drop=0.5).train()
+    tokens = tokens_with_eot([12, 9, 14], seed=3)
+    torch.manual_seed(7)
+    mask = model.drop_mask(tokens)[:, 0]
+    torch.manual_seed(7)
+    out = model(tokens)
+    eot = tokens.argmax(-1)
+    for i in range(len(tokens)):
+        dropped = [t for t in range(1, int(eot[i])) if not mask[i, int(eot[i]), t]]
+        kept = [t for t in range(1, int(eot[i])) if mask[i, int(eot[i]), t]]
+        assert dropped and kept  # this seed drops some tokens of every row and keeps some
+        # a dropped token can be anything: the EOT feature does not change
+        changed = tokens.clone()
+        changed[i, dropped] = (changed[i, dropped] % (EOT - 1)) + 1
+        torch.manual_seed(7)
+        torch.testing.assert_close(model(changed)[i], out[i], rtol=0, atol=1e-5)
+        # a kept token is seen
+        changed = tokens.clone()
+        changed[i, kept[0]] = (changed[i, kept[0]] % (EOT - 1)) + 1
+        torch.manual_seed(7)
+        assert not torch.allclose(model(changed)[i], out[i], atol=1e-4)
+
+
+def test_token_drop_mask_rules_and_rate() -> None:
+    model = TextTransformer(**TINY, token_drop=0.3).train()
+    tokens = tokens_with_eot([14] * 400, seed=1)
+    torch.manual_seed(0)
+    mask = model.drop_mask(tokens)[:, 0]  # [B, L, L]
+    visible = mask[:, 14]  # what the EOT query sees
+    assert visible[:, 0].all() and visible[:, 14].all()  # SOT and EOT always kept
+    assert not visible[:, 15:].any()  # causal
+    assert visible[:, 1:14].float().mean().item() == pytest.approx(0.7, abs=0.02)
+    assert mask.diagonal(dim1=1, dim2=2).all()  # every position sees itself
+    # the same tokens are hidden from every later query
+    assert torch.equal(mask[:, 13, :13], visible[:, :13])
+
+
+def test_token_drop_only_in_training_and_zero_is_the_plain_path() -> None:
+    torch.manual_seed(0)
+    plain = TextTransformer(**TINY).eval()
+    dropping = TextTransformer(**TINY, token_drop=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    tokens = tokens_with_eot([5, 14])
+    with torch.no_grad():
+        torch.testing.assert_close(dropping.eval()(tokens), plain(tokens), rtol=0, atol=0)
+        state = torch.get_rng_state()
+        plain.train()(tokens)
+        assert torch.equal(torch.get_rng_state(), state)  # p = 0 draws nothing
+    with pytest.raises(ValueError, match="token_drop"):
+        TextTransformer(**TINY, token_drop=1.0)

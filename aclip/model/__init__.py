@@ -42,6 +42,7 @@ def build_clip(model_cfg: ModelConfig) -> CLIP:
         layers=model_cfg.text_layers,
         heads=model_cfg.text_heads,
         act=model_cfg.text_act,
+        token_drop=model_cfg.text_token_drop,
     )
     return CLIP(visual, text, model_cfg.embed_dim, model_cfg.init_temperature)
 

@@ -37,12 +37,18 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x_BLD: Tensor) -> Tensor:
-        """[B, L, D] -> [B, L, D]; position t attends to positions <= t only."""
+    def forward(self, x_BLD: Tensor, attn_mask_B1LL: Tensor | None = None) -> Tensor:
+        """[B, L, D] -> [B, L, D]; position t attends to positions <= t only, or, given a
+        boolean ``attn_mask_B1LL`` (True = may attend; causal already), to what it allows."""
         b, length, d = x_BLD.shape
         qkv = self.qkv(x_BLD).view(b, length, 3, self.heads, d // self.heads)
         q_BHLd, k_BHLd, v_BHLd = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        out_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHLd, v_BHLd, is_causal=True)
+        if attn_mask_B1LL is None:
+            out_BHLd = F.scaled_dot_product_attention(q_BHLd, k_BHLd, v_BHLd, is_causal=True)
+        else:
+            out_BHLd = F.scaled_dot_product_attention(
+                q_BHLd, k_BHLd, v_BHLd, attn_mask=attn_mask_B1LL
+            )
         return self.proj(out_BHLd.transpose(1, 2).reshape(b, length, d))
 
 
@@ -60,15 +66,20 @@ class TextBlock(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x_BLD: Tensor) -> Tensor:
-        """[B, L, D] -> [B, L, D]."""
-        x_BLD = x_BLD + self.attn(self.ln1(x_BLD))
+    def forward(self, x_BLD: Tensor, attn_mask_B1LL: Tensor | None = None) -> Tensor:
+        """[B, L, D] -> [B, L, D] (``attn_mask_B1LL``: see :class:`CausalSelfAttention`)."""
+        x_BLD = x_BLD + self.attn(self.ln1(x_BLD), attn_mask_B1LL)
         return x_BLD + self.fc2(self.act(self.fc1(self.ln2(x_BLD))))
 
 
 class TextTransformer(nn.Module):
     """CLIP's text encoder: token + learned position embedding, causal blocks, final LayerNorm,
     features at the EOT token (it has the largest id in CLIP's vocabulary, so argmax finds it).
+
+    ``token_drop`` > 0 (training mode only): each token between SOT and EOT is hidden from
+    every other position with that probability (drawn from torch's RNG per sample), so a
+    caption is sometimes seen without some of its words, e.g. without the attribute that
+    alone would tell the batch's images apart. Positions are kept; eval mode never drops.
     """
 
     def __init__(
@@ -80,8 +91,12 @@ class TextTransformer(nn.Module):
         heads: int = 8,
         mlp_ratio: float = 4.0,
         act: str = "gelu",
+        token_drop: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= token_drop < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
+        self.token_drop = token_drop
         self.context_length = context_length
         self.vocab_size = vocab_size
         self.width = width
@@ -119,10 +134,29 @@ class TextTransformer(nn.Module):
         if length > self.context_length:
             raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
         x_BLD = self.token_embedding(tokens_BL) + self.positional_embedding[:length]
+        mask_B1LL = self.drop_mask(tokens_BL) if self.training and self.token_drop > 0 else None
         recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x_BLD = checkpoint(block, x_BLD, use_reentrant=False) if recompute else block(x_BLD)
+            if recompute:
+                x_BLD = checkpoint(block, x_BLD, mask_B1LL, use_reentrant=False)
+            else:
+                x_BLD = block(x_BLD, mask_B1LL)
         return self.ln_final(x_BLD)
+
+    def drop_mask(self, tokens_BL: Tensor) -> Tensor:
+        """Causal attention mask [B, 1, L, L] (True = may attend) hiding each token strictly
+        between SOT (position 0) and EOT with probability ``token_drop``; every position
+        still attends to itself."""
+        b, length = tokens_BL.shape
+        device = tokens_BL.device
+        pos_L = torch.arange(length, device=device)
+        eot_B1 = tokens_BL.argmax(dim=-1, keepdim=True)
+        droppable_BL = (pos_L > 0) & (pos_L < eot_B1)
+        dropped_BL = droppable_BL & (torch.rand(b, length, device=device) < self.token_drop)
+        causal_LL = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        mask_BLL = causal_LL & ~dropped_BL[:, None, :]
+        mask_BLL |= torch.eye(length, dtype=torch.bool, device=device)
+        return mask_BLL[:, None]
 
     def forward(self, tokens_BL: Tensor) -> Tensor:
         """Features at each row's EOT token: [B, width]."""
