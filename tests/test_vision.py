@@ -13,12 +13,14 @@ VARIANTS = {
     "plain": {},
     "qknorm_reg": {"qk_norm": True, "reg_tokens": 2, "init_values": 0.1},
     "no_embed_class_avg": {"no_embed_class": True, "global_pool": "avg", "pre_norm": True},
+    # the CLIP architecture open_clip can express (pre-norm, no patch-embed bias), at demo size
+    "clip_arch": {"model": "vit_base_patch16_clip_224"},
 }
 
 
-def make_tower(seed: int = 0, **extra) -> VisionTower:
+def make_tower(seed: int = 0, model: str = "vit_tiny_patch16_224", **extra) -> VisionTower:
     torch.manual_seed(seed)
-    tower = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, {**TINY, **extra}).eval()
+    tower = VisionTower(model, IMAGE_SIZE, {**TINY, **extra}).eval()
     with torch.no_grad():  # random cls/reg tokens (timm inits them ~0) so prefixes matter
         for name in ("cls_token", "reg_token"):
             param = getattr(tower.vit, name)
@@ -61,6 +63,15 @@ def test_demo_geometry() -> None:
     assert tower.vit.dynamic_img_size is False
     out = tower(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 192)
+
+
+def test_clip_architecture_at_demo_size() -> None:
+    tower = VisionTower("vit_base_patch16_clip_224", 64, {"patch_size": 8, "depth": 4,
+                        "embed_dim": 128, "num_heads": 4})  # fmt: skip
+    assert isinstance(tower.vit.norm_pre, torch.nn.LayerNorm)  # CLIP's ln_pre
+    assert tower.vit.patch_embed.proj.bias is None  # CLIP's conv1 has no bias
+    assert (tower.grid_hw, tower.width, len(tower.blocks)) == ((8, 8), 128, 4)
+    assert tower.num_prefix_tokens == 1 and tower.vit.global_pool == "token"
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
