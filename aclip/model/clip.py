@@ -23,9 +23,10 @@ class CLIP(nn.Module):
     """Vision and text towers projected into a joint ``embed_dim`` space.
 
     ``logit_scale`` has shape (1,) (DeepSpeed refuses 0-dim parameters), initialised to
-    ln(1/init_temperature) (CLIP: ln(1/0.07)). It is clamped to [0, ln 100] in place after each optimizer step (the trainer does
-    it, as open_clip does), not in the forward pass: a forward clamp would cut its gradient above
-    ln 100, where Adam's momentum could then leave it for good.
+    ln(1/init_temperature) (CLIP: ln(1/0.07)). It is clamped to [0, ln 100] in place after each
+    optimizer step (the trainer does it, as open_clip does), not in the forward pass: a forward
+    clamp would cut its gradient above ln 100, where Adam's momentum could then leave it for
+    good.
     """
 
     def __init__(

@@ -225,9 +225,7 @@ class VisionTower(nn.Module):
         if self.grid_for(*images_BCHW.shape[-2:]) == self.grid_hw:
             tokens_BND = self.vit._pos_embed(self.patch_embed(images_BCHW, alpha_B1HW, use_alpha))
         elif self.alpha_conv is not None and use_alpha:
-            raise ValueError(
-                f"an alpha tower takes images on its own grid {self.grid_hw} only"
-            )
+            raise ValueError(f"an alpha tower takes images on its own grid {self.grid_hw} only")
         else:
             with _dynamic_img_size(self.vit):
                 tokens_BND = self.vit._pos_embed(self.vit.patch_embed(images_BCHW))
