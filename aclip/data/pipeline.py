@@ -167,6 +167,6 @@ def build_train_loader(
         worker_init_fn=worker_init if num_workers > 0 else None,
     )
     if num_workers > 0:
-        end_workers_at_exit(loader)
+        end_workers_at_exit()
     loader.skip_stats = stats  # live counts with num_workers=0; workers count in their copies
     return loader

@@ -4,13 +4,13 @@ they leave to the main process."""
 from __future__ import annotations
 
 import atexit
+import multiprocessing
 import multiprocessing.util  # noqa: F401  (its exit hook first: ours, registered later, runs before)
 import random
 import signal
-import weakref
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Any
+from pathlib import Path
 
 import torch
 from webdataset.utils import pytorch_worker_info
@@ -74,36 +74,45 @@ def worker_init(_: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def end_workers_at_exit(loader: Any) -> None:
-    """Make sure the workers of ``loader`` (a DataLoader or WebLoader whose workers run
-    `worker_init`) end when this process exits.
+def end_workers_at_exit() -> None:
+    """Make sure the loader workers of this process end when it exits (call once a loader whose
+    workers run `worker_init` exists; calling again does nothing).
 
     The workers ignore SIGTERM, so multiprocessing's own exit hook, which terminates daemonic
     children with SIGTERM and then joins them, would wait forever for the workers of a loader
     still referenced at exit (their watchdog sees the main process alive). This hook, run first
-    (registered after multiprocessing's), kills them with SIGKILL: the run is over.
+    (registered after multiprocessing's), kills the daemonic children that ignore SIGTERM with
+    SIGKILL: the run is over, and a daemonic child is ended at exit anyway.
     """
-    if not _LOADERS:
-        atexit.register(_kill_loader_workers)
-    # webdataset's WebLoader is a pipeline whose first stage is the DataLoader
-    for stage in [loader, *getattr(loader, "pipeline", ())]:
-        if isinstance(stage, torch.utils.data.DataLoader):
-            _LOADERS.add(stage)
+    global _EXIT_HOOK
+    if not _EXIT_HOOK:
+        atexit.register(_kill_deaf_daemons)
+        _EXIT_HOOK = True
 
 
-_LOADERS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HOOK = False
 
 
-def _kill_loader_workers() -> None:
-    from torch.utils.data._utils import signal_handling
+def ignores_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGTERM (Linux: its ``SigIgn`` mask in /proc; True where
+    that cannot be read)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return True
 
-    for loader in list(_LOADERS):
-        iterator = getattr(loader, "_iterator", None)
-        if getattr(iterator, "_worker_pids_set", False):  # PyTorch's SIGCHLD check: off first
-            signal_handling._remove_worker_pids(id(iterator))
-            iterator._worker_pids_set = False
-        workers = [w for w in getattr(iterator, "_workers", ()) if w.is_alive()]
-        for proc in workers:
-            proc.kill()
-        for proc in workers:
-            proc.join(timeout=5)
+
+def _kill_deaf_daemons() -> None:
+    deaf = [p for p in multiprocessing.active_children() if p.daemon and ignores_sigterm(p.pid)]
+    if not deaf:
+        return
+    # PyTorch's SIGCHLD handler would report the killed workers as a loader failure
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in deaf:
+        proc.kill()
+    for proc in deaf:
+        proc.join(timeout=5)
