@@ -123,16 +123,20 @@ def point_cost(point: GridPoint, config: str | None, extra: Sequence[str] = ()) 
     }
 
 
+def _check_train_py() -> None:
+    if not TRAIN_PY.is_file():
+        raise FileNotFoundError(
+            f"the study trains with train.py, not found at {TRAIN_PY}: run it from a "
+            "checkout of the repository (or an editable install, pip install -e .)"
+        )
+
+
 def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dict:
     """Train one grid point (or reuse its finished results) and return its results.json."""
     run_dir = out.resolve() / point.name
     results = run_dir / "results.json"
     if not results.is_file():
-        if not TRAIN_PY.is_file():
-            raise FileNotFoundError(
-                f"the study trains with train.py, not found at {TRAIN_PY}: run it from a "
-                "checkout of the repository (or an editable install, pip install -e .)"
-            )
+        _check_train_py()
         cmd = [
             sys.executable,
             str(TRAIN_PY),
@@ -326,6 +330,7 @@ def study(args: argparse.Namespace) -> int:
     points = grid(args.strategies, args.keep_ratios, args.views, args.seeds, args.teacher_sizes)
     rows = []
     try:
+        _check_train_py()  # before the config: an installed copy has neither
         costs = {p: point_cost(p, args.config, args.overrides) for p in points}  # refuses first
         for point in tqdm(points, desc="study"):
             results = run_point(point, args.config, out, args.overrides)

@@ -3,6 +3,9 @@
     python -m evals.probe --checkpoint runs/x --data path/to/wds_set [--ema] [--json out.json]
         [--features joint|pooled] [--test-fraction 0.5] [--seed 0] [--C 1.0]
 
+``--checkpoint`` is any CLIP the other eval commands take (an aclip run, an open_clip folder, an
+open_clip checkpoint with ``--model-name``, an OpenAI file; ``evals.common``).
+
 Reports, as JSON:
 - ``linear_probe``: test top-1 of a logistic-regression probe (scikit-learn's
   ``LogisticRegression(C)`` objective, standardised features, L-BFGS) on the image embeddings,
@@ -26,14 +29,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from aclip.checkpoint import find_checkpoint, load_eval_model
 from aclip.data.evalsets import load_wds_classification, shard_paths
-from aclip.data.views import eval_transform
 from aclip.evaluation import zero_shot_classifier
 from aclip.model.clip import CLIP
 from aclip.probe import linear_probe, prompt_similarity
 from aclip.tokenizer import Tokenizer
-from evals.common import add_model_args, report
+from evals.common import add_model_args, check_model_source, load_model, report
 
 FEATURES = ("joint", "pooled")
 
@@ -64,6 +65,7 @@ def probe(
     device: str = "cpu",
     progress: bool = True,
     workers: int = 0,
+    model_name: str | None = None,
 ) -> dict:
     """Linear probe, class-prompt similarity and zero-shot top-1 of ``checkpoint`` on the wds
     classification set ``data`` (paths are checked before the model loads)."""
@@ -71,16 +73,15 @@ def probe(
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     if not 0.0 < test_fraction < 1.0 or C <= 0:
         raise ValueError(f"need 0 < test_fraction < 1 and C > 0 (got {test_fraction}, {C})")
-    find_checkpoint(checkpoint)
+    check_model_source(checkpoint)
     shard_paths(data)
     load_wds_classification(data, lambda image: image)  # class names and templates exist
-    clip, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
-    dataset, classnames, templates = load_wds_classification(
-        data, eval_transform(cfg.model.image_size)
-    )
+    model = load_model(checkpoint, model_name, use_ema, device)
+    clip = model.clip
+    dataset, classnames, templates = load_wds_classification(data, model.transform)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     pooled, joint, labels = encode_images(clip, loader, device, progress)
-    tokenizer = Tokenizer(cfg.model.context_length)
+    tokenizer = Tokenizer(model.context_length)
     classifier_DC = zero_shot_classifier(clip, tokenizer, classnames, templates, device).cpu()
     zeroshot_top1 = ((joint @ classifier_DC.float()).argmax(1) == labels).float().mean().item()
     feats = joint if features == "joint" else pooled
@@ -102,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or tag dir")
     parser.add_argument("--data", required=True, help="CLIP_benchmark wds classification set")
     parser.add_argument("--features", choices=FEATURES, default="joint")
     parser.add_argument("--test-fraction", type=float, default=0.5)
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             not args.no_progress,
             args.workers,
+            args.model_name,
         ),  # fmt: skip
         args.json,
     )

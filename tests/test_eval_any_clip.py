@@ -314,34 +314,15 @@ def test_imported_model_matches_load_clip(sources) -> None:
         assert torch.equal(model.clip.state_dict()[key], value), key
 
 
-# ------------------------------------------------------------------ the demo ends by exporting
-def demo_recipe() -> list[str]:
-    """The ``demo`` target's commands in the Makefile (continuation lines joined)."""
-    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
-    body = text.split("\ndemo: install\n", 1)[1]
-    lines = []
-    for line in body.splitlines():
-        if not line.startswith("\t"):
-            break
-        lines.append(" ".join(line.split()))
-    return lines
-
-
-def test_the_demo_ends_by_exporting_its_model_and_the_printed_lines_load_it(run, tmp_path, capsys):
-    """make demo's last command exports the run as an open_clip folder (again on a second make
-    demo) and prints the lines that load it; run as printed, they give the run's features."""
-    recipe = demo_recipe()
-    assert "-m evals.demo_report" in recipe[-2]
-    command = recipe[-1].split()
-    assert command[:3] == ["$(PY)", "-m", "aclip.export"]
-    demo = tmp_path / "demo_out"
-    demo.mkdir()
-    (demo / "run").symlink_to(run)  # a tiny CLIP-architecture run trained through train.py
-    argv = [arg.replace("$(DEMO)", str(demo)) for arg in command[3:]]
-    for _ in range(2):  # a second make demo replaces the folder
+# ------------------------------------------------------------------ the export command line
+def test_the_export_cli_replaces_its_folder_and_the_printed_lines_load_it(run, tmp_path, capsys):
+    """`python -m aclip.export --overwrite` exports a run as an open_clip folder (again on a second
+    call) and prints the lines that load it; run as printed, they give the run's features."""
+    folder = tmp_path / "demo_out" / "open_clip"
+    argv = ["--checkpoint", str(run), "--out", str(folder), "--overwrite"]
+    for _ in range(2):  # the second call replaces the folder
         assert export_cli.main(argv) == 0
     printed = capsys.readouterr().out.splitlines()
-    folder = demo / "open_clip"
     load = f'open_clip.create_model_and_transforms("local-dir:{folder}")'
     two = ["import open_clip", f"model, _, preprocess = {load}"]
     assert [line.strip() for line in printed[-3:-1]] == two
