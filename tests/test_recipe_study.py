@@ -127,7 +127,8 @@ def test_run_trains_times_and_resumes_a_study(tmp_path):
     common = [
         *TINY_MODEL_ARGS, f"data.train_shards={data}/train/{{00000..00001}}.tar",
         "data.workers=0", "data.shuffle_buffer=8", "train.global_batch_size=16",
-        "train.precision=fp32", "train.zero_stage=0", "train.stop_at_step=4", "optim.total_steps=4", "train.log_every=2",
+        "train.precision=fp32", "train.zero_stage=0", "train.stop_at_step=4",
+        "optim.total_steps=4", "train.log_every=2",
         "train.ckpt_every=0", "optim.epochs=1", "optim.warmup_epochs=0",
         f"eval.zeroshot_sets=[{data}/eval_cls]", "eval.retrieval_sets=[]", "eval.batch_size=20",
     ]  # fmt: skip
