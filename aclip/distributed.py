@@ -53,6 +53,17 @@ def launcher_ranks(env: Mapping[str, str]) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")  # fmt: skip
+
+
+def single_process_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` without the variables :func:`discover_ranks` reads, for a child process that is a
+    run of its own (a study's training run): it must not join, or collide with, the parent's
+    process group (its MASTER_PORT is bound by the parent) or take the parent's SLURM rank."""
+    return {key: value for key, value in env.items() if key not in RANK_VARIABLES}
+
+
 def discover_ranks(env: dict[str, str] | None = None) -> dict[str, str]:
     """Fill RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in ``env`` and return it
     (ranks as :func:`launcher_ranks` reads them; a single rank gets a free local port)."""

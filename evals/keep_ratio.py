@@ -34,6 +34,7 @@ import argparse
 import csv
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ import torch
 
 from aclip.checkpoint import load_eval_model
 from aclip.data.evalsets import load_wds_classification
+from aclip.distributed import single_process_env
 from aclip.evaluation import classification_metrics, zero_shot_classifier, zero_shot_logits
 from aclip.masking import num_keep, random_keep, topk_keep
 from aclip.model.clip import CLIP
@@ -150,7 +152,8 @@ def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dic
         log = out / f"{point.name}.log"
         with log.open("w") as fh:
             # in the caller's directory: relative paths of the overrides mean what they mean here
-            done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT)
+            done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT,
+                                  env=single_process_env(os.environ))  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"run {point.name} failed (exit {done.returncode}); see {log}")
     return json.loads(results.read_text())

@@ -153,7 +153,10 @@ def run_one(
         return run_dir
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    from aclip.distributed import single_process_env
+
+    env = single_process_env(os.environ) | {
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # fmt: skip
     env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = train_command(config, variant, seed, run_dir, extra, eval_every)
     log = out / f"{variant.run_name(seed)}.log"

@@ -110,3 +110,15 @@ def test_global_batchnorm_running_statistics_in_half_precision(dtype):
     torch.testing.assert_close(ours.running_mean.float(), reference.running_mean, **close)
     torch.testing.assert_close(ours.running_var.float(), reference.running_var, **close)
     assert int(ours.num_batches_tracked) == 3
+
+
+def test_single_process_env_drops_what_rank_discovery_reads():
+    from aclip.distributed import RANK_VARIABLES, discover_ranks, single_process_env
+
+    parent = {"RANK": "3", "WORLD_SIZE": "8", "MASTER_PORT": "1234", "SLURM_PROCID": "3",
+              "SLURM_NTASKS": "8", "PATH": "/bin", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    child = single_process_env(parent)
+    assert child == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert not set(child) & set(RANK_VARIABLES)
+    ranks = discover_ranks(dict(child))
+    assert (ranks["RANK"], ranks["WORLD_SIZE"]) == ("0", "1") and ranks["MASTER_PORT"] != "1234"

@@ -115,8 +115,10 @@ def test_report_without_runs_is_an_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_trains_times_and_resumes_a_study(tmp_path):
-    """Two real tiny runs through train.py; a second call trains nothing."""
+def test_run_trains_times_and_resumes_a_study(tmp_path, dist_info):
+    """Two real tiny runs through train.py; a second call trains nothing. ``dist_info``: this
+    process holds a process group on MASTER_PORT, as in the full suite, which the runs must not
+    inherit (they failed with EADDRINUSE)."""
     from aclip.data.synthetic import write_synthetic
 
     data = tmp_path / "data"
