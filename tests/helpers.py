@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+from collections.abc import Iterator
 
 import torch
 
@@ -95,3 +98,15 @@ def set_rank_env(rank: int, world: int, port: int) -> None:
         MASTER_PORT=str(port),
         DS_ACCELERATOR="cpu",
     )
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Root logging at ERROR for the block (open_clip warns about a model built without
+    pretrained weights, which every peer-library test does; nothing to see)."""
+    level = logging.root.level
+    logging.root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.root.setLevel(level)

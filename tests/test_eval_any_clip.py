@@ -8,9 +8,7 @@ the other models are built and randomly initialised by open_clip itself.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import open_clip
 import pytest
 import torch
 from cb_sets import benchmark_retrieval, benchmark_zeroshot
-from helpers import CLIP_TINY_ARGS
+from helpers import CLIP_TINY_ARGS, quiet_logs
 from open_clip.model import build_model_from_openai_state_dict
 from safetensors.torch import save_file
 
@@ -54,17 +52,6 @@ def same(mine: dict, peer: dict, keys: list[str]) -> None:
     """The metrics are equal: to 1e-6, far below one image in these sets (1/24), so the counts of
     hits are the same (one side is float32 arithmetic, the other float64)."""
     assert {k: mine[k] for k in keys} == pytest.approx({k: peer[k] for k in keys}, abs=1e-6)
-
-
-@contextlib.contextmanager
-def quiet():
-    """open_clip warns about models without pretrained weights; nothing to see."""
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
 
 
 def jittered(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -124,7 +111,7 @@ def _open_clip_files(tmp: Path) -> dict[str, Path]:
     config = tmp / "open_clip_config.json"
     config.write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG}))
     torch.manual_seed(0)
-    with quiet():
+    with quiet_logs():
         model = jittered(open_clip.create_model(REGISTERED), seed=0)
     ckpt = tmp / "epoch_3.pt"
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
@@ -140,7 +127,7 @@ def _openai_file(tmp: Path) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     torch.manual_seed(1)
-    with quiet():
+    with quiet_logs():
         model = jittered(open_clip.create_model(f"local-dir:{tmp}"), seed=1)
     path = tmp / "ViT-tiny-openai.pt"
     torch.save(model.state_dict(), path)
@@ -155,7 +142,7 @@ def sources(tmp_path_factory, exported) -> dict[str, tuple[list[str], tuple]]:
     tmp = tmp_path_factory.mktemp("sources")
     oc = _open_clip_files(tmp / "open_clip")
     openai = _openai_file(tmp / "openai")
-    with quiet():
+    with quiet_logs():
         export_peer = open_clip.create_model_and_transforms(f"local-dir:{exported}")
         by_name = open_clip.create_model_and_transforms(REGISTERED, pretrained=str(oc["ckpt"]))
     sd = torch.load(openai, map_location="cpu", weights_only=True)
@@ -182,7 +169,7 @@ def test_clip_benchmark_on_the_export_gives_the_runs_numbers(run, exported, data
     """CLIP_benchmark's own zero-shot and retrieval code on the exported folder (loaded by
     open_clip) give the top-1 / top-5 and R@1/5/10 that evals.zeroshot / evals.retrieval give
     on the aclip run."""
-    with quiet():
+    with quiet_logs():
         model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{exported}")
         tokenizer = open_clip.get_tokenizer(f"local-dir:{exported}")
     model.eval()
@@ -327,7 +314,7 @@ def test_the_export_cli_replaces_its_folder_and_the_printed_lines_load_it(run, t
     two = ["import open_clip", f"model, _, preprocess = {load}"]
     assert [line.strip() for line in printed[-3:-1]] == two
     namespace: dict = {}
-    with quiet():
+    with quiet_logs():
         exec("\n".join(two), namespace)  # the two lines, as a user pastes them
     ours, cfg = load_eval_model(run)
     images = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import open_clip
 import pytest
 import timm
 import torch
-from helpers import CLIP_TINY_ARGS, TINY_MODEL_ARGS
+from helpers import CLIP_TINY_ARGS, TINY_MODEL_ARGS, quiet_logs
 from torch import nn
 
 from aclip import export as export_cli
@@ -42,16 +40,6 @@ def save_run(run: Path, overrides: list[str]) -> Path:
     torch.save(states, tag / MODEL_STATES)
     (run / "checkpoints" / "latest").write_text(tag.name)
     return run
-
-
-@contextlib.contextmanager
-def quiet_logs():
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
 
 
 def probe(size: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:

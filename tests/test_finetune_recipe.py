@@ -8,9 +8,7 @@ through train.py, the model section taken from ``python -m aclip.interop``'s out
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import open_clip
 import pytest
 import torch
 import yaml
+from helpers import quiet_logs
 from open_clip.model import CLIP as OpenClipCLIP
 
 from aclip import interop
@@ -79,16 +78,6 @@ def test_recipe_refuses_its_placeholder_before_building(capsys) -> None:
     assert "an OpenAI release file" in err and "nothing is downloaded" in err
 
 
-@contextlib.contextmanager
-def quiet():
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
-
-
 def test_recipe_trains_from_an_openai_file_with_the_printed_model_section(tmp_path, capsys):
     """The README's two steps on a small OpenAI-layout model: ``python -m aclip.interop FILE``
     prints the model section, train.py runs the recipe with it and model.init_from=FILE."""
@@ -101,7 +90,7 @@ def test_recipe_trains_from_an_openai_file_with_the_printed_model_section(tmp_pa
     }  # fmt: skip
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     torch.manual_seed(0)
-    with quiet():
+    with quiet_logs():
         peer = open_clip.create_model(f"local-dir:{tmp_path}")
     weights = tmp_path / "openai_small.pt"
     torch.save(peer.state_dict(), weights)  # open_clip's native keys are OpenAI's

@@ -8,16 +8,14 @@ open_clip's trainer saves a checkpoint and read back with its open_clip_config.j
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import sys
 from pathlib import Path
 
 import open_clip
 import pytest
 import torch
-from helpers import TINY_MODEL_ARGS
+from helpers import TINY_MODEL_ARGS, quiet_logs
 from open_clip.loss import ClipLoss
 
 from aclip import interop
@@ -39,16 +37,6 @@ OPEN_CLIP_CFG = {
 }
 
 
-@contextlib.contextmanager
-def quiet():
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     """(open_clip's model, its checkpoint file, its open_clip_config.json)."""
@@ -56,7 +44,7 @@ def pretrained(tmp_path_factory) -> tuple[torch.nn.Module, Path, Path]:
     config = tmp / "open_clip_config.json"
     config.write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG}))
     torch.manual_seed(0)
-    with quiet():
+    with quiet_logs():
         model = open_clip.create_model(f"local-dir:{tmp}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -7,10 +7,7 @@ downloaded.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
@@ -18,6 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import quiet_logs
 from open_clip.model import build_model_from_openai_state_dict, convert_weights_to_lp
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
@@ -75,20 +73,9 @@ def open_clip_model(name_or_cfg: str | dict, tmp: Path, seed: int = 0) -> torch.
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": name_or_cfg}))
         name_or_cfg = f"local-dir:{tmp}"
-    with _quiet():
+    with quiet_logs():
         model = open_clip.create_model(name_or_cfg)
     return jitter(model, seed)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """open_clip logs a warning for a model without pretrained weights; nothing to see."""
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
 
 
 def inputs(image_size: int, context_length: int, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,7 +239,7 @@ def test_export_open_clip_loads_strictly_and_round_trips(tmp_path) -> None:
     written = interop.export_open_clip(clip, tmp_path / "oc", pre)
     assert written["model_cfg"]["vision_cfg"]["head_width"] == 16
     # strict: the weights file holds exactly the keys of the model open_clip builds
-    with _quiet():
+    with quiet_logs():
         ref, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
     missing = ref.load_state_dict(load_file(str(tmp_path / "oc" / "open_clip_model.safetensors")))
     assert not missing.missing_keys and not missing.unexpected_keys
@@ -311,7 +298,7 @@ def test_plain_timm_trunk_exports_through_timm_model_name(tmp_path, name) -> Non
     vision = written["model_cfg"]["vision_cfg"]
     assert vision["timm_model_name"] == name
     assert vision["timm_pool"] == ("token" if name == "test_vit" else "avg")
-    with _quiet():
+    with quiet_logs():
         ref, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
     missing = ref.load_state_dict(load_file(str(tmp_path / "oc" / "open_clip_model.safetensors")))
     assert not missing.missing_keys and not missing.unexpected_keys
@@ -515,7 +502,7 @@ def test_preprocess_matches_open_clips_transform(tmp_path) -> None:
 
     clip, _ = aclip_clip(CLIP_ARCH_TINY)
     interop.export_open_clip(clip, tmp_path / "oc", interop.Preprocess(32))
-    with _quiet():
+    with quiet_logs():
         _, _, theirs = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")
     gen = torch.Generator().manual_seed(5)
     pixels = (torch.rand(45, 70, 3, generator=gen) * 255).to(torch.uint8).numpy()

@@ -5,9 +5,7 @@ load_eval_model)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import open_clip
 import pytest
 import torch
 import yaml
+from helpers import quiet_logs
 from PIL import Image
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
@@ -324,16 +323,6 @@ SMALL_OPEN_CLIP = {
 }
 
 
-@contextlib.contextmanager
-def _quiet():
-    level = logging.root.level
-    logging.root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.root.setLevel(level)
-
-
 def open_clip_folder(tmp: Path, cfg: dict = SMALL_OPEN_CLIP) -> Path:
     """An open_clip local-dir folder of a randomly initialised model built by open_clip."""
     from safetensors.torch import save_file
@@ -341,7 +330,7 @@ def open_clip_folder(tmp: Path, cfg: dict = SMALL_OPEN_CLIP) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg}))
     torch.manual_seed(0)
-    with _quiet():
+    with quiet_logs():
         model = open_clip.create_model(f"local-dir:{tmp}")
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp / "open_clip_model.safetensors"))
@@ -446,7 +435,7 @@ def test_open_clip_vit_b16_every_head_at_448_with_sliding_windows(tmp_path) -> N
     from aclip.tokenizer import Tokenizer
 
     torch.manual_seed(0)
-    with _quiet():
+    with quiet_logs():
         ref = open_clip.create_model("ViT-B-16")
     torch.save(ref.state_dict(), tmp_path / "b16.pt")
     clip, cfg, pre = load_clip(tmp_path / "b16.pt", "ViT-B-16")
