@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,18 @@ TINY_MODEL_ARGS = [f"{key}={value}" for key, value in TINY_MODEL.items()]
 CLIP_TINY_ARGS = [a for a in TINY_MODEL_ARGS if not a.startswith("model.vision_")] + [
     "model.vision_model=vit_base_patch16_clip_224",
     "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+]
+# OpenAI's variant of it: QuickGELU in both towers, two text layers
+CLIP_QUICKGELU_TINY_ARGS = [
+    "model.vision_model=vit_base_patch16_clip_quickgelu_224",
+    "model.image_size=32",
+    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+    "model.embed_dim=32",
+    "model.context_length=16",
+    "model.text_width=32",
+    "model.text_layers=2",
+    "model.text_heads=2",
+    "model.text_act=quick_gelu",
 ]
 
 
@@ -110,3 +123,21 @@ def quiet_logs() -> Iterator[None]:
         yield
     finally:
         logging.root.setLevel(level)
+
+
+def save_untrained_run(run: Path) -> tuple[torch.nn.Module, Config]:
+    """The tiny model, untrained (seed 0), saved in ``run`` as the trainer saves a checkpoint
+    (``checkpoints/global_step0/mp_rank_00_model_states.pt``, ``latest``); returns it (eval
+    mode) and its config."""
+    from aclip.config import to_yaml
+    from aclip.model import build_model
+
+    cfg = tiny_config(str(run))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss).eval()
+    tag = run / "checkpoints" / "global_step0"
+    tag.mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("global_step0")
+    states = {"module": model.state_dict(), "config": to_yaml(cfg), "ema": None}
+    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    return model, cfg

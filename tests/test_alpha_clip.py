@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from helpers import TINY_MODEL, tiny_config
+from helpers import CLIP_QUICKGELU_TINY_ARGS, TINY_MODEL, tiny_config
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.transforms import functional as TF
@@ -547,17 +547,6 @@ def test_synthetic_region_scenes(region_data):
 
 
 # ----------------------------------------------------------------------------- interop
-CLIP_ARCH_TINY = [
-    "model.vision_model=vit_base_patch16_clip_quickgelu_224",
-    "model.image_size=32",
-    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
-    "model.embed_dim=32",
-    "model.context_length=16",
-    "model.text_width=32",
-    "model.text_layers=2",
-    "model.text_heads=2",
-    "model.text_act=quick_gelu",
-]
 
 
 def test_init_from_base_weights_and_export_refusal(tmp_path):
@@ -570,7 +559,7 @@ def test_init_from_base_weights_and_export_refusal(tmp_path):
         to_timm_model,
     )
 
-    cfg = load_config(None, CLIP_ARCH_TINY).model
+    cfg = load_config(None, CLIP_QUICKGELU_TINY_ARGS).model
     torch.manual_seed(0)
     base = build_clip(cfg).eval()
     export_open_clip(base, tmp_path / "base", Preprocess(32))

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import quiet_logs
+from helpers import CLIP_QUICKGELU_TINY_ARGS, quiet_logs
 from open_clip.model import build_model_from_openai_state_dict, convert_weights_to_lp
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
@@ -220,21 +220,8 @@ def aclip_clip(overrides: list[str], seed: int = 0) -> tuple[CLIP, ModelConfig]:
     return jitter(interop.build_clip(cfg), seed), cfg
 
 
-CLIP_ARCH_TINY = [
-    "model.vision_model=vit_base_patch16_clip_quickgelu_224",
-    "model.image_size=32",
-    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
-    "model.embed_dim=32",
-    "model.context_length=16",
-    "model.text_width=32",
-    "model.text_layers=2",
-    "model.text_heads=2",
-    "model.text_act=quick_gelu",
-]
-
-
 def test_export_open_clip_loads_strictly_and_round_trips(tmp_path) -> None:
-    clip, cfg = aclip_clip(CLIP_ARCH_TINY)
+    clip, cfg = aclip_clip(CLIP_QUICKGELU_TINY_ARGS)
     pre = interop.Preprocess(32)
     written = interop.export_open_clip(clip, tmp_path / "oc", pre)
     assert written["model_cfg"]["vision_cfg"]["head_width"] == 16
@@ -278,7 +265,7 @@ def test_timm_reads_the_openai_layout_export(tmp_path) -> None:
 
 
 def test_timm_folder_export(tmp_path) -> None:
-    clip, _ = aclip_clip(CLIP_ARCH_TINY)
+    clip, _ = aclip_clip(CLIP_QUICKGELU_TINY_ARGS)
     interop.export_timm(clip, tmp_path / "timm", interop.Preprocess(32))
     model = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
     images, _ = inputs(32, 16)
@@ -292,7 +279,7 @@ def test_timm_folder_export(tmp_path) -> None:
 def test_plain_timm_trunk_exports_through_timm_model_name(tmp_path, name) -> None:
     """A non-CLIP timm ViT at its default size is an open_clip TimmModel trunk, loaded strictly."""
     clip, _ = aclip_clip(
-        [f"model.vision_model={name}", "model.image_size=160", *CLIP_ARCH_TINY[3:-1]]
+        [f"model.vision_model={name}", "model.image_size=160", *CLIP_QUICKGELU_TINY_ARGS[3:-1]]
     )
     written = interop.export_open_clip(clip, tmp_path / "oc", interop.Preprocess(160))
     vision = written["model_cfg"]["vision_cfg"]
@@ -317,7 +304,7 @@ def test_export_refuses_what_open_clip_cannot_express(tmp_path) -> None:
         "model.vision_model=vit_tiny_patch16_224",
         "model.image_size=32",
         "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
-        *CLIP_ARCH_TINY[3:-1],
+        *CLIP_QUICKGELU_TINY_ARGS[3:-1],
     ]
     clip, _ = aclip_clip(demo_tower)
     with pytest.raises(NotExpressible, match="default image size 224") as err:
@@ -326,13 +313,13 @@ def test_export_refuses_what_open_clip_cannot_express(tmp_path) -> None:
     assert not (tmp_path / "x").exists()
     clip224, _ = aclip_clip(
         ["model.vision_model=vit_tiny_patch16_224", "model.vision_kwargs={depth: 2}",
-         *CLIP_ARCH_TINY[3:-1]]
+         *CLIP_QUICKGELU_TINY_ARGS[3:-1]]
     )  # fmt: skip
     with pytest.raises(NotExpressible, match="no extra arguments"):
         interop.export_open_clip(clip224, tmp_path / "x", interop.Preprocess(224))
     with pytest.raises(NotExpressible, match="not a CLIP-architecture vision tower"):
         interop.to_openai_state_dict(clip)
-    mixed, _ = aclip_clip([*CLIP_ARCH_TINY[:-1], "model.text_act=gelu"])
+    mixed, _ = aclip_clip([*CLIP_QUICKGELU_TINY_ARGS[:-1], "model.text_act=gelu"])
     with pytest.raises(NotExpressible, match="one quick_gelu flag"):
         interop.export_open_clip(mixed, tmp_path / "x", interop.Preprocess(32))
 
@@ -415,7 +402,7 @@ def test_other_image_size_resamples_and_shorter_context_truncates(small_ckpt) ->
 
 
 def test_file_without_architecture_needs_a_name(tmp_path) -> None:
-    clip, _ = aclip_clip(CLIP_ARCH_TINY)
+    clip, _ = aclip_clip(CLIP_QUICKGELU_TINY_ARGS)
     interop.export_open_clip(clip, tmp_path / "oc", interop.Preprocess(32))
     with pytest.raises(WeightsError, match="width 48 is not a multiple of the head width 64"):
         interop.load_clip(tmp_path / "oc" / "open_clip_model.safetensors")  # read as OpenAI
@@ -500,7 +487,7 @@ def test_preprocess_matches_open_clips_transform(tmp_path) -> None:
     """The preprocess an export carries gives, through open_clip, what aclip's eval gives."""
     from PIL import Image
 
-    clip, _ = aclip_clip(CLIP_ARCH_TINY)
+    clip, _ = aclip_clip(CLIP_QUICKGELU_TINY_ARGS)
     interop.export_open_clip(clip, tmp_path / "oc", interop.Preprocess(32))
     with quiet_logs():
         _, _, theirs = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")

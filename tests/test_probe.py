@@ -9,11 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import save_untrained_run
 
 import evals.probe as probe_cli
-from aclip.config import to_yaml
 from aclip.data.synthetic import write_synthetic
-from aclip.model import build_model
 from aclip.probe import (
     fit_logistic_regression,
     linear_probe,
@@ -21,7 +20,6 @@ from aclip.probe import (
     stratified_split,
 )
 from evals.zeroshot import zeroshot
-from tests.helpers import tiny_config
 
 
 def _newton_reference(x: np.ndarray, y: np.ndarray, k: int, C: float) -> np.ndarray:
@@ -130,14 +128,7 @@ def test_prompt_similarity_by_hand():
 def run_and_set(tmp_path_factory):
     """A tiny untrained checkpoint as the trainer saves it, and a 40-image wds shape set."""
     run = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(str(run))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.loss).eval()
-    tag = run / "checkpoints" / "global_step0"
-    tag.mkdir(parents=True)
-    (run / "checkpoints" / "latest").write_text("global_step0")
-    states = {"module": model.state_dict(), "config": to_yaml(cfg), "ema": None}
-    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    save_untrained_run(run)
     data = tmp_path_factory.mktemp("data")
     write_synthetic(data, n_train=0, n_eval_cls=40, n_eval_ret=0, image_size=32)
     return run, data / "eval_cls"

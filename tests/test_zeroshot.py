@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import save_untrained_run
 from open_clip.zero_shot_classifier import build_zero_shot_classifier
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 from PIL import Image
 
 import evals.zeroshot as zs_cli
-from aclip.config import to_yaml
 from aclip.data.imagefolder import (
     is_imagenet_tree,
     load_imagefolder_classification,
@@ -25,9 +25,7 @@ from aclip.evaluation import (
     mean_average_precision,
     zero_shot_classifier,
 )
-from aclip.model import build_model
 from aclip.tokenizer import Tokenizer
-from tests.helpers import tiny_config
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red_square": (255, 0, 0)}
 PER_CLASS = 3
@@ -37,14 +35,7 @@ PER_CLASS = 3
 def tiny(tmp_path_factory):
     """A tiny untrained model saved as the trainer saves it: (run dir, CLIP, config)."""
     run = tmp_path_factory.mktemp("run")
-    cfg = tiny_config(str(run))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.loss).eval()
-    tag = run / "checkpoints" / "global_step0"
-    tag.mkdir(parents=True)
-    (run / "checkpoints" / "latest").write_text("global_step0")
-    states = {"module": model.state_dict(), "config": to_yaml(cfg), "ema": None}
-    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    model, cfg = save_untrained_run(run)
     return run, model.clip, cfg
 
 
