@@ -28,6 +28,7 @@ class ModelConfig:
     image_size: int = 224
     vision_kwargs: dict[str, Any] = field(default_factory=dict)
     freeze_patch_embed: bool = False
+    patch_stem: str = "linear"  # patch embedding: linear (ViT's patch conv) or conv (a conv stem)
     embed_dim: int = 512
     context_length: int = 77
     vocab_size: int = 49408

@@ -271,3 +271,41 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         tower(images(), keep).square().sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in tower.parameters()]))
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+def test_conv_stem_keeps_the_grid_and_the_token_path() -> None:
+    """model.patch_stem=conv: stride-2 3x3 convs (BN, ReLU) then 1x1, one token per patch as
+    the linear stem; token keep gathers the same rows of the embedded sequence."""
+    from aclip.model.vision import ConvStem
+
+    torch.manual_seed(0)
+    tower = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, TINY, patch_stem="conv").eval()
+    stem = tower.vit.patch_embed.proj
+    assert isinstance(stem, ConvStem)
+    convs = [m for m in stem if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 + [(1, 1)]  # 8 = 2^3
+    assert [c.out_channels for c in convs] == [8, 12, 24, 48]  # at least 8 channels
+    x = images()
+    tokens = tower.embed(x)
+    assert tokens.shape == (3, 1 + 16, 48) and tower.grid_hw == (4, 4)
+    feats = stem(x).flatten(2).transpose(1, 2)  # the stem's own output, one row per patch
+    expect = feats + tower.vit.pos_embed[:, 1:]
+    torch.testing.assert_close(tokens[:, 1:], expect, rtol=0, atol=1e-6)
+    keep = _random_keep(3, 16, 5, seed=2)
+    torch.testing.assert_close(tower.embed(x, keep)[:, 1:], gather_tokens(expect, keep))
+    with pytest.raises(ValueError, match="power-of-two"):
+        VisionTower("vit_tiny_patch16_224", 36, {**TINY, "patch_size": 6}, patch_stem="conv")
+    with pytest.raises(ValueError, match="patch_stem"):
+        VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, TINY, patch_stem="resnet")
+
+
+def test_conv_stem_with_an_alpha_channel_is_the_base_model() -> None:
+    torch.manual_seed(0)
+    base = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, TINY, patch_stem="conv").eval()
+    torch.manual_seed(0)
+    alpha = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, TINY, patch_stem="conv",
+                        alpha_channel=True).eval()  # fmt: skip
+    assert alpha.alpha_conv is not None and alpha.alpha_conv.stride == (8, 8)
+    x, mask = images(), torch.rand(3, 1, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        assert torch.equal(base(x), alpha(x, alpha_B1HW=mask))

@@ -34,6 +34,7 @@ def build_clip(model_cfg: ModelConfig) -> CLIP:
         model_kwargs=dict(model_cfg.vision_kwargs),
         freeze_patch_embed=model_cfg.freeze_patch_embed,
         alpha_channel=model_cfg.alpha_channel,
+        patch_stem=model_cfg.patch_stem,
     )
     text = TextTransformer(
         context_length=model_cfg.context_length,

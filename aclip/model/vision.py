@@ -37,6 +37,45 @@ def gather_tokens(tokens_BND: Tensor, keep_idx_BK: Tensor) -> Tensor:
     return torch.gather(tokens_BND, 1, idx_BKD)
 
 
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding (Xiao et al. 2021, "Early Convolutions Help Transformers
+    See Better", arXiv 2106.14881): log2(patch) stride-2 3x3 convolutions with BatchNorm and
+    ReLU, the channels doubling up to half the width, then a 1x1 convolution to the width. Same
+    patch grid and output as the linear patch conv it replaces (``model.patch_stem: conv``); the
+    paper's point, measured on the demo too (docs/recipe_study.md), is a ViT that optimises
+    faster and learns local shape that a single linear patch projection learns slowly."""
+
+    def __init__(self, patch_size: int, width: int, in_chans: int = 3) -> None:
+        steps = patch_size.bit_length() - 1
+        if patch_size < 2 or 2**steps != patch_size:
+            raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+        layers: list[nn.Module] = []
+        chans = in_chans
+        for i in range(steps):
+            out = max(width // 2 ** (steps - i), 8)
+            layers += [nn.Conv2d(chans, out, 3, 2, 1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True)]  # fmt: skip
+            chans = out
+        layers.append(nn.Conv2d(chans, width, 1))
+        super().__init__(*layers)
+        self.out_channels = width
+        self.patch_size = patch_size
+
+
+PATCH_STEMS = ("linear", "conv")
+
+
+def _set_patch_stem(vit: VisionTransformer, stem: str) -> None:
+    """Replace ``vit``'s linear patch conv by the stem named ``stem`` (``linear`` keeps it)."""
+    if stem not in PATCH_STEMS:
+        raise ValueError(f"patch_stem must be one of {PATCH_STEMS}, got {stem!r}")
+    if stem == "conv":
+        ph, pw = vit.patch_embed.patch_size
+        if ph != pw:
+            raise ValueError(f"a conv stem needs square patches, got {ph}x{pw}")
+        vit.patch_embed.proj = ConvStem(ph, int(vit.embed_dim), vit.patch_embed.proj.in_channels)
+
+
 class _ClsAttentionProbe:
     """Accumulates the CLS query's softmax attention over the patch keys, block by block.
 
@@ -142,6 +181,7 @@ class VisionTower(nn.Module):
         model_kwargs: dict | None = None,
         freeze_patch_embed: bool = False,
         alpha_channel: bool = False,
+        patch_stem: str = "linear",
     ) -> None:
         super().__init__()
         vit = timm.create_model(
@@ -155,6 +195,7 @@ class VisionTower(nn.Module):
             raise TypeError(f"{model_name} is a {type(vit).__name__}, not a timm VisionTransformer")
         if isinstance(vit.patch_drop, PatchDropout):
             raise ValueError("patch_drop_rate > 0 is not supported: select tokens with keep_idx_BK")
+        _set_patch_stem(vit, patch_stem)
         self.vit = vit
         self.width: int = int(vit.embed_dim)
         grid = vit.patch_embed.grid_size
@@ -287,10 +328,9 @@ def _alpha_conv(vit: VisionTransformer) -> nn.Conv2d:
             "alpha_channel needs a patch embedding without a norm (the alpha conv is added to "
             f"the patch conv's output); this ViT's is {type(patch_embed.norm).__name__}"
         )
-    proj = patch_embed.proj
+    patch = tuple(patch_embed.patch_size)
     conv = nn.utils.skip_init(
-        nn.Conv2d, 1, proj.out_channels, kernel_size=proj.kernel_size, stride=proj.stride,
-        padding=proj.padding, bias=False,
-    )  # fmt: skip
+        nn.Conv2d, 1, int(vit.embed_dim), kernel_size=patch, stride=patch, bias=False
+    )
     nn.init.zeros_(conv.weight)
     return conv
