@@ -541,6 +541,18 @@ def test_synthetic_region_scenes(region_data):
             assert f"{r['object'][1]} {r['object'][0]}" in s["caption"]
     with tarfile.open(region_data / "train_region" / "00000.tar") as tar:
         meta = json.loads(tar.extractfile(tar.getmember("000000000.json")).read())
+    # the objects overlap: a region's bounding box holds pixels of another object, so the box
+    # crop alone is ambiguous (the placement of before, apart, gave 2 of 40)
+    crowded = 0
+    for i in range(40):
+        s = make_region_sample(0, "eval_region", i, 64)
+        mask = s["regions"][s["target"]]["mask"] > 0
+        ys, xs = np.nonzero(mask)
+        box = np.zeros_like(mask)
+        box[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = True
+        others = np.any([r["mask"] > 0 for j, r in enumerate(s["regions"]) if j != s["target"]], 0)
+        crowded += bool((box & others).any())
+    assert crowded >= 30, crowded
     assert meta["regions"] and {"caption", "mask"} == set(meta["regions"][0])
     names = (region_data / "eval_region" / "classnames.txt").read_text().splitlines()
     assert names == [f"{c} object" for c in COLOURS]

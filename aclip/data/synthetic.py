@@ -14,8 +14,8 @@ Every sample is drawn from its own seeded RNG, so the output bytes depend only o
 class per colour) in the generic segmentation layout of ``aclip.data.segsets``.
 
 ``--n-train-region N`` / ``--n-eval-region N`` also write Alpha-CLIP's region data: scenes of
-2-4 objects of different shapes and colours, so that the whole image does not say which object
-is meant;
+2-4 objects of different shapes and colours in an overlapping cluster, so that neither the whole
+image nor a region's bounding box says which object is meant (the mask does);
 ``train_region/`` img2dataset shards whose ``.json`` lists each object's region (``caption``
 naming it, ``mask`` as COCO RLE) beside the full caption in ``.txt``, and ``eval_region/``, a
 CLIP_benchmark-style classification set (classes: the colours) with one object's mask per
@@ -175,12 +175,15 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
     return img
 
 
+OBJECT_RADIUS = (0.10, 0.18)  # of the image side: objects 20-36 % of the side across
+
+
 def _place(rng: np.random.Generator, size: int, n: int) -> list[tuple[float, float, float]]:
     """(cx, cy, r) for n objects, 20-36% of the side across, not overlapping if possible."""
     placed: list[tuple[float, float, float]] = []
     for _ in range(n):
         for _try in range(20):
-            r = rng.uniform(0.10, 0.18) * size
+            r = rng.uniform(*OBJECT_RADIUS) * size
             cx, cy = rng.uniform(r, size - r, size=2)
             if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in placed):
                 break
@@ -442,21 +445,51 @@ def region_classnames() -> list[str]:
     return [f"{colour} object" for colour in COLOURS]
 
 
+REGION_OVERLAP = (0.6, 0.95)  # centre distance / (r1 + r2) of an object and its neighbour
+MIN_VISIBLE = 0.3  # an object is a region when at least this share of it is not covered
+
+
+def _place_touching(
+    rng: np.random.Generator, size: int, n: int
+) -> list[tuple[float, float, float]]:
+    """(cx, cy, r) for n objects in a cluster: each after the first overlaps a random earlier
+    one (centre distance ``REGION_OVERLAP`` x the sum of the radii), so a region's bounding box
+    also holds part of another object, as real regions' boxes do (ImageNet-S, COCO), and
+    cropping to the box is not the answer by itself; the mask still is."""
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(n):
+        r = rng.uniform(*OBJECT_RADIUS) * size
+        if not placed:
+            cx, cy = rng.uniform(r, size - r, size=2)
+        else:
+            x, y, q = placed[int(rng.integers(len(placed)))]
+            d, angle = rng.uniform(*REGION_OVERLAP) * (r + q), rng.uniform(0, 2 * math.pi)
+            cx = float(np.clip(x + d * math.cos(angle), r, size - r))
+            cy = float(np.clip(y + d * math.sin(angle), r, size - r))
+        placed.append((float(cx), float(cy), float(r)))
+    return placed
+
+
 def render_region_scene(
     rng: np.random.Generator, size: int, objects: list[tuple[str, str]]
-) -> tuple[Image.Image, np.ndarray]:
-    """A scene as ``render_scene`` draws it and its object map (uint8: 0 background, i + 1 on
-    the pixels object i shows; a later object covers an earlier one)."""
+) -> tuple[Image.Image, np.ndarray, list[int]]:
+    """A scene of overlapping objects (:func:`_place_touching`) and its object map (uint8: 0
+    background, i + 1 on the pixels object i shows; a later object covers an earlier one) and
+    each object's area in pixels when unoccluded."""
     img = _background(rng, size)
     labels = Image.new("L", (size, size), 0)
     draw, label_draw = ImageDraw.Draw(img), ImageDraw.Draw(labels)
+    areas = []
     for i, ((shape, colour), (cx, cy, r)) in enumerate(
-        zip(objects, _place(rng, size, len(objects)), strict=True)
+        zip(objects, _place_touching(rng, size, len(objects)), strict=True)
     ):
         angle = rng.uniform(-math.pi, math.pi)
         _draw_object(draw, shape, COLOURS[colour], cx, cy, r, angle)
         _draw_object(label_draw, shape, i + 1, cx, cy, r, angle)
-    return img, np.asarray(labels)
+        alone = Image.new("L", (size, size), 0)
+        _draw_object(ImageDraw.Draw(alone), shape, 1, cx, cy, r, angle)
+        areas.append(int(np.count_nonzero(np.asarray(alone))))
+    return img, np.asarray(labels), areas
 
 
 def _full_caption(objects: list[tuple[str, str]]) -> str:
@@ -467,19 +500,24 @@ def _full_caption(objects: list[tuple[str, str]]) -> str:
 def make_region_sample(seed: int, kind: str, index: int, size: int) -> dict:
     """Region scene ``index`` of ``kind`` (``train_region`` / ``eval_region``): 2-4 objects of
     distinct shapes and distinct colours (the classes of ``eval_region``); the JPEG, the full
-    caption, and per visible object its (shape, colour), region caption and mask (0/255)."""
+    caption, and per object at least ``MIN_VISIBLE`` visible its (shape, colour), region
+    caption and mask (0/255)."""
     rng = np.random.default_rng([seed, REGION_SALT[kind], index])
     n = int(rng.integers(2, 5))
     shapes, colours = rng.choice(len(SHAPES), n, replace=False), rng.choice(len(COLOURS), n, False)
     objects = [
         (SHAPES[int(s)], list(COLOURS)[int(c)]) for s, c in zip(shapes, colours, strict=True)
     ]
-    img, labels = render_region_scene(rng, size, objects)
-    regions = []
-    for i, obj in enumerate(objects):
-        mask = (labels == i + 1).astype(np.uint8) * 255
-        if mask.any():
-            regions.append({"object": obj, "caption": caption(rng, [obj]), "mask": mask})
+    for _try in range(10):  # redraw a scene that shows fewer than two regions
+        img, labels, areas = render_region_scene(rng, size, objects)
+        masks = [(labels == i + 1).astype(np.uint8) * 255 for i in range(n)]
+        shown = [i for i in range(n) if np.count_nonzero(masks[i]) >= MIN_VISIBLE * areas[i]]
+        if len(shown) >= 2:
+            break
+    regions = [
+        {"object": objects[i], "caption": caption(rng, [objects[i]]), "mask": masks[i]}
+        for i in shown
+    ]
     return {"jpg": _jpeg(img), "caption": _full_caption(objects), "regions": regions,
             "target": int(rng.integers(len(regions)))}  # fmt: skip
 
