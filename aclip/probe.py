@@ -155,3 +155,61 @@ def prompt_similarity(
         "classifier_cosine_mean": cls_mean,
         "classifier_cosine_max": cls_max,
     }
+
+
+def supervised_ceiling(
+    tower: torch.nn.Module,
+    width: int,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 0.1,
+    seed: int = 0,
+    eval_every: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Train ``tower`` (images [B, 3, H, W] -> pooled [B, width]) and a linear head with
+    cross-entropy on the labels of ``train`` for ``steps`` steps; top-1 on ``test`` along the way.
+
+    The question it answers: can this vision tower learn the attribute the labels name within
+    this budget at all? (If supervised training cannot, no contrastive recipe of the same
+    budget will.) AdamW, one-cycle learning rate (10 % warm-up, cosine), batches drawn with
+    replacement by a generator seeded with ``seed``, random horizontal flips. Returns
+    ``{"top1": final, "curve": [[step, top1], ...]}``.
+    """
+    from tqdm import tqdm
+
+    x_train, y_train = train
+    if len(x_train) != len(y_train) or len(x_train) == 0 or steps < 1:
+        raise ValueError("need a non-empty training set with one label per image and steps >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(width, num_classes)
+    model = torch.nn.Sequential(tower, head).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    curve: list[list[float]] = []
+    for step in tqdm(range(1, steps + 1), desc="supervised", disable=not progress):
+        idx_B = torch.randint(0, len(x_train), (batch_size,), generator=gen)
+        flip_B = torch.rand(batch_size, generator=gen) < 0.5
+        x_B3HW = x_train[idx_B]
+        x_B3HW = torch.where(flip_B[:, None, None, None], x_B3HW.flip(-1), x_B3HW)
+        loss = F.cross_entropy(model(x_B3HW), y_train[idx_B])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step == steps or (eval_every and step % eval_every == 0):
+            curve.append([step, _top1(model, *test, batch_size=256)])
+    return {"top1": curve[-1][1], "curve": curve}
+
+
+@torch.no_grad()
+def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+    model.train()
+    return (pred == y).float().mean().item()

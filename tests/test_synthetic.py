@@ -137,3 +137,23 @@ def test_cli(tmp_path, capsys):
                     "--n-eval-ret", "2", "--image-size", "32", "--workers", "1"])  # fmt: skip
     assert (tmp_path / "train" / "00000.tar").exists()
     assert "wrote" in capsys.readouterr().out
+
+
+def test_object_radius_option(tmp_path) -> None:
+    """--object-radius sets the objects' radius range (fractions of the side); the default
+    leaves the demo's bytes as they were; a range outside (0, 0.5] is refused."""
+    import numpy as np
+
+    from aclip.data.synthetic import _place
+
+    placed = _place(np.random.default_rng(0), 100, 3, (0.2, 0.25))
+    assert all(20 <= r <= 25 for _, _, r in placed)
+    kw = dict(n_train=4, n_eval_cls=0, n_eval_ret=0, image_size=32, samples_per_shard=4)
+    write_synthetic(tmp_path / "d", **kw)
+    write_synthetic(tmp_path / "e", **kw, object_radius=(0.10, 0.18))
+    write_synthetic(tmp_path / "f", **kw, object_radius=(0.2, 0.3))
+    tar = "train/00000.tar"
+    assert (tmp_path / "d" / tar).read_bytes() == (tmp_path / "e" / tar).read_bytes()
+    assert (tmp_path / "d" / tar).read_bytes() != (tmp_path / "f" / tar).read_bytes()
+    with pytest.raises(ValueError, match="object_radius"):
+        write_synthetic(tmp_path / "g", **kw, object_radius=(0.3, 0.2))

@@ -7,7 +7,8 @@ their one object, with `.cls` labels; `eval_ret/` with 5 newline-separated capti
 Every sample is drawn from its own seeded RNG, so the output bytes depend only on the seed.
 
     python -m aclip.data.synthetic --out DIR [--n-train N --n-eval-cls N --n-eval-ret N
-                                   --image-size S --samples-per-shard M --seed K --workers W]
+                                   --image-size S --samples-per-shard M --seed K --workers W
+                                   --object-radius LO HI]
                                    [--n-eval-seg N [--seg-only]]
 
 ``--n-eval-seg N`` also writes ``eval_seg/``: N scenes with per-pixel masks (background and one
@@ -178,12 +179,15 @@ def _background(rng: np.random.Generator, size: int) -> Image.Image:
 OBJECT_RADIUS = (0.10, 0.18)  # of the image side: objects 20-36 % of the side across
 
 
-def _place(rng: np.random.Generator, size: int, n: int) -> list[tuple[float, float, float]]:
-    """(cx, cy, r) for n objects, 20-36% of the side across, not overlapping if possible."""
+def _place(
+    rng: np.random.Generator, size: int, n: int, radius: tuple[float, float] = OBJECT_RADIUS
+) -> list[tuple[float, float, float]]:
+    """(cx, cy, r) for n objects of radius ``radius`` (fractions of the side; by default 20-36 %
+    of the side across), not overlapping if possible."""
     placed: list[tuple[float, float, float]] = []
     for _ in range(n):
         for _try in range(20):
-            r = rng.uniform(*OBJECT_RADIUS) * size
+            r = rng.uniform(*radius) * size
             cx, cy = rng.uniform(r, size - r, size=2)
             if all(math.hypot(cx - x, cy - y) > r + q + 2 for x, y, q in placed):
                 break
@@ -192,12 +196,16 @@ def _place(rng: np.random.Generator, size: int, n: int) -> list[tuple[float, flo
 
 
 def render_scene(
-    rng: np.random.Generator, size: int, objects: list[tuple[str, str]]
+    rng: np.random.Generator,
+    size: int,
+    objects: list[tuple[str, str]],
+    radius: tuple[float, float] = OBJECT_RADIUS,
 ) -> Image.Image:
     """Render (shape, colour) objects on a cluttered background."""
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
-    for (shape, colour), (cx, cy, r) in zip(objects, _place(rng, size, len(objects)), strict=True):
+    placed = _place(rng, size, len(objects), radius)
+    for (shape, colour), (cx, cy, r) in zip(objects, placed, strict=True):
         angle = rng.uniform(-math.pi, math.pi)
         _draw_object(draw, shape, COLOURS[colour], cx, cy, r, angle)
     return img
@@ -233,13 +241,16 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def make_sample(seed: int, kind: str, index: int, size: int) -> dict:
-    """Draw sample `index` of `kind` ("train", "eval_cls", "eval_colour", "eval_ret")."""
+def make_sample(
+    seed: int, kind: str, index: int, size: int, radius: tuple[float, float] = OBJECT_RADIUS
+) -> dict:
+    """Draw sample `index` of `kind` ("train", "eval_cls", "eval_colour", "eval_ret"), objects
+    of radius ``radius`` (fractions of the side)."""
     kind = _IMAGES_OF.get(kind, kind)
     rng = np.random.default_rng([seed, _SALT[kind], index])
     n_obj = 1 if kind == "eval_cls" else int(rng.integers(1, 3))
     objects = _sample_objects(rng, n_obj)
-    out = {"jpg": _jpeg(render_scene(rng, size, objects)), "objects": objects}
+    out = {"jpg": _jpeg(render_scene(rng, size, objects, radius)), "objects": objects}
     if kind == "eval_ret":
         out["captions"] = _distinct_captions(rng, objects, 5)
     else:
@@ -270,12 +281,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_train_shard(path: Path, shard: int, start: int, n: int, size: int, seed: int) -> int:
+def _write_train_shard(path: Path, shard: int, start: int, n: int, size: int, seed: int,
+                       radius: tuple[float, float] = OBJECT_RADIUS) -> int:  # fmt: skip
     """One img2dataset-style shard with samples start..start+n; returns the count written."""
     width = max(4, len(str(n - 1)))
     with tarfile.open(path / f"{shard:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(n):
-            s = make_sample(seed, "train", start + i, size)
+            s = make_sample(seed, "train", start + i, size, radius)
             key = f"{shard:05d}{i:0{width}d}"
             meta = {"key": key, "caption": s["caption"], "url": f"synthetic://{start + i}"}
             meta.update(width=size, height=size, original_width=size, original_height=size)
@@ -289,10 +301,11 @@ def _write_train_shard(path: Path, shard: int, start: int, n: int, size: int, se
     return n
 
 
-def _write_eval_shard(path: Path, kind: str, shard: int, start: int, n: int, size: int, seed: int):
+def _write_eval_shard(path: Path, kind: str, shard: int, start: int, n: int, size: int, seed: int,
+                      radius: tuple[float, float] = OBJECT_RADIUS):  # fmt: skip
     with tarfile.open(path / f"{shard}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(start, start + n):
-            s = make_sample(seed, kind, i, size)
+            s = make_sample(seed, kind, i, size, radius)
             key = f"s{i:07d}"
             _add(tar, f"{key}.jpg", s["jpg"])
             if kind == "eval_cls":
@@ -341,12 +354,17 @@ def write_synthetic(
     samples_per_shard: int = 1000,
     seed: int = 0,
     workers: int = 1,
+    object_radius: tuple[float, float] = OBJECT_RADIUS,
 ) -> dict[str, int]:
-    """Write train shards (img2dataset layout) and CLIP_benchmark-style eval sets under `out`.
+    """Write train shards (img2dataset layout) and CLIP_benchmark-style eval sets under `out`,
+    objects of radius ``object_radius`` (fractions of the side).
 
     Returns the number of samples written per part. Output bytes depend only on the arguments
     other than `workers`.
     """
+    lo, hi = object_radius
+    if not 0 < lo <= hi <= 0.5:
+        raise ValueError(f"object_radius must be 0 < lo <= hi <= 0.5, got {object_radius}")
     if min(n_train, n_eval_cls, n_eval_ret) < 0 or samples_per_shard < 1 or image_size < 16:
         raise ValueError("counts must be >= 0, samples_per_shard >= 1 and image_size >= 16")
     root = Path(out)
@@ -355,14 +373,15 @@ def write_synthetic(
     jobs: list[tuple] = []
     train_shards = _shards(n_train, samples_per_shard)
     for k, s, n in train_shards:
-        jobs.append((_write_train_shard, train, k, s, n, image_size, seed))
+        jobs.append((_write_train_shard, train, k, s, n, image_size, seed, object_radius))
     parts = (("eval_cls", n_eval_cls), ("eval_colour", n_eval_cls), ("eval_ret", n_eval_ret))
     for kind, count in parts:
         (root / kind / "test").mkdir(parents=True, exist_ok=True)
         shards = _shards(count, samples_per_shard)
         _eval_metadata(root / kind, kind, len(shards))
         for k, s, n in shards:
-            jobs.append((_write_eval_shard, root / kind / "test", kind, k, s, n, image_size, seed))
+            jobs.append((_write_eval_shard, root / kind / "test", kind, k, s, n, image_size, seed,
+                         object_radius))  # fmt: skip
     _run(jobs, workers)
     sizes = {f"{k:05d}.tar": n for k, _, n in train_shards}
     (train / "sizes.json").write_text(json.dumps(sizes, indent=2))
@@ -613,6 +632,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--object-radius", type=float, nargs=2, default=OBJECT_RADIUS,
+                   metavar=("LO", "HI"), help="object radius range, fractions of the side "
+                   f"(default {OBJECT_RADIUS[0]} {OBJECT_RADIUS[1]})")  # fmt: skip
     p.add_argument(
         "--n-eval-seg",
         type=int,
@@ -647,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     counts = write_synthetic(
         a.out, a.n_train, a.n_eval_cls, a.n_eval_ret, a.image_size, a.samples_per_shard,
-        a.seed, a.workers,
+        a.seed, a.workers, tuple(a.object_radius),
     )  # fmt: skip
     dt = time.perf_counter() - t0
     total = sum(counts.values())
