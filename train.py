@@ -47,6 +47,7 @@ def run(cfg: Config) -> dict:
     if cfg.train.resume and trainer.resume(cfg.train.resume) and dist_info.is_main:
         print(f"resumed at step {trainer.step}", flush=True)
     if not trainer.fit():
+        ignore_stop_signals()
         trainer.close()
         name = signal.Signals(trainer.stop_signal or signal.SIGTERM).name
         return {"step": trainer.step, "stopped": name}
@@ -59,6 +60,15 @@ def run(cfg: Config) -> dict:
         print(f"run directory: {trainer.run_dir} (tensorboard --logdir {trainer.run_dir / 'tb'})")
     trainer.close()
     return results
+
+
+def ignore_stop_signals() -> None:
+    """After a stop (checkpoint saved), SIGTERM and SIGUSR1 are ignored while the run closes and
+    exits: under ``srun --kill-on-bad-exit`` the first rank to exit with EXIT_STOPPED makes srun
+    SIGTERM the ranks still closing, which then died with 143 instead of exiting with the stop
+    code (seen under load in tests/test_slurm.py)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def requeue_slurm_job() -> bool:

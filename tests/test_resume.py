@@ -277,6 +277,34 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_resumes(
     assert json.loads((out / "results.json").read_text())["step"] == step + 2
 
 
+# a SIGTERM while the stopped run closes, as srun --kill-on-bad-exit sends to the ranks still
+# closing once the first has exited with the stop code
+_TERM_WHILE_CLOSING = """
+import os, signal, sys
+import train
+from aclip.trainer import Trainer
+close = Trainer.close
+def term_then_close(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+Trainer.close = term_then_close
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_a_second_sigterm_while_closing_after_a_stop_keeps_the_stop_code(tmp_path, shards):
+    """After a stop signal and its checkpoint, a SIGTERM during close() is ignored: the run
+    exits 3 (it died with -15 / 143 before: a SLURM rank was cut short this way under load)."""
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    run_long = ["data.workers=0", "train.stop_at_step=100000", "optim.total_steps=100000",
+                "train.ckpt_every=0", "train.signal_check_every=1"]  # fmt: skip
+    proc = _start(_TERM_WHILE_CLOSING, [*_args(shards, out), *run_long], log)
+    _wait_for(lambda: "step 3/" in log.read_text(), proc, log)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 3, log.read_text()[-3000:]
+    assert "preempted at step" in log.read_text()
+
+
 def _save_one_rank(rank: int, port: int, out: str) -> None:
     from helpers import fake_batch, set_rank_env
 
