@@ -31,7 +31,7 @@ class ViTDims:
     width: int
     depth: int
     mlp_hidden: int
-    patch_in: int  # channels * patch_h * patch_w: the inputs of one patch-embedding row
+    patch_embed_macs: int  # multiply-adds of the patch embedding per patch (any conv stem)
     num_patches: int
     num_prefix: int
 
@@ -39,16 +39,27 @@ class ViTDims:
     def of(cls, tower: VisionTower) -> ViTDims:
         """Read the sizes off a built :class:`VisionTower`."""
         vit = tower.vit
-        proj = vit.patch_embed.proj
-        patch_in = proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
         return cls(
             width=tower.width,
             depth=len(vit.blocks),
             mlp_hidden=vit.blocks[0].mlp.fc1.out_features,
-            patch_in=patch_in,
+            patch_embed_macs=patch_embed_macs(vit.patch_embed.proj, vit.patch_embed.patch_size),
             num_patches=tower.num_patches,
             num_prefix=tower.num_prefix_tokens,
         )
+
+
+def patch_embed_macs(proj: nn.Module, patch_hw: tuple[int, int]) -> int:
+    """Multiply-adds per patch of the convolutions in ``proj``, in order: the ViT's one patch
+    conv (kernel = stride = patch) or a conv stem (``model.patch_stem=conv``), each layer
+    producing (patch / its cumulative stride)^2 positions per patch."""
+    macs, stride_h, stride_w = 0, 1, 1
+    for conv in (m for m in proj.modules() if isinstance(m, nn.Conv2d)):
+        stride_h, stride_w = stride_h * conv.stride[0], stride_w * conv.stride[1]
+        positions = (patch_hw[0] // stride_h) * (patch_hw[1] // stride_w)
+        kh, kw = conv.kernel_size
+        macs += positions * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+    return macs
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,7 @@ def vit_forward_flops(dims: ViTDims, kept: int | None = None, relevance: bool = 
     the CLS-row product q_cls·Kᵀ of every layer.
     """
     tokens = dims.num_prefix + (dims.num_patches if kept is None else kept)
-    flops = 2 * dims.num_patches * dims.patch_in * dims.width
+    flops = 2 * dims.num_patches * dims.patch_embed_macs
     flops += dims.depth * transformer_block_flops(tokens, dims.width, dims.mlp_hidden)
     if relevance:
         flops += dims.depth * 2 * tokens * dims.width

@@ -309,11 +309,15 @@ def clip_vision_problems(vit: VisionTransformer) -> list[str]:
     if not _is_clip_ln(vit.norm):
         problems.append(f"no final LayerNorm(eps={LN_EPS}) (ln_post)")
     proj = vit.patch_embed.proj
-    if proj.bias is not None:
+    if not isinstance(proj, nn.Conv2d):
+        problems.append(f"the patch embedding is a {type(proj).__name__} (model.patch_stem=conv); "
+                        "CLIP's conv1 is one patch convolution")  # fmt: skip
+    elif proj.bias is not None:
         problems.append("the patch embedding has a bias (CLIP's conv1 has none)")
     if not isinstance(vit.patch_embed.norm, nn.Identity):
         problems.append("the patch embedding has a norm")
-    if proj.kernel_size[0] != proj.kernel_size[1] or len(set(vit.patch_embed.img_size)) != 1:
+    ph, pw = vit.patch_embed.patch_size
+    if ph != pw or len(set(vit.patch_embed.img_size)) != 1:
         problems.append("needs square patches and a square image")
     return problems + _blocks_problems(vit.blocks)
 
@@ -1103,8 +1107,15 @@ def export_open_clip(clip: CLIP, out_dir: str | Path, preprocess: Preprocess) ->
 def to_timm_model(clip: CLIP, head: bool = True) -> VisionTransformer:
     """A stand-alone timm copy of the vision tower (fp32, eval); with ``head`` its classifier
     head is the image projection (bias zero), so its output is ``encode_image``'s; refuses an
-    alpha tower (:func:`refuse_alpha`)."""
+    alpha tower (:func:`refuse_alpha`) and a conv patch stem (timm's config cannot name it)."""
     refuse_alpha(clip, "timm")
+    stem = clip.visual.vit.patch_embed.proj
+    if not isinstance(stem, nn.Conv2d):
+        raise NotExpressible(
+            f"this tower's patch embedding is a {type(stem).__name__} (model.patch_stem=conv): "
+            "timm.create_model rebuilds the ViT's own patch conv, which these weights do not fit; "
+            "load the run with aclip (aclip.interop.load_clip)"
+        )
     model = copy.deepcopy(clip.visual.vit).float().eval()
     # the architecture's pretrained_cfg describes someone else's weights: drop what names them
     drop = ("tag", "license", "notes", "hf_hub_id", "url", "file", "source", "paper_ids",

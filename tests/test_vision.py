@@ -309,3 +309,26 @@ def test_conv_stem_with_an_alpha_channel_is_the_base_model() -> None:
     x, mask = images(), torch.rand(3, 1, IMAGE_SIZE, IMAGE_SIZE)
     with torch.no_grad():
         assert torch.equal(base(x), alpha(x, alpha_B1HW=mask))
+
+
+def test_conv_stem_flops_and_export_refusal() -> None:
+    """The analytic patch-embedding FLOPs of a conv stem equal FlopCounterMode's count of the
+    stem's convolutions, and exports that rebuild the ViT's own patch conv refuse it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aclip.flops import ViTDims
+    from aclip.interop import NotExpressible, clip_vision_problems, to_timm_model
+    from aclip.model.clip import CLIP
+    from aclip.model.text import TextTransformer
+
+    tower = VisionTower("vit_base_patch16_clip_224", IMAGE_SIZE, TINY, patch_stem="conv")
+    with FlopCounterMode(display=False) as counter:
+        tower.vit.patch_embed.proj(images(1))
+    assert 2 * tower.num_patches * ViTDims.of(tower).patch_embed_macs == counter.get_total_flops()
+    linear = VisionTower("vit_tiny_patch16_224", IMAGE_SIZE, TINY)
+    assert ViTDims.of(linear).patch_embed_macs == 3 * 8 * 8 * 48  # in * kh * kw * width
+    assert any("patch_stem=conv" in p for p in clip_vision_problems(tower.vit))
+    clip = CLIP(tower, TextTransformer(context_length=8, vocab_size=64, width=32, layers=1,
+                                       heads=2), 16)  # fmt: skip
+    with pytest.raises(NotExpressible, match="patch_stem=conv"):
+        to_timm_model(clip)

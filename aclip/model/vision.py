@@ -58,8 +58,6 @@ class ConvStem(nn.Sequential):
             chans = out
         layers.append(nn.Conv2d(chans, width, 1))
         super().__init__(*layers)
-        self.out_channels = width
-        self.patch_size = patch_size
 
 
 PATCH_STEMS = ("linear", "conv")
