@@ -24,7 +24,7 @@ import torch
 from aclip.config import load_config
 from aclip.data.evalsets import load_wds_classification
 from aclip.data.views import eval_transform
-from aclip.model import VisionTower
+from aclip.model import build_vision
 from aclip.probe import supervised_ceiling
 from evals.common import report
 
@@ -48,8 +48,7 @@ def run(config: str, overrides: list[str], train: str, test: str, steps: int, ba
     if names != test_names:
         raise ValueError(f"{train} and {test} have different class names")
     torch.manual_seed(seed)
-    tower = VisionTower(m.vision_model, m.image_size, dict(m.vision_kwargs),
-                        patch_stem=m.patch_stem)  # fmt: skip
+    tower = build_vision(m)
     result = supervised_ceiling(tower, tower.width, train_xy, test_xy, len(names), steps,
                                 batch_size, lr, seed=seed, eval_every=eval_every,
                                 progress=progress)  # fmt: skip

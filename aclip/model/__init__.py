@@ -20,15 +20,17 @@ __all__ = [
     "build_clip",
     "build_model",
     "build_student",
+    "build_vision",
     "compile_student",
     "gather_tokens",
     "normalize_alpha",
 ]
 
 
-def build_clip(model_cfg: ModelConfig) -> CLIP:
-    """The CLIP of ``model_cfg``: timm vision tower, CLIP text tower, projections, temperature."""
-    visual = VisionTower(
+def build_vision(model_cfg: ModelConfig) -> VisionTower:
+    """The vision tower of ``model_cfg`` (timm ViT, patch stem, alpha channel), randomly
+    initialised."""
+    return VisionTower(
         model_cfg.vision_model,
         model_cfg.image_size,
         model_kwargs=dict(model_cfg.vision_kwargs),
@@ -36,6 +38,11 @@ def build_clip(model_cfg: ModelConfig) -> CLIP:
         alpha_channel=model_cfg.alpha_channel,
         patch_stem=model_cfg.patch_stem,
     )
+
+
+def build_clip(model_cfg: ModelConfig) -> CLIP:
+    """The CLIP of ``model_cfg``: timm vision tower, CLIP text tower, projections, temperature."""
+    visual = build_vision(model_cfg)
     text = TextTransformer(
         context_length=model_cfg.context_length,
         vocab_size=model_cfg.vocab_size,
