@@ -84,6 +84,12 @@ def read_model_states(file: Path) -> dict:
     return states
 
 
+def has_ema_teacher(path: str | Path) -> bool:
+    """Whether the aclip checkpoint at ``path`` (run, checkpoints or step directory) holds an
+    EMA teacher (a method without one, such as ``clip``, saves none)."""
+    return read_model_states(find_checkpoint(path)).get("ema") is not None
+
+
 def load_eval_model(
     path: str | Path, use_ema: bool = False, device: str | torch.device = "cpu"
 ) -> tuple[CLIP, Config]:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from aclip.checkpoint import has_ema_teacher
 from evals.retrieval import retrieval
 from evals.zeroshot import zeroshot
 
@@ -39,9 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         "| task (classes, chance) | weights | top-1 | top-5 | mean per-class recall |",
         "|---|---|---|---|---|",
     ]
+    rows = (("online", False), ("EMA image tower", True))
+    if not has_ema_teacher(run):  # a method without a teacher (clip, flip): online weights only
+        rows = rows[:1]
     for folder, task in SETS:
         n = _classes(data / folder)
-        for weights, ema in (("online", False), ("EMA image tower", True)):
+        for weights, ema in rows:
             m = None if ema else trained.get(f"zeroshot/{folder}")
             m = m or zeroshot(str(run), str(data / folder), use_ema=ema, progress=False)
             results[f"{task}/{weights}"] = m
