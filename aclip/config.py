@@ -66,6 +66,11 @@ class LossConfig:
     simclr_out: int = 256
     byol_hidden: int = 4096
     byol_out: int = 256
+    # caption-token classification (SuperClass, Huang et al. 2024): the image embedding predicts
+    # the caption's words through a linear head over the vocabulary; w_text_bow: the caption's
+    # own embedding predicts them through the same head (so the text tower keeps every word)
+    w_caption_bow: float = 0.0
+    w_text_bow: float = 0.0
 
 
 @dataclass
@@ -312,6 +317,16 @@ def validate(cfg: Config) -> None:
         (cfg.optim.total_steps >= 0, "optim.total_steps", "must be >= 0 (0: from optim.epochs)"),
         (cfg.train.stop_at_step >= 0, "train.stop_at_step", "must be >= 0 (0: no early stop)"),
         (cfg.loss.w_simclr >= 0 and cfg.loss.w_byol >= 0, "loss.w_simclr/w_byol", "must be >= 0"),
+        (
+            cfg.loss.w_caption_bow >= 0 and cfg.loss.w_text_bow >= 0,
+            "loss.w_caption_bow/w_text_bow",
+            "must be >= 0",
+        ),
+        (
+            cfg.method != "alpha_clip" or cfg.loss.w_caption_bow == cfg.loss.w_text_bow == 0,
+            "loss.w_caption_bow/w_text_bow",
+            "are not used by method alpha_clip (its text tower is frozen): leave them at 0",
+        ),
         (
             0.0 <= cfg.ema.momentum <= cfg.ema.final_momentum <= 1.0,
             "ema.momentum",

@@ -120,7 +120,7 @@ class StepFlops:
     vision: int  # student vision tower, all views
     text: int
     projections: int  # image_proj and text_proj
-    heads: int  # SimCLR head, BYOL projector and predictor
+    heads: int  # SimCLR head, BYOL projector and predictor; the caption-word head
     loss: int  # InfoNCE logits and NT-Xent similarities
     teacher: int  # EMA teacher pass (relevance + BYOL target), forward only
     batch: int
@@ -178,7 +178,7 @@ def step_flops(model: ACLIPModel, cfg: Config, batch: int, world_size: int = 1) 
         vision=batch * views * vit_forward_flops(vit, cost.kept),
         text=batch * text_forward_flops(TextDims.of(clip.text)),
         projections=batch * views * image_proj + batch * text_proj,
-        heads=batch * views * heads,
+        heads=batch * views * heads + batch * (views + 1) * linear_flops(model.bow_head),
         loss=_loss_flops(cost, cfg, batch, batch * world_size, clip.embed_dim),
         teacher=teacher,
         batch=batch,

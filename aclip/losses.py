@@ -137,6 +137,43 @@ def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (2 - 2 * cos).mean()
 
 
+def caption_bow_targets(tokens_BL: Tensor, vocab_size: int) -> Tensor:
+    """Each caption's words as a distribution over the vocabulary [B, vocab_size]: the multi-hot
+    of its token ids divided by its number of distinct ids, padding (0), SOT and EOT left out
+    (open_clip's BPE: SOT = vocab_size - 2, EOT = vocab_size - 1); a row of zeros for a caption
+    without words."""
+    hot_BV = torch.zeros(tokens_BL.shape[0], vocab_size, device=tokens_BL.device)
+    hot_BV.scatter_(1, tokens_BL, 1.0)
+    hot_BV[:, [0, vocab_size - 2, vocab_size - 1]] = 0.0
+    return hot_BV / hot_BV.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def caption_bow_loss(logits_BV: Tensor, targets_BV: Tensor) -> Tensor:
+    """Cross-entropy of vocabulary logits [B, vocab] against caption-word distributions
+    [B, vocab] (SuperClass's softmax loss, Huang et al. 2024, without its IDF weights), the
+    mean over the captions that have words (this rank's; ranks hold equal batches)."""
+    has_words_B = targets_BV.sum(1) > 0
+    nll_B = -(targets_BV * F.log_softmax(logits_BV.float(), dim=-1)).sum(-1)
+    return (nll_B * has_words_B).sum() / has_words_B.sum().clamp_min(1)
+
+
+def caption_word_losses(
+    image_bow_BVx: Tensor, text_bow_Bx: Tensor, tokens_BL: Tensor
+) -> tuple[Tensor, Tensor]:
+    """(image term, text term) of the caption-word losses: each image view's vocabulary logits
+    [B*V, vocab] (rows sample-major: sample 0's views first) and each caption's own logits
+    [B, vocab] against the caption's words (:func:`caption_bow_targets`).
+
+    The image term is SuperClass's classification of caption words from the image (Huang et
+    al., NeurIPS 2024); the text term asks the caption embedding to keep its own words, so the
+    text tower cannot drop a word the images do not yet tell apart (against the predictive
+    feature suppression of Bleeker et al. 2023, whose latent-target decoding it simplifies)."""
+    targets_BX = caption_bow_targets(tokens_BL, text_bow_Bx.shape[-1])
+    views = image_bow_BVx.shape[0] // targets_BX.shape[0]
+    image = caption_bow_loss(image_bow_BVx, targets_BX.repeat_interleave(views, 0))
+    return image, caption_bow_loss(text_bow_Bx, targets_BX)
+
+
 @dataclass
 class LossOutput:
     """The weighted total and each unweighted term (zero tensors for disabled terms)."""

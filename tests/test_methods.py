@@ -25,12 +25,17 @@ def _run(cfg, dist_info, steps: int = 3) -> tuple[list[float], torch.Tensor, Tra
     return losses, weights, trainer
 
 
+WORDS = {"loss.w_caption_bow": 0.5, "loss.w_text_bow": 1.0}
+
+
+@pytest.mark.parametrize("extra", [{}, WORDS], ids=["infonce", "with_caption_words"])
 @pytest.mark.parametrize(("method", "strategy"), [("clip", "none"), ("flip", "random")])
 def test_clip_and_flip_are_the_aclip_ablations_number_for_number(
-    tmp_path, dist_info, method, strategy
+    tmp_path, dist_info, method, strategy, extra
 ):
-    ours = tiny_config(str(tmp_path / "m"), **{"method": method, **ABLATION})
-    ablation = tiny_config(str(tmp_path / "a"), **{"mask.strategy": strategy, **ABLATION})
+    ours = tiny_config(str(tmp_path / "m"), **{"method": method, **ABLATION, **extra})
+    ablation = tiny_config(str(tmp_path / "a"),
+                           **{"mask.strategy": strategy, **ABLATION, **extra})  # fmt: skip
     losses, weights, trainer = _run(ours, dist_info)
     ref_losses, ref_weights, ref = _run(ablation, dist_info)
     assert losses == ref_losses

@@ -69,7 +69,7 @@ class ACLIP(Method):
     vision tower, the image projection and the BYOL projector (see the module docstring)."""
 
     name = "aclip"
-    loss_terms = ("clip", "simclr", "byol")
+    loss_terms = ("clip", "simclr", "byol", "caption_bow", "text_bow")
 
     def __init__(self, cfg: Config, ctx: RunContext) -> None:
         super().__init__(cfg, ctx)
@@ -169,7 +169,8 @@ class ACLIP(Method):
         return forward(views.flatten(0, 1), prepared["tokens"], prepared.get("keep_idx"))
 
     def loss_from(self, outputs: Mapping[str, Tensor], prepared: Mapping[str, Tensor]) -> StepLoss:
-        """Step 6: InfoNCE per view + w_simclr NT-Xent + w_byol BYOL."""
+        """Step 6: InfoNCE per view + w_simclr NT-Xent + w_byol BYOL (+ the caption-word terms
+        when ``loss.w_caption_bow`` / ``w_text_bow`` ask for them)."""
         n, v = prepared["views"].shape[:2]
 
         def per_view(x: Tensor | None) -> list[Tensor] | None:
@@ -188,7 +189,7 @@ class ACLIP(Method):
             loss.simclr_temperature,
         )
         named = {"clip": terms.clip, "simclr": terms.simclr, "byol": terms.byol}
-        return StepLoss(terms.total, named)
+        return self.with_word_terms(StepLoss(terms.total, named), outputs, prepared["tokens"])
 
     def momentum(self, step: int) -> float:
         """EMA momentum of the update after step ``step`` (cosine schedule)."""

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from aclip.config import Config
+from aclip.losses import caption_word_losses
 
 # ModelConfig keys that do not decide the shapes of the weights: free to change on resume
 RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile", "init_from", "init_from_name")
@@ -107,6 +108,21 @@ class Method:
     def loss_from(self, outputs: Mapping[str, Tensor], prepared: Mapping[str, Tensor]) -> StepLoss:
         """The loss of the student's ``outputs`` on ``prepared`` (gathered over ranks)."""
         raise NotImplementedError
+
+    def with_word_terms(
+        self, loss: StepLoss, outputs: Mapping[str, Tensor], tokens_BL: Tensor
+    ) -> StepLoss:
+        """``loss`` plus the caption-word terms (``loss.w_caption_bow`` x image term +
+        ``loss.w_text_bow`` x text term, :func:`aclip.losses.caption_word_losses`) when the
+        student has the word head; both terms are named (zero without the head)."""
+        zero = loss.total.new_zeros(())
+        terms = dict(loss.terms) | {"caption_bow": zero, "text_bow": zero}
+        if "image_bow" not in outputs:
+            return StepLoss(loss.total, terms)
+        image, text = caption_word_losses(outputs["image_bow"], outputs["text_bow"], tokens_BL)
+        weights = self.cfg.loss
+        total = loss.total + weights.w_caption_bow * image + weights.w_text_bow * text
+        return StepLoss(total, terms | {"caption_bow": image, "text_bow": text})
 
     def loss(self, forward: Forward, batch: Mapping[str, Tensor], step: int) -> StepLoss:
         """The loss of one step on this rank's ``batch`` at optimizer step ``step``; ``forward``

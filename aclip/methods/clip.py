@@ -19,7 +19,7 @@ from aclip.masking import TokenSelector, num_keep
 from aclip.methods.aclip import mask_generator
 from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
 from aclip.methods.registry import register
-from aclip.model import build_clip, build_student
+from aclip.model import build_clip, build_student, caption_word_head
 
 
 @register
@@ -27,6 +27,7 @@ class CLIP(Method):
     """All patch tokens of one view per sample; InfoNCE against the captions."""
 
     name = "clip"
+    loss_terms = ("clip", "caption_bow", "text_bow")
     strategy = "none"
 
     def __init__(self, cfg: Config, ctx: RunContext) -> None:
@@ -34,8 +35,11 @@ class CLIP(Method):
         self.selector: TokenSelector | None = None
 
     def build_student(self) -> nn.Module:
-        """CLIP without heads."""
-        return build_student(build_clip(self.cfg.model), self.cfg.model)
+        """CLIP without SSL heads (with the caption-word head if the loss asks for it)."""
+        model_cfg = self.cfg.model
+        clip = build_clip(model_cfg)
+        head = caption_word_head(model_cfg, self.cfg.loss)
+        return build_student(clip, model_cfg, bow_head=head)
 
     def attach(self, student: nn.Module) -> None:
         """The token selector of this method for the student's patch grid."""
@@ -68,13 +72,14 @@ class CLIP(Method):
         return forward(views.flatten(0, 1), prepared["tokens"], prepared.get("keep_idx"))
 
     def loss_from(self, outputs: Mapping[str, Tensor], prepared: Mapping[str, Tensor]) -> StepLoss:
-        """InfoNCE of the view against this rank's captions, gathered over ranks."""
+        """InfoNCE of the view against this rank's captions, gathered over ranks (+ the
+        caption-word terms when the loss asks for them)."""
         clip = multi_view_infonce(
             [outputs["image_emb"].float()],
             outputs["text_emb"].float(),
             outputs["logit_scale_exp"].float(),
         )
-        return StepLoss(clip, {"clip": clip})
+        return self.with_word_terms(StepLoss(clip, {"clip": clip}), outputs, prepared["tokens"])
 
     def scalars(self, step: int) -> dict[str, float]:
         """The fraction of patch tokens each view keeps."""

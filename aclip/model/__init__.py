@@ -61,10 +61,11 @@ def build_student(
     simclr: nn.Module | None = None,
     projector: nn.Module | None = None,
     predictor: nn.Module | None = None,
+    bow_head: nn.Module | None = None,
 ) -> ACLIPModel:
     """The module a training method trains: ``clip`` and its optional SSL heads, with the
     runtime options of ``model_cfg`` (gradient checkpointing, ``torch.compile``)."""
-    model = ACLIPModel(clip, simclr, projector, predictor)
+    model = ACLIPModel(clip, simclr, projector, predictor, bow_head)
     if model_cfg.grad_checkpointing:
         clip.visual.set_grad_checkpointing(True)
         clip.text.set_grad_checkpointing(True)
@@ -85,7 +86,16 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
     if loss_cfg.w_byol > 0:
         projector = byol_projector(width, loss_cfg.byol_hidden, loss_cfg.byol_out)
         predictor = byol_predictor(loss_cfg.byol_out, loss_cfg.byol_hidden)
-    return build_student(clip, model_cfg, simclr, projector, predictor)
+    bow = caption_word_head(model_cfg, loss_cfg)
+    return build_student(clip, model_cfg, simclr, projector, predictor, bow)
+
+
+def caption_word_head(model_cfg: ModelConfig, loss_cfg: LossConfig) -> nn.Linear | None:
+    """The linear head from the joint space to the vocabulary that ``loss.w_caption_bow`` and
+    ``loss.w_text_bow`` train (:func:`aclip.losses.caption_word_losses`); None when both are 0."""
+    if loss_cfg.w_caption_bow <= 0 and loss_cfg.w_text_bow <= 0:
+        return None
+    return nn.Linear(model_cfg.embed_dim, model_cfg.vocab_size)
 
 
 def compile_student(model: ACLIPModel, **compile_kwargs: Any) -> ACLIPModel:

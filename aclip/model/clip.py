@@ -86,6 +86,7 @@ class ACLIPModel(nn.Module):
         simclr_head: nn.Module | None,
         byol_projector: nn.Module | None,
         byol_predictor: nn.Module | None,
+        bow_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if (byol_projector is None) != (byol_predictor is None):
@@ -94,6 +95,7 @@ class ACLIPModel(nn.Module):
         self.simclr_head = simclr_head
         self.byol_projector = byol_projector
         self.byol_predictor = byol_predictor
+        self.bow_head = bow_head
 
     def forward(
         self,
@@ -110,12 +112,17 @@ class ACLIPModel(nn.Module):
         exist ``simclr_z`` [B*V, simclr_out] and ``byol_pred`` [B*V, byol_out] (raw).
         """
         pooled_BW = self.clip.visual(images_BCHW, keep_idx_BK, alpha_B1HW)
+        image_BE = self.clip.project_image(pooled_BW)
+        text_BE = self.clip.encode_text(tokens_BL)
         out = {
-            "image_emb": self.clip.project_image(pooled_BW, normalize=True),
-            "text_emb": self.clip.encode_text(tokens_BL, normalize=True),
+            "image_emb": F.normalize(image_BE, dim=-1),
+            "text_emb": F.normalize(text_BE, dim=-1),
             "logit_scale_exp": self.clip.logit_scale_exp(),
             "pooled": pooled_BW,
         }
+        if self.bow_head is not None:
+            out["image_bow"] = self.bow_head(image_BE)
+            out["text_bow"] = self.bow_head(text_BE)
         if self.simclr_head is not None:
             out["simclr_z"] = self.simclr_head(pooled_BW)
         if self.byol_projector is not None and self.byol_predictor is not None:
