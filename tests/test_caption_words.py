@@ -126,3 +126,15 @@ def test_bad_weights_are_refused(tmp_path, override):
     extra = ["loss.w_caption_bow=1"] if override.startswith("method") else []
     with pytest.raises(ConfigError, match="w_caption_bow/w_text_bow"):
         load_config(None, [override, *extra, "model.alpha_channel=true"])
+
+
+def test_resume_refuses_a_checkpoint_without_the_head(tmp_path):
+    from aclip.checkpoint import CONFIG_FILE, check_compatible
+    from aclip.config import to_yaml
+    from aclip.methods import shape_fields
+
+    (tmp_path / CONFIG_FILE).write_text(to_yaml(tiny_config(str(tmp_path))))
+    words = tiny_config(str(tmp_path), **{"loss.w_text_bow": 1.0})
+    with pytest.raises(ConfigError, match="loss.caption_word_head: checkpoint False"):
+        check_compatible(words, tmp_path, shape_fields)
+    check_compatible(tiny_config(str(tmp_path), **{"loss.w_simclr": 0.5}), tmp_path, shape_fields)
