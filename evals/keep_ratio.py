@@ -7,7 +7,9 @@
         [--teacher-sizes 0 112] [override ...]
 
 Each grid point is one ``train.py`` run (its own process, same base config and overrides, same
-number of steps) evaluated on the config's ``eval.zeroshot_sets``. ``--teacher-sizes`` adds the
+number of steps; with ``--equal-cost`` the same training FLOPs instead, so a run that keeps
+fewer tokens takes more steps) evaluated on the config's ``eval.zeroshot_sets``; the table gives
+each row's steps and measured training wall time. ``--teacher-sizes`` adds the
 teacher-resolution axis (``ema.image_size``; 0: the model's size): each row of the table gives
 the analytic model FLOPs per training sample beside the accuracy, and the plot shows accuracy
 against that cost.
@@ -40,7 +42,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,12 +70,15 @@ class GridPoint:
     views: int
     seed: int
     teacher_size: int = 0  # ema.image_size (0: the model's image size)
+    steps: int = 0  # optim.total_steps (0: the config's run length); set by equal_cost_steps
 
     @property
     def name(self) -> str:
-        """Directory name of the run (``_t<px>`` only for a teacher at another resolution)."""
+        """Directory name of the run (``_t<px>`` only for a teacher at another resolution,
+        ``_n<steps>`` only for a run length other than the config's)."""
         teacher = f"_t{self.teacher_size}" if self.teacher_size else ""
-        return f"{self.strategy}_k{self.keep_ratio:g}_v{self.views}{teacher}_s{self.seed}"
+        steps = f"_n{self.steps}" if self.steps else ""
+        return f"{self.strategy}_k{self.keep_ratio:g}_v{self.views}{teacher}{steps}_s{self.seed}"
 
     def overrides(self) -> list[str]:
         """The dotted overrides that select this point."""
@@ -87,6 +92,7 @@ class GridPoint:
             ]
             + (["loss.w_simclr=0"] if self.views < 2 else [])
             + ([f"ema.image_size={self.teacher_size}"] if self.teacher_size else [])
+            + ([f"optim.total_steps={self.steps}"] if self.steps else [])
         )
 
 
@@ -125,6 +131,33 @@ def point_cost(point: GridPoint, config: str | None, extra: Sequence[str] = ()) 
     }
 
 
+def equal_cost_steps(
+    points: Sequence[GridPoint], config: str | None, extra: Sequence[str] = ()
+) -> list[GridPoint]:
+    """The points with their run lengths set for equal training compute: each gets
+    round(S x F_all / F) steps, where S is the config's run length, F the analytic model FLOPs
+    of one of its steps (``aclip.flops``) and F_all that of the all-token run with the same views
+    and teacher; a point as long as the config's run keeps ``steps`` 0 (the same run as in the
+    equal-steps study, reused)."""
+    from aclip.config import load_config
+    from aclip.flops import config_step_flops
+    from aclip.optim import run_length
+    from aclip.preflight import resolve_epoch_size
+
+    def cfg_of(point: GridPoint):
+        return load_config(config, [*extra, *point.overrides()])
+
+    out = []
+    for point in points:
+        every = replace(point, strategy="none", keep_ratio=1.0)
+        ref = cfg_of(every)
+        base = run_length(ref, resolve_epoch_size(ref)).total_steps
+        ratio = config_step_flops(ref).total / config_step_flops(cfg_of(point)).total
+        steps = max(1, round(base * ratio))
+        out.append(replace(point, steps=0 if steps == base else steps))
+    return out
+
+
 def _check_train_py() -> None:
     if not TRAIN_PY.is_file():
         raise FileNotFoundError(
@@ -133,10 +166,16 @@ def _check_train_py() -> None:
         )
 
 
+TIME_FILE = "study_time.json"
+
+
 def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dict:
-    """Train one grid point (or reuse its finished results) and return its results.json."""
+    """Train one grid point (or reuse its finished results) and return its results.json, with
+    ``train_wall_s``: the wall time of its ``train.py`` process (kept in the run directory's
+    ``study_time.json``; None for a run finished before the study timed its runs)."""
     run_dir = out.resolve() / point.name
     results = run_dir / "results.json"
+    timing = run_dir / TIME_FILE
     if not results.is_file():
         _check_train_py()
         cmd = [
@@ -150,13 +189,16 @@ def run_point(point: GridPoint, config: str, out: Path, extra: list[str]) -> dic
             "train.progress=false",
         ]
         log = out / f"{point.name}.log"
+        start = time.perf_counter()
         with log.open("w") as fh:
             # in the caller's directory: relative paths of the overrides mean what they mean here
             done = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT,
                                   env=single_process_env(os.environ))  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"run {point.name} failed (exit {done.returncode}); see {log}")
-    return json.loads(results.read_text())
+        timing.write_text(json.dumps({"train_wall_s": time.perf_counter() - start}))
+    wall = json.loads(timing.read_text())["train_wall_s"] if timing.is_file() else None
+    return json.loads(results.read_text()) | {"train_wall_s": wall}
 
 
 def _top1(results: dict, eval_set: str | None = None) -> float:
@@ -173,10 +215,14 @@ def _top1(results: dict, eval_set: str | None = None) -> float:
 
 
 def summarise(
-    rows: list[tuple[GridPoint, float]], cost: Callable[[GridPoint], dict] | None = None
+    rows: list[tuple[GridPoint, float]],
+    cost: Callable[[GridPoint], dict] | None = None,
+    walls: dict[GridPoint, float | None] | None = None,
 ) -> list[dict]:
     """Mean and spread of top-1 over seeds for each (strategy, keep ratio, views, teacher
-    size); ``cost`` (e.g. :func:`point_cost`) adds its keys to each row."""
+    size); ``cost`` (e.g. :func:`point_cost`) adds its keys to each row, ``walls`` (each run's
+    training wall time, s) the mean ``train_wall_s`` over the seeds that have one; ``steps``
+    is the points' run length (0: the config's)."""
     groups: dict[tuple, list[tuple[GridPoint, float]]] = {}
     for point, top1 in rows:
         key = (point.strategy, point.keep_ratio, point.views, point.teacher_size)
@@ -193,7 +239,11 @@ def summarise(
             "top1_mean": statistics.fmean(values),
             "top1_std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "top1_runs": " ".join(f"{v:.1f}" for v in values),
+            "steps": members[0][0].steps,
         }
+        timed = [w for p, _ in members if (w := (walls or {}).get(p)) is not None]
+        if timed:
+            row["train_wall_s"] = statistics.fmean(timed)
         table.append(row | (cost(members[0][0]) if cost is not None else {}))
     return table
 
@@ -218,6 +268,8 @@ STUDY_COLUMNS: list[Column] = [
     ("views", lambda r: str(r["views"])),
     ("teacher px", _teacher_cell),
     ("GFLOP/sample", _gflop_cell),
+    ("steps", lambda r: str(r["steps"]) if r.get("steps") else "config"),
+    ("train s", lambda r: f"{r['train_wall_s']:.0f}" if "train_wall_s" in r else "–"),
     ("runs", lambda r: str(r["runs"])),
     ("top-1 (mean ± sd)", lambda r: f"{r['top1_mean']:.1f} ± {r['top1_std']:.1f}"),
     ("per run", lambda r: r["top1_runs"]),
@@ -331,17 +383,20 @@ def study(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     points = grid(args.strategies, args.keep_ratios, args.views, args.seeds, args.teacher_sizes)
-    rows = []
+    rows, walls = [], {}
     try:
         _check_train_py()  # before the config: an installed copy has neither
+        if args.equal_cost:
+            points = equal_cost_steps(points, args.config, args.overrides)
         costs = {p: point_cost(p, args.config, args.overrides) for p in points}  # refuses first
         for point in tqdm(points, desc="study"):
             results = run_point(point, args.config, out, args.overrides)
             rows.append((point, _top1(results, args.eval_set)))
+            walls[point] = results["train_wall_s"]
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # no train.py; a failed run
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, RuntimeError) else 2
-    table = summarise(rows, costs.__getitem__)
+    table = summarise(rows, costs.__getitem__, walls)
     write_outputs(table, out, args.title)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}")
@@ -611,6 +666,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=[0],
         help="ema.image_size values (teacher resolution in px; 0: the model's size)",
+    )
+    p.add_argument(
+        "--equal-cost",
+        action="store_true",
+        help="equal training compute instead of equal steps: each run's steps scaled so that "
+        "its model FLOPs (aclip.flops) equal those of the all-token run of the config's length",
     )
     p.add_argument("--eval-set", help="zero-shot set (folder name) to compare; default: first")
     p.add_argument("--title", default="Zero-shot top-1 by token selection")

@@ -7,7 +7,15 @@ import csv
 import pytest
 from PIL import Image
 
-from evals.keep_ratio import REPO, GridPoint, grid, point_cost, summarise, write_outputs
+from evals.keep_ratio import (
+    REPO,
+    GridPoint,
+    equal_cost_steps,
+    grid,
+    point_cost,
+    summarise,
+    write_outputs,
+)
 
 
 def test_grid_runs_none_once_per_views_and_seed():
@@ -39,7 +47,7 @@ def test_summary_means_over_seeds_and_files_are_written(tmp_path):
     with (tmp_path / "results.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 2
     assert (
-        "| attentive | 0.5 | 2 | model | – | 1 | 50.0 ± 0.0 |"
+        "| attentive | 0.5 | 2 | model | – | config | – | 1 | 50.0 ± 0.0 |"
         in (tmp_path / "results.md").read_text()
     )
     assert Image.open(tmp_path / "results.png").size[0] > 100
@@ -86,3 +94,75 @@ def test_study_table_and_plot_show_accuracy_against_cost(tmp_path):
     assert "| teacher px | GFLOP/sample |" in text
     assert f"| 32 | {table[1]['gflop_per_sample']:.4g} |" in text
     assert Image.open(tmp_path / "results.png").size[0] > 1000  # two panels
+
+
+TINY = [
+    "model.vision_model=vit_tiny_patch16_224",
+    "model.image_size=32",
+    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+    "model.embed_dim=32",
+    "model.context_length=16",
+    "model.text_width=32",
+    "model.text_layers=2",
+    "model.text_heads=2",
+    "data.samples_per_epoch=800",
+    "train.global_batch_size=8",
+    "optim.epochs=1",
+]
+
+
+def test_equal_cost_gives_cheaper_runs_more_steps_for_the_same_flops():
+    from aclip.config import load_config
+    from aclip.flops import config_step_flops
+
+    points = grid(["none", "random", "attentive"], [0.25, 0.5], [2], [0])
+    scaled = equal_cost_steps(points, None, TINY)
+    by_name = {(p.strategy, p.keep_ratio): p for p in scaled}
+    assert by_name[("none", 1.0)].steps == 0  # the config's own 100 steps: the same run
+    flops = {}
+    for p in scaled:
+        cfg = load_config(None, [*TINY, *p.overrides()])
+        flops[p] = config_step_flops(cfg).total
+    budget = 100 * flops[by_name[("none", 1.0)]]
+    for key in [("random", 0.25), ("attentive", 0.25), ("random", 0.5), ("attentive", 0.5)]:
+        p = by_name[key]
+        assert p.steps > 100
+        assert abs(p.steps * flops[p] - budget) <= flops[p] / 2  # rounded to the nearest step
+        assert f"optim.total_steps={p.steps}" in p.overrides()
+        assert p.name.endswith(f"_n{p.steps}_s0")
+    assert by_name[("attentive", 0.25)].steps > by_name[("attentive", 0.5)].steps
+
+
+def test_summary_gives_steps_and_mean_wall_time(tmp_path):
+    a = GridPoint("attentive", 0.5, 2, 0, steps=150)
+    b = GridPoint("attentive", 0.5, 2, 1, steps=150)
+    table = summarise([(a, 40.0), (b, 44.0)], walls={a: 100.0, b: 120.0})
+    assert (table[0]["steps"], table[0]["train_wall_s"]) == (150, pytest.approx(110.0))
+    write_outputs(table, tmp_path, "t")
+    assert "| 150 | 110 | 2 | 42.0 ± 2.8 |" in (tmp_path / "results.md").read_text()
+
+
+def test_run_point_times_its_run_and_reuses_the_time(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    from pathlib import Path
+
+    from evals import keep_ratio
+
+    calls = []
+
+    def fake_train(cmd, **kwargs):
+        out = Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("train.output_dir=")))
+        out.mkdir(parents=True)
+        (out / "results.json").write_text(json.dumps({"zeroshot/x": {"top1": 0.5}}))
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(keep_ratio.subprocess, "run", fake_train)
+    point = GridPoint("random", 0.5, 2, 0, steps=7)
+    (tmp_path / "s").mkdir()
+    first = keep_ratio.run_point(point, "configs/demo.yaml", tmp_path / "s", [])
+    assert "optim.total_steps=7" in calls[0]
+    assert first["train_wall_s"] >= 0 and first["zeroshot/x"] == {"top1": 0.5}
+    again = keep_ratio.run_point(point, "configs/demo.yaml", tmp_path / "s", [])
+    assert len(calls) == 1 and again["train_wall_s"] == first["train_wall_s"]  # reused
