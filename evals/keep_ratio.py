@@ -147,13 +147,18 @@ def equal_cost_steps(
     def cfg_of(point: GridPoint):
         return load_config(config, [*extra, *point.overrides()])
 
+    def step_cost(point: GridPoint) -> int:
+        return config_step_flops(cfg_of(point)).total
+
+    base_cfg = load_config(config, list(extra))  # no point changes the run length
+    base = run_length(base_cfg, resolve_epoch_size(base_cfg)).total_steps
+    all_tokens: dict[tuple[int, int], int] = {}  # (views, teacher size) -> FLOPs of one step
     out = []
     for point in points:
-        every = replace(point, strategy="none", keep_ratio=1.0)
-        ref = cfg_of(every)
-        base = run_length(ref, resolve_epoch_size(ref)).total_steps
-        ratio = config_step_flops(ref).total / config_step_flops(cfg_of(point)).total
-        steps = max(1, round(base * ratio))
+        key = (point.views, point.teacher_size)
+        if key not in all_tokens:
+            all_tokens[key] = step_cost(replace(point, strategy="none", keep_ratio=1.0))
+        steps = max(1, round(base * all_tokens[key] / step_cost(point)))
         out.append(replace(point, steps=0 if steps == base else steps))
     return out
 

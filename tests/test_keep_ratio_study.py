@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+from helpers import TINY_MODEL_ARGS
 from PIL import Image
 
 from evals.keep_ratio import (
@@ -97,14 +98,7 @@ def test_study_table_and_plot_show_accuracy_against_cost(tmp_path):
 
 
 TINY = [
-    "model.vision_model=vit_tiny_patch16_224",
-    "model.image_size=32",
-    "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
-    "model.embed_dim=32",
-    "model.context_length=16",
-    "model.text_width=32",
-    "model.text_layers=2",
-    "model.text_heads=2",
+    *TINY_MODEL_ARGS,
     "data.samples_per_epoch=800",
     "train.global_batch_size=8",
     "optim.epochs=1",
