@@ -72,6 +72,11 @@ class LossConfig:
     w_caption_bow: float = 0.0
     w_text_bow: float = 0.0
 
+    @property
+    def caption_words(self) -> bool:
+        """Whether either caption-word term is on (the student then has the word head)."""
+        return self.w_caption_bow > 0 or self.w_text_bow > 0
+
 
 @dataclass
 class EMAConfig:
@@ -323,7 +328,7 @@ def validate(cfg: Config) -> None:
             "must be >= 0",
         ),
         (
-            cfg.method != "alpha_clip" or cfg.loss.w_caption_bow == cfg.loss.w_text_bow == 0,
+            cfg.method != "alpha_clip" or not cfg.loss.caption_words,
             "loss.w_caption_bow/w_text_bow",
             "are not used by method alpha_clip (its text tower is frozen): leave them at 0",
         ),

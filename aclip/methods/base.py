@@ -160,8 +160,7 @@ class Method:
         fields = {
             f"model.{k}": v for k, v in vars(cfg.model).items() if k not in RUNTIME_MODEL_KEYS
         }
-        words = cfg.loss.w_caption_bow > 0 or cfg.loss.w_text_bow > 0
-        return fields | {"method": cls.name, "loss.caption_word_head": words}
+        return fields | {"method": cls.name, "loss.caption_word_head": cfg.loss.caption_words}
 
     @classmethod
     def cost(cls, cfg: Config, num_patches: int) -> Cost:
