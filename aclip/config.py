@@ -71,6 +71,9 @@ class LossConfig:
     # own embedding predicts them through the same head (so the text tower keeps every word)
     w_caption_bow: float = 0.0
     w_text_bow: float = 0.0
+    # weight each caption word by its inverse document frequency in the global batch
+    # (SuperClass's IDF; aclip.losses.batch_idf)
+    caption_bow_idf: bool = False
 
     @property
     def caption_words(self) -> bool:

@@ -137,20 +137,42 @@ def byol_loss(pred: Tensor, target: Tensor) -> Tensor:
     return (2 - 2 * cos).mean()
 
 
-def caption_bow_targets(tokens_BL: Tensor, vocab_size: int) -> Tensor:
+def caption_bow_targets(tokens_BL: Tensor, vocab_size: int, idf: bool = False) -> Tensor:
     """Each caption's words as a distribution over the vocabulary [B, vocab_size]: the multi-hot
-    of its token ids divided by its number of distinct ids, padding (0), SOT and EOT left out
-    (open_clip's BPE: SOT = vocab_size - 2, EOT = vocab_size - 1); a row of zeros for a caption
-    without words."""
+    of its token ids, padding (0), SOT and EOT left out (open_clip's BPE: SOT = vocab_size - 2,
+    EOT = vocab_size - 1), each id weighted by its inverse document frequency when ``idf``
+    (:func:`batch_idf`, else 1), divided by the row's sum; a row of zeros for a caption without
+    words (or, with ``idf``, whose every word is in every caption of the global batch)."""
     hot_BV = torch.zeros(tokens_BL.shape[0], vocab_size, device=tokens_BL.device)
     hot_BV.scatter_(1, tokens_BL, 1.0)
     hot_BV[:, [0, vocab_size - 2, vocab_size - 1]] = 0.0
-    return hot_BV / hot_BV.sum(1, keepdim=True).clamp_min(1.0)
+    if idf:
+        hot_BV = hot_BV * batch_idf(hot_BV)
+    return hot_BV / hot_BV.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def batch_idf(hot_BV: Tensor) -> Tensor:
+    """Inverse document frequency [vocab] of each token id over the global batch (every rank's
+    captions): log((N + 1) / (df + 1)), N captions, df of them holding the id.
+
+    SuperClass (Huang et al. 2024, official code) weights its targets by the same IDF from
+    frequencies averaged over every step so far; here they are counted on the step's global
+    batch, so the loss keeps no state (nothing to checkpoint or to cast under bf16) and every
+    rank uses the same weights. On a cluster batch (thousands of captions) the two agree for
+    all but rare words; on a small batch a word in few captions weighs at most log((N + 1) / 2).
+    """
+    df_V = hot_BV.sum(0)
+    n = torch.tensor(float(hot_BV.shape[0]), device=hot_BV.device)
+    if _world()[1] > 1:
+        stats = torch.cat([df_V, n[None]])
+        dist.all_reduce(stats)
+        df_V, n = stats[:-1], stats[-1]
+    return torch.log((n + 1) / (df_V + 1))
 
 
 def caption_bow_loss(logits_BV: Tensor, targets_BV: Tensor) -> Tensor:
     """Cross-entropy of vocabulary logits [B, vocab] against caption-word distributions
-    [B, vocab] (SuperClass's softmax loss, Huang et al. 2024, without its IDF weights), the
+    [B, vocab] (SuperClass's softmax loss, Huang et al. 2024), the
     mean over the captions that have words (this rank's; ranks hold equal batches)."""
     has_words_B = targets_BV.sum(1) > 0
     nll_B = -(targets_BV * F.log_softmax(logits_BV.float(), dim=-1)).sum(-1)
@@ -158,7 +180,7 @@ def caption_bow_loss(logits_BV: Tensor, targets_BV: Tensor) -> Tensor:
 
 
 def caption_word_losses(
-    image_bow_BVx: Tensor, text_bow_Bx: Tensor, tokens_BL: Tensor
+    image_bow_BVx: Tensor, text_bow_Bx: Tensor, tokens_BL: Tensor, idf: bool = False
 ) -> tuple[Tensor, Tensor]:
     """(image term, text term) of the caption-word losses: each image view's vocabulary logits
     [B*V, vocab] (rows sample-major: sample 0's views first) and each caption's own logits
@@ -167,8 +189,9 @@ def caption_word_losses(
     The image term is SuperClass's classification of caption words from the image (Huang et
     al., NeurIPS 2024); the text term asks the caption embedding to keep its own words, so the
     text tower cannot drop a word the images do not yet tell apart (against the predictive
-    feature suppression of Bleeker et al. 2023, whose latent-target decoding it simplifies)."""
-    targets_BX = caption_bow_targets(tokens_BL, text_bow_Bx.shape[-1])
+    feature suppression of Bleeker et al. 2023, whose latent-target decoding it simplifies).
+    ``idf`` weights each word by its inverse document frequency (:func:`batch_idf`)."""
+    targets_BX = caption_bow_targets(tokens_BL, text_bow_Bx.shape[-1], idf)
     views = image_bow_BVx.shape[0] // targets_BX.shape[0]
     image = caption_bow_loss(image_bow_BVx, targets_BX.repeat_interleave(views, 0))
     return image, caption_bow_loss(text_bow_Bx, targets_BX)

@@ -5,8 +5,12 @@ is built or changed."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import fake_batch, tiny_config
 
@@ -35,6 +39,50 @@ def test_targets_are_the_distinct_words_of_each_caption():
     expected[list(words)] = 1 / 5
     assert torch.equal(targets_BV[0], expected)
     assert targets_BV[1].sum() == 0  # SOT, EOT and padding are not words
+
+
+def test_idf_weights_each_word_by_its_document_frequency_in_the_batch():
+    tok = Tokenizer(16)
+    captions = ["a red star", "a blue star", "a red ring", "a star"]
+    targets_BV = caption_bow_targets(tok(captions), VOCAB, idf=True)
+    a, red, blue, star, ring = (tok.encode(w)[0] for w in ("a", "red", "blue", "star", "ring"))
+    df = {a: 4, red: 2, blue: 1, star: 3, ring: 1}
+    weight = {w: math.log(5 / (d + 1)) for w, d in df.items()}  # log((N + 1) / (df + 1)), N = 4
+    assert weight[a] == 0.0  # a word in every caption carries nothing
+    for row, words in enumerate([(a, red, star), (a, blue, star), (a, red, ring), (a, star)]):
+        expected = torch.zeros(VOCAB)
+        for w in words:
+            expected[w] = weight[w] / sum(weight[v] for v in words)
+        torch.testing.assert_close(targets_BV[row], expected)
+    assert targets_BV[3].sum() == 1  # "a star": all its weight on "star"
+    # without IDF the same captions are uniform over their words
+    assert torch.equal(caption_bow_targets(tok(captions), VOCAB)[0][[a, red, star]],
+                       torch.full((3,), 1 / 3))  # fmt: skip
+
+
+def _idf_rank(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        tokens_BL = Tokenizer(16)(IDF_CAPTIONS[2 * rank : 2 * rank + 2])
+        torch.save(caption_bow_targets(tokens_BL, VOCAB, idf=True), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+IDF_CAPTIONS = ["a red star", "a blue star", "a red ring", "a green heart"]
+
+
+@pytest.mark.slow
+def test_idf_counts_every_ranks_captions(tmp_path):
+    mp.spawn(_idf_rank, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    two_ranks_BV = torch.cat([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
+    one_rank_BV = caption_bow_targets(Tokenizer(16)(IDF_CAPTIONS), VOCAB, idf=True)
+    torch.testing.assert_close(two_ranks_BV, one_rank_BV, atol=1e-7, rtol=0)
+    # each rank alone would weigh "star" (in both of rank 0's captions) at zero
+    alone_BV = caption_bow_targets(Tokenizer(16)(IDF_CAPTIONS[:2]), VOCAB, idf=True)
+    star = Tokenizer(16).encode("star")[0]
+    assert alone_BV[0, star] == 0 and two_ranks_BV[0, star] > 0
 
 
 def test_loss_is_soft_label_cross_entropy_over_captions_with_words():
@@ -94,6 +142,26 @@ def test_the_text_term_is_learned(tmp_path, dist_info):
         last = trainer.train_step(batch)["loss_text_bow"].item()
     assert first == pytest.approx(torch.log(torch.tensor(VOCAB)).item(), rel=0.05)
     assert last < 0.5 * first
+
+
+@pytest.mark.parametrize("idf", [False, True])
+def test_the_method_scores_words_with_or_without_idf(tmp_path, dist_info, idf):
+    cfg = tiny_config(str(tmp_path), **{"loss.w_caption_bow": 1.0, "loss.w_text_bow": 1.0,
+                                        "loss.caption_bow_idf": idf})  # fmt: skip
+    trainer = Trainer(cfg, dist_info)
+    batch = fake_batch(cfg, 8, seed=3)
+    torch.manual_seed(0)
+    loss = trainer.method.loss(trainer.model, batch, 0)
+    torch.manual_seed(0)
+    outputs = trainer.method.forward(trainer.model, trainer.method.prepare(batch, 0))
+    for flag in (idf, not idf):
+        image, text = caption_word_losses(
+            outputs["image_bow"], outputs["text_bow"], batch["tokens"], flag
+        )
+        same = torch.allclose(loss.terms["caption_bow"], image) and torch.allclose(
+            loss.terms["text_bow"], text
+        )
+        assert same == (flag == idf)
 
 
 def test_no_weights_no_head_and_the_same_model(tmp_path):

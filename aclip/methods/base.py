@@ -119,8 +119,10 @@ class Method:
         terms = dict(loss.terms) | {"caption_bow": zero, "text_bow": zero}
         if "image_bow" not in outputs:
             return StepLoss(loss.total, terms)
-        image, text = caption_word_losses(outputs["image_bow"], outputs["text_bow"], tokens_BL)
         weights = self.cfg.loss
+        image, text = caption_word_losses(
+            outputs["image_bow"], outputs["text_bow"], tokens_BL, weights.caption_bow_idf
+        )
         total = loss.total + weights.w_caption_bow * image + weights.w_text_bow * text
         return StepLoss(total, terms | {"caption_bow": image, "text_bow": text})
 
