@@ -71,11 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the report here")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    return report(
-        lambda: run(a.config, a.overrides, a.train, a.test, a.steps, a.batch_size, a.lr,
-                    a.seed, a.eval_every, not a.no_progress),  # fmt: skip
-        a.json,
-    )
+    args = (a.config, a.overrides, a.train, a.test, a.steps, a.batch_size, a.lr, a.seed)
+    return report(lambda: run(*args, a.eval_every, not a.no_progress), a.json)
 
 
 if __name__ == "__main__":
