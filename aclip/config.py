@@ -136,6 +136,10 @@ class OptimConfig:
     epochs: float = 25.0
     total_steps: int = 0  # length of training and of the LR/EMA schedules; 0: epochs x steps/epoch
     grad_clip: float = 0.0
+    # torch's fused AdamW kernel (one pass over each parameter, CPU and CUDA) instead of the
+    # multi-tensor (foreach) one: the same update up to rounding, several times faster where the
+    # optimizer is a large part of the step (a big vocabulary on a small model: make demo)
+    fused: bool = False
     # per-parameter-group learning rates, weight decay and freezing (any method); see
     # ParamGroupConfig. Parameters no rule matches keep optim.lr and optim.weight_decay.
     param_groups: list[ParamGroupConfig] = field(default_factory=list)

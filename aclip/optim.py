@@ -126,13 +126,16 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with the configured betas and eps; the parameters that
-    ``optim.param_groups`` freezes are frozen first (:func:`apply_param_rules`)."""
+    """AdamW over :func:`param_groups` with the configured betas and eps (torch's fused kernel
+    with ``optim.fused``); the parameters that ``optim.param_groups`` freezes are frozen first
+    (:func:`apply_param_rules`)."""
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     rules = list(cfg.param_groups)
     if rules:
         apply_param_rules(model, rules)
     groups = param_groups(model, cfg.weight_decay, rules, cfg.lr)
+    if cfg.fused:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 

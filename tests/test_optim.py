@@ -64,3 +64,44 @@ def test_scheduler_drives_the_optimizer_per_step():
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)
     assert opt.param_groups[0]["betas"] == (0.9, 0.98)
+
+
+def _adamw_reference(model: nn.Module, cfg: OptimConfig, grads: list[dict[str, torch.Tensor]]):
+    """AdamW written out (torch's documented update, decoupled decay), per parameter group."""
+    state: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    decay = {id(p) for p in param_groups(model, cfg.weight_decay)[0]["params"]}
+    beta1, beta2 = cfg.betas
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for t, step_grads in enumerate(grads, start=1):
+        for name, p in model.named_parameters():
+            if name not in params:
+                continue
+            g = step_grads[name]
+            m, v = state.get(name, (torch.zeros_like(g), torch.zeros_like(g)))
+            m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+            state[name] = (m, v)
+            wd = cfg.weight_decay if id(p) in decay else 0.0
+            x = params[name] * (1 - cfg.lr * wd)
+            m_hat, v_hat = m / (1 - beta1**t), v / (1 - beta2**t)
+            params[name] = x - cfg.lr * m_hat / (v_hat.sqrt() + cfg.eps)
+    return params
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_and_foreach_adamw_match_the_written_out_update(fused):
+    """optim.fused picks torch's fused kernel; both kernels give AdamW's update (the formula
+    above, over both weight-decay groups) after a few steps of random gradients."""
+    torch.manual_seed(0)
+    model = _Toy()
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, fused=fused)
+    opt = build_optimizer(model, cfg)
+    assert all(group["fused"] is (True if fused else None) for group in opt.param_groups)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    grads = [{n: torch.randn_like(p) for n, p in trained.items()} for _ in range(4)]
+    expected = _adamw_reference(model, cfg, grads)
+    for step_grads in grads:
+        for name, p in trained.items():
+            p.grad = step_grads[name].clone()
+        opt.step()
+    for name, p in trained.items():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6)
