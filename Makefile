@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 # synthetic data, training, the results table (the demo's tower is a timm ViT, the paper's
 # family, which open_clip cannot express: `python -m aclip.export` refuses it with the reason)
 demo: install
-	$(PY) -m aclip.data.synthetic --out $(DEMO)/data --n-train 6000 --n-eval-cls 500 \
-		--n-eval-ret 200 --samples-per-shard 500 --seed 0
+	$(PY) -m aclip.data.synthetic --out $(DEMO)/data --n-train 24000 --n-eval-cls 500 \
+		--n-eval-ret 200 --samples-per-shard 2000 --seed 0 --object-radius 0.15 0.25
 	rm -rf $(DEMO)/run
 	$(PY) train.py --config configs/demo.yaml train.output_dir=$(DEMO)/run \
 		'data.train_shards=$(DEMO)/data/train/{00000..00011}.tar' \

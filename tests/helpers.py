@@ -34,6 +34,7 @@ TINY_MODEL_ARGS = [f"{key}={value}" for key, value in TINY_MODEL.items()]
 CLIP_TINY_ARGS = [a for a in TINY_MODEL_ARGS if not a.startswith("model.vision_")] + [
     "model.vision_model=vit_base_patch16_clip_224",
     "model.vision_kwargs={patch_size: 8, depth: 2, embed_dim: 48, num_heads: 3}",
+    "model.patch_stem=linear",  # CLIP's one patch convolution (configs/demo.yaml has a conv stem)
 ]
 # OpenAI's variant of it: QuickGELU in both towers, two text layers
 CLIP_QUICKGELU_TINY_ARGS = [

@@ -230,7 +230,7 @@ def test_epoch_size_from_the_stats_that_exist_and_a_clear_refusal(data, tmp_path
         argv = [*_args(data, out, "train.stop_at_step=1", "data.max_skip_fraction=0.5"), spec]
         assert train.main(argv) == 0
     printed = capsys.readouterr().out
-    want = "epoch: 64 samples = 8 steps of batch 8; schedule: 48 steps (6 epochs), stopping at "
+    want = "epoch: 64 samples = 8 steps of batch 8; schedule: 18 steps (2.25 epochs), stopping at "
     assert want in printed
     assert "samples_per_epoch: 64" in (out / "config.yaml").read_text()
 
