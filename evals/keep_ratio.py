@@ -8,11 +8,12 @@
 
 Each grid point is one ``train.py`` run (its own process, same base config and overrides, same
 number of steps; with ``--equal-cost`` the same training FLOPs instead, so a run that keeps
-fewer tokens takes more steps) evaluated on the config's ``eval.zeroshot_sets``; the table gives
-each row's steps and measured training wall time. ``--teacher-sizes`` adds the
-teacher-resolution axis (``ema.image_size``; 0: the model's size): each row of the table gives
-the analytic model FLOPs per training sample beside the accuracy, and the plot shows accuracy
-against that cost.
+fewer tokens takes more steps; with ``--equal-time``, after the equal-steps study in the same
+``--out``, the same measured training wall time) evaluated on the config's
+``eval.zeroshot_sets``; the table gives each row's steps and measured training wall time.
+``--teacher-sizes`` adds the teacher-resolution axis (``ema.image_size``; 0: the model's
+size): each row of the table gives the analytic model FLOPs per training sample beside the
+accuracy, and the plot shows accuracy against that cost.
 
 ``checkpoint``: one model, evaluated while keeping only part of the patch tokens.
 
@@ -161,6 +162,45 @@ def equal_cost_steps(
         steps = max(1, round(base * all_tokens[key] / step_cost(point)))
         out.append(replace(point, steps=0 if steps == base else steps))
     return out
+
+
+def _measured_wall(point: GridPoint, out: Path) -> float:
+    """The training wall time (s) of a finished run in ``out`` (its ``study_time.json``)."""
+    timing = out.resolve() / point.name / TIME_FILE
+    if not timing.is_file():
+        raise ValueError(
+            f"--equal-time needs the equal-steps run {point.name} timed in {out} "
+            f"(no {timing}): run the same study without --equal-time first"
+        )
+    return json.loads(timing.read_text())["train_wall_s"]
+
+
+def equal_time_steps(
+    points: Sequence[GridPoint], config: str | None, extra: Sequence[str], out: Path
+) -> list[GridPoint]:
+    """The points with their run lengths set for equal training wall time, from the
+    equal-steps study already in ``out``: each gets round(S x W_all / W) steps, where S is the
+    config's run length, W the point's measured ``train.py`` wall time at S steps (mean over
+    the grid's seeds; start-up and evaluation included) and W_all that of the all-token run
+    with the same views and teacher. Wall times are only comparable between runs made on the
+    same machine under the same load (the study's two seeds side by side, say)."""
+    from aclip.config import load_config
+    from aclip.optim import run_length
+    from aclip.preflight import resolve_epoch_size
+
+    base_cfg = load_config(config, list(extra))
+    base = run_length(base_cfg, resolve_epoch_size(base_cfg)).total_steps
+    seeds = sorted({p.seed for p in points})
+
+    def mean_wall(point: GridPoint) -> float:
+        return statistics.fmean(_measured_wall(replace(point, seed=s, steps=0), out) for s in seeds)
+
+    result = []
+    for point in points:
+        ref = replace(point, strategy="none", keep_ratio=1.0)
+        steps = max(1, round(base * mean_wall(ref) / mean_wall(point)))
+        result.append(replace(point, steps=0 if steps == base else steps))
+    return result
 
 
 def _check_train_py() -> None:
@@ -391,8 +431,12 @@ def study(args: argparse.Namespace) -> int:
     rows, walls = [], {}
     try:
         _check_train_py()  # before the config: an installed copy has neither
+        if args.equal_cost and args.equal_time:
+            raise ValueError("--equal-cost and --equal-time exclude each other")
         if args.equal_cost:
             points = equal_cost_steps(points, args.config, args.overrides)
+        if args.equal_time:
+            points = equal_time_steps(points, args.config, args.overrides, out)
         costs = {p: point_cost(p, args.config, args.overrides) for p in points}  # refuses first
         for point in tqdm(points, desc="study"):
             results = run_point(point, args.config, out, args.overrides)
@@ -677,6 +721,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="equal training compute instead of equal steps: each run's steps scaled so that "
         "its model FLOPs (aclip.flops) equal those of the all-token run of the config's length",
+    )
+    p.add_argument(
+        "--equal-time",
+        action="store_true",
+        help="equal training wall time instead of equal steps: each run's steps scaled by the "
+        "wall time the equal-steps study (same --out, run first) measured for it and for the "
+        "all-token run",
     )
     p.add_argument("--eval-set", help="zero-shot set (folder name) to compare; default: first")
     p.add_argument("--title", default="Zero-shot top-1 by token selection")

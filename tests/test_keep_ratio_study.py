@@ -12,6 +12,7 @@ from evals.keep_ratio import (
     REPO,
     GridPoint,
     equal_cost_steps,
+    equal_time_steps,
     grid,
     point_cost,
     summarise,
@@ -127,6 +128,35 @@ def test_equal_cost_gives_cheaper_runs_more_steps_for_the_same_flops():
     assert by_name[("attentive", 0.25)].steps > by_name[("attentive", 0.5)].steps
 
 
+def _write_wall(out, point: GridPoint, seconds: float) -> None:
+    import json
+
+    (out / point.name).mkdir(parents=True)
+    (out / point.name / "study_time.json").write_text(json.dumps({"train_wall_s": seconds}))
+
+
+def test_equal_time_scales_steps_by_the_measured_wall_times_over_seeds(tmp_path):
+    walls = {("none", 1.0): (100.0, 110.0), ("random", 0.5): (50.0, 55.0),
+             ("attentive", 0.5): (80.0, 80.0)}  # fmt: skip
+    for (strategy, ratio), per_seed in walls.items():
+        for seed, seconds in enumerate(per_seed):
+            _write_wall(tmp_path, GridPoint(strategy, ratio, 2, seed), seconds)
+    points = grid(["none", "random", "attentive"], [0.5], [2], [0, 1])
+    scaled = equal_time_steps(points, None, TINY, tmp_path)  # the config: 100 steps
+    steps = {(p.strategy, p.seed): p.steps for p in scaled}
+    assert steps[("none", 0)] == steps[("none", 1)] == 0  # the equal-steps run itself
+    assert steps[("random", 0)] == steps[("random", 1)] == 200  # 100 x 105 / 52.5
+    assert steps[("attentive", 1)] == 131  # round(100 x 105 / 80)
+    assert "optim.total_steps=131" in scaled[-1].overrides()
+
+
+def test_equal_time_refuses_a_grid_whose_equal_steps_runs_are_missing(tmp_path):
+    _write_wall(tmp_path, GridPoint("none", 1.0, 2, 0), 100.0)
+    points = grid(["none", "random"], [0.25], [2], [0])
+    with pytest.raises(ValueError, match="random_k0.25_v2_s0.*without --equal-time"):
+        equal_time_steps(points, None, TINY, tmp_path)
+
+
 def test_summary_gives_steps_and_mean_wall_time(tmp_path):
     a = GridPoint("attentive", 0.5, 2, 0, steps=150)
     b = GridPoint("attentive", 0.5, 2, 1, steps=150)
@@ -160,3 +190,12 @@ def test_run_point_times_its_run_and_reuses_the_time(tmp_path, monkeypatch):
     assert first["train_wall_s"] >= 0 and first["zeroshot/x"] == {"top1": 0.5}
     again = keep_ratio.run_point(point, "configs/demo.yaml", tmp_path / "s", [])
     assert len(calls) == 1 and again["train_wall_s"] == first["train_wall_s"]  # reused
+
+
+def test_study_refuses_equal_cost_with_equal_time(tmp_path, capsys):
+    from evals.keep_ratio import main
+
+    args = ["study", "--out", str(tmp_path), "--equal-cost", "--equal-time", *TINY]
+    assert main(args) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing trained
