@@ -175,24 +175,38 @@ def _measured_wall(point: GridPoint, out: Path) -> float:
     return json.loads(timing.read_text())["train_wall_s"]
 
 
+def _timed_seeds(point: GridPoint, out: Path) -> set[int]:
+    """The seeds of ``point`` (its other fields as they are) with a timed run in ``out``."""
+    prefix = point.name[: -len(f"_s{point.seed}")] + "_s"
+    found = set()
+    for timing in out.resolve().glob(f"{prefix}*/{TIME_FILE}"):
+        seed = timing.parent.name[len(prefix) :]
+        if seed.isdigit():
+            found.add(int(seed))
+    return found
+
+
 def equal_time_steps(
     points: Sequence[GridPoint], config: str | None, extra: Sequence[str], out: Path
 ) -> list[GridPoint]:
     """The points with their run lengths set for equal training wall time, from the
     equal-steps study already in ``out``: each gets round(S x W_all / W) steps, where S is the
     config's run length, W the point's measured ``train.py`` wall time at S steps (mean over
-    the grid's seeds; start-up and evaluation included) and W_all that of the all-token run
-    with the same views and teacher. Wall times are only comparable between runs made on the
-    same machine under the same load (the study's two seeds side by side, say)."""
+    the grid's seeds, which must all be timed, and any other seed of it timed in ``out``, so
+    that one process per seed gets the same run lengths; start-up and evaluation included) and
+    W_all that of the all-token run with the same views and teacher. Wall times are only
+    comparable between runs made on the same machine under the same load (the study's two
+    seeds side by side, say)."""
     from aclip.config import load_config
     from aclip.optim import run_length
     from aclip.preflight import resolve_epoch_size
 
     base_cfg = load_config(config, list(extra))
     base = run_length(base_cfg, resolve_epoch_size(base_cfg)).total_steps
-    seeds = sorted({p.seed for p in points})
+    grid_seeds = {p.seed for p in points}
 
     def mean_wall(point: GridPoint) -> float:
+        seeds = grid_seeds | _timed_seeds(replace(point, steps=0), out)
         return statistics.fmean(_measured_wall(replace(point, seed=s, steps=0), out) for s in seeds)
 
     result = []

@@ -148,6 +148,9 @@ def test_equal_time_scales_steps_by_the_measured_wall_times_over_seeds(tmp_path)
     assert steps[("random", 0)] == steps[("random", 1)] == 200  # 100 x 105 / 52.5
     assert steps[("attentive", 1)] == 131  # round(100 x 105 / 80)
     assert "optim.total_steps=131" in scaled[-1].overrides()
+    # one process per seed: the other seed's timed run counts too, so the lengths agree
+    one_seed = equal_time_steps(grid(["random"], [0.5], [2], [1]), None, TINY, tmp_path)
+    assert one_seed[0].steps == 200
 
 
 def test_equal_time_refuses_a_grid_whose_equal_steps_runs_are_missing(tmp_path):
