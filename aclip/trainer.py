@@ -356,6 +356,7 @@ class Trainer:
             (self.run_dir / "results.json").write_text(json.dumps(results, indent=2))
 
     def close(self) -> None:
-        """Flush logs."""
+        """End the data loader's workers and flush the logs."""
+        self.stream.close()
         if self.writer is not None:
             self.writer.close()

@@ -87,6 +87,8 @@ def test_resume_after_a_stop_signal_gives_the_uninterrupted_losses(
     assert resumed.resume("latest") and resumed.step == 5
     _recording(resumed, rest)
     assert resumed.fit() is True
+    for trainer in (ref, stopped, resumed):  # _recording made cycles: end the workers now
+        trainer.close()
     assert first == {k: whole[k] for k in range(1, 6)}
     assert rest == {k: whole[k] for k in range(6, 10)}  # bit-exact
 
