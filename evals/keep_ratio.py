@@ -132,6 +132,33 @@ def point_cost(point: GridPoint, config: str | None, extra: Sequence[str] = ()) 
     }
 
 
+def _scale_to_all_token_budget(
+    points: Sequence[GridPoint],
+    config: str | None,
+    extra: Sequence[str],
+    step_cost: Callable[[GridPoint], float],
+) -> list[GridPoint]:
+    """Each point with round(S x C_all / C) steps, where S is the config's run length, C
+    ``step_cost`` of the point and C_all that of the all-token run with the same views and
+    teacher (a cost that does not depend on the seed); a point as long as the config's run keeps
+    ``steps`` 0 (the same run as in the equal-steps study, reused)."""
+    from aclip.config import load_config
+    from aclip.optim import run_length
+    from aclip.preflight import resolve_epoch_size
+
+    base_cfg = load_config(config, list(extra))  # no point changes the run length
+    base = run_length(base_cfg, resolve_epoch_size(base_cfg)).total_steps
+    all_tokens: dict[tuple[int, int], float] = {}  # (views, teacher size) -> cost of the run
+    out = []
+    for point in points:
+        key = (point.views, point.teacher_size)
+        if key not in all_tokens:
+            all_tokens[key] = step_cost(replace(point, strategy="none", keep_ratio=1.0))
+        steps = max(1, round(base * all_tokens[key] / step_cost(point)))
+        out.append(replace(point, steps=0 if steps == base else steps))
+    return out
+
+
 def equal_cost_steps(
     points: Sequence[GridPoint], config: str | None, extra: Sequence[str] = ()
 ) -> list[GridPoint]:
@@ -142,26 +169,11 @@ def equal_cost_steps(
     equal-steps study, reused)."""
     from aclip.config import load_config
     from aclip.flops import config_step_flops
-    from aclip.optim import run_length
-    from aclip.preflight import resolve_epoch_size
 
-    def cfg_of(point: GridPoint):
-        return load_config(config, [*extra, *point.overrides()])
+    def step_flops(point: GridPoint) -> float:
+        return config_step_flops(load_config(config, [*extra, *point.overrides()])).total
 
-    def step_cost(point: GridPoint) -> int:
-        return config_step_flops(cfg_of(point)).total
-
-    base_cfg = load_config(config, list(extra))  # no point changes the run length
-    base = run_length(base_cfg, resolve_epoch_size(base_cfg)).total_steps
-    all_tokens: dict[tuple[int, int], int] = {}  # (views, teacher size) -> FLOPs of one step
-    out = []
-    for point in points:
-        key = (point.views, point.teacher_size)
-        if key not in all_tokens:
-            all_tokens[key] = step_cost(replace(point, strategy="none", keep_ratio=1.0))
-        steps = max(1, round(base * all_tokens[key] / step_cost(point)))
-        out.append(replace(point, steps=0 if steps == base else steps))
-    return out
+    return _scale_to_all_token_budget(points, config, extra, step_flops)
 
 
 def _measured_wall(point: GridPoint, out: Path) -> float:
@@ -197,24 +209,13 @@ def equal_time_steps(
     W_all that of the all-token run with the same views and teacher. Wall times are only
     comparable between runs made on the same machine under the same load (the study's two
     seeds side by side, say)."""
-    from aclip.config import load_config
-    from aclip.optim import run_length
-    from aclip.preflight import resolve_epoch_size
-
-    base_cfg = load_config(config, list(extra))
-    base = run_length(base_cfg, resolve_epoch_size(base_cfg)).total_steps
     grid_seeds = {p.seed for p in points}
 
     def mean_wall(point: GridPoint) -> float:
-        seeds = grid_seeds | _timed_seeds(replace(point, steps=0), out)
-        return statistics.fmean(_measured_wall(replace(point, seed=s, steps=0), out) for s in seeds)
+        seeds = grid_seeds | _timed_seeds(point, out)
+        return statistics.fmean(_measured_wall(replace(point, seed=s), out) for s in seeds)
 
-    result = []
-    for point in points:
-        ref = replace(point, strategy="none", keep_ratio=1.0)
-        steps = max(1, round(base * mean_wall(ref) / mean_wall(point)))
-        result.append(replace(point, steps=0 if steps == base else steps))
-    return result
+    return _scale_to_all_token_budget(points, config, extra, mean_wall)
 
 
 def _check_train_py() -> None:
@@ -445,8 +446,6 @@ def study(args: argparse.Namespace) -> int:
     rows, walls = [], {}
     try:
         _check_train_py()  # before the config: an installed copy has neither
-        if args.equal_cost and args.equal_time:
-            raise ValueError("--equal-cost and --equal-time exclude each other")
         if args.equal_cost:
             points = equal_cost_steps(points, args.config, args.overrides)
         if args.equal_time:
@@ -730,13 +729,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[0],
         help="ema.image_size values (teacher resolution in px; 0: the model's size)",
     )
-    p.add_argument(
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
         "--equal-cost",
         action="store_true",
         help="equal training compute instead of equal steps: each run's steps scaled so that "
         "its model FLOPs (aclip.flops) equal those of the all-token run of the config's length",
     )
-    p.add_argument(
+    budget.add_argument(
         "--equal-time",
         action="store_true",
         help="equal training wall time instead of equal steps: each run's steps scaled by the "

@@ -199,6 +199,8 @@ def test_study_refuses_equal_cost_with_equal_time(tmp_path, capsys):
     from evals.keep_ratio import main
 
     args = ["study", "--out", str(tmp_path), "--equal-cost", "--equal-time", *TINY]
-    assert main(args) == 2
-    assert "exclude each other" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    assert "--equal-time: not allowed with argument --equal-cost" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # nothing trained
