@@ -324,6 +324,12 @@ def validate(cfg: Config) -> None:
             f"must be cpu or gpu (got {cfg.data.augment_on!r})",
         ),
         (0.0 <= cfg.data.max_skip_fraction <= 1.0, "data.max_skip_fraction", "must be in [0, 1]"),
+        (
+            (cfg.data.samples_per_epoch or 0) >= 0,
+            "data.samples_per_epoch",
+            f"must be >= 1, or unset (or 0) to count it from the shards' stats files (got "
+            f"{cfg.data.samples_per_epoch})",
+        ),
         (len(cfg.optim.betas) == 2, "optim.betas", "must hold two numbers"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
         (cfg.optim.total_steps >= 0, "optim.total_steps", "must be >= 0 (0: from optim.epochs)"),

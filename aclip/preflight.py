@@ -27,7 +27,10 @@ def check_paths(cfg: Config) -> None:
         )
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards': no training shards given")
-    sources = expand_urls(cfg.data.train_shards)
+    try:
+        sources = expand_urls(cfg.data.train_shards)
+    except ValueError as err:
+        raise ConfigError(f"config key 'data.train_shards': {err}") from None
     for source in sources:
         _check_source(source)
     _check_split(sources, cfg)
@@ -60,7 +63,7 @@ def _check_eval_sets(cfg: Config) -> None:
 def resolve_epoch_size(cfg: Config) -> int:
     """Set ``cfg.data.samples_per_epoch`` from the shards' stats files when it is not set (so a
     run's config.yaml records it) and return it; refuse, naming the shards without counts."""
-    from aclip.data.shards import EpochSizeUnknown, samples_per_epoch
+    from aclip.data.shards import EpochSizeUnknown, ShardCountError, samples_per_epoch
 
     if not cfg.data.samples_per_epoch:
         try:
@@ -69,6 +72,12 @@ def resolve_epoch_size(cfg: Config) -> int:
             raise ConfigError(
                 f"config key 'data.samples_per_epoch': not set, and {err}. Set "
                 "data.samples_per_epoch=<samples in one epoch>, or write the missing stats files"
+            ) from None
+        except ShardCountError as err:
+            raise ConfigError(
+                f"config key 'data.samples_per_epoch': not set, and a shard's sample count is "
+                f"wrong: {err}. Fix that file, or set data.samples_per_epoch=<samples in one "
+                "epoch>"
             ) from None
         if not counted:
             raise ConfigError(

@@ -18,7 +18,10 @@ def expand_urls(spec: str) -> list[list[str]]:
     """Split `spec` on `::` into sources and brace-expand each -> one url list per source."""
     sources = [s.strip() for s in spec.split("::") if s.strip()]
     if not sources:
-        raise ValueError(f"empty data spec {spec!r}")
+        raise ValueError(
+            f"the data spec {spec!r} names no shard (give one or more brace patterns of tar "
+            "shards joined with '::', e.g. /data/cc3m/{00000..00331}.tar)"
+        )
     return [list(braceexpand(s)) for s in sources]
 
 
@@ -27,16 +30,54 @@ def source_count(spec: str) -> int:
     return len(expand_urls(spec))
 
 
+# the most samples one shard's count may claim: img2dataset writes ~10^4 per shard, and 10^9
+# samples would be a shard of a terabyte or more; a larger count is a damaged or wrong file
+MAX_SHARD_SAMPLES = 10**9
+
+
+class ShardCountError(ValueError):
+    """A shard's stats file (or its `sizes.json` entry) is unreadable or holds no valid count."""
+
+
 def _shard_count(url: str) -> int | None:
-    """Samples in one local shard from `<stem>_stats.json` or `sizes.json`; None if unknown."""
+    """Samples in one local shard from `<stem>_stats.json` or `sizes.json`; None if unknown.
+    Raises `ShardCountError` naming the file when it is not JSON or its count is not an integer
+    in [0, MAX_SHARD_SAMPLES]."""
     path = Path(url)
     stats = path.with_name(f"{path.stem}_stats.json")
     if stats.is_file():
-        return int(json.loads(stats.read_text())["successes"])
+        record = _read_json_object(stats)
+        if "successes" not in record:
+            raise ShardCountError(f"{stats}: no 'successes' count (img2dataset writes one)")
+        return _checked_count(record["successes"], f"{stats}: 'successes'")
     sizes = path.with_name("sizes.json")
     if sizes.is_file():
-        return json.loads(sizes.read_text()).get(path.name)
+        count = _read_json_object(sizes).get(path.name)
+        return None if count is None else _checked_count(count, f"{sizes}: {path.name!r}")
     return None
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in ``path``; ShardCountError naming the file otherwise."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ShardCountError(f"{path}: not a readable JSON file ({err})") from None
+    if not isinstance(record, dict):
+        raise ShardCountError(f"{path}: not a JSON object (got {type(record).__name__})")
+    return record
+
+
+def _checked_count(value: object, where: str) -> int:
+    """``value`` as a shard's sample count: an integer in [0, MAX_SHARD_SAMPLES]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ShardCountError(f"{where} must be a whole number of samples (got {value!r})")
+    if not 0 <= value <= MAX_SHARD_SAMPLES:
+        raise ShardCountError(
+            f"{where} must be between 0 and {MAX_SHARD_SAMPLES:,} samples for one shard "
+            f"(got {value:,})"
+        )
+    return value
 
 
 class EpochSizeUnknown(ValueError):
@@ -51,7 +92,7 @@ def samples_per_epoch(spec: str) -> int:
     """Total samples over the shards of `spec` that exist, from img2dataset's
     `<shard>_stats.json` or a `sizes.json` beside them (missing shards count 0: the loader
     skips them). Raises `EpochSizeUnknown` naming the shards whose count is unknown
-    (remote shards included)."""
+    (remote shards included), `ShardCountError` naming a stats file that holds no valid count."""
     total, unknown = 0, []
     for url in (u for source in expand_urls(spec) for u in source):
         if is_local(url) and not Path(url).is_file():

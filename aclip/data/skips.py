@@ -57,7 +57,8 @@ class SkipLimitExceeded(RuntimeError):
 
 
 class LoaderStalled(RuntimeError):
-    """A resampled stream can make no progress: many shard reads in a row gave no (good) sample."""
+    """A stream can make no progress: many shard reads in a row of a resampled stream gave no
+    (good) sample, or a fresh loader yielded not one batch."""
 
 
 def skipped_samples() -> int:

@@ -15,7 +15,8 @@ from typing import Any
 from aclip.config import DataConfig
 from aclip.data.pipeline import build_train_loader
 from aclip.data.position import LoaderPosition
-from aclip.data.skips import SkipCounter, check_skip_fraction
+from aclip.data.shards import expand_urls
+from aclip.data.skips import LoaderStalled, SkipCounter, check_skip_fraction
 from aclip.data.transform import Tokenizer, Views
 
 
@@ -97,13 +98,28 @@ class TrainStream:
             if batch is not None:
                 break
             if self._fresh:
-                raise RuntimeError(f"the training data yielded no batch: {self.data.train_shards}")
+                raise LoaderStalled(self._no_batch_message())
             self.restart(samples_seen)  # the next epoch of a finite stream
         self._fresh = False
         if "data_pos" in batch:
             self.position.update(batch)
         self.skips.update(batch)
         return batch
+
+    def _no_batch_message(self) -> str:
+        """Why a fresh loader yielded nothing, naming the shards of ``data.train_shards``."""
+        spec = self.data.train_shards
+        try:
+            urls = [u for source in expand_urls(spec) for u in source]
+        except ValueError:
+            urls = []
+        listed = ", ".join(urls[:5]) + (f" and {len(urls) - 5} more" if len(urls) > 5 else "")
+        finite = "" if self.data.resampled else ", data.resampled=false"
+        return (
+            f"the training data yielded no batch: data.train_shards ({spec}{finite}) gave not one "
+            f"batch of {self.batch_size} samples from its {len(urls)} shard(s): {listed}. Do "
+            "the shards hold samples (an image and a caption each) in readable tar archives?"
+        )
 
     def check_health(self, counts_all: Mapping[str, int], samples_seen: int) -> None:
         """Stop when more than ``data.max_skip_fraction`` of the samples read were bad

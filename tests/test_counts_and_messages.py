@@ -1,0 +1,134 @@
+"""Counts and config values that train.py refuses with exit 2 naming the key or the file (shard
+stats files, data.samples_per_epoch, data.train_shards, model.image_size), messages that point
+the user the right way (directories and wildcards as shards), and the install name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import TINY_MODEL_ARGS
+
+from aclip.config import load_config
+from aclip.data.shards import samples_per_epoch
+from aclip.data.synthetic import write_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+TINY = [
+    *TINY_MODEL_ARGS,
+    "train.global_batch_size=8",
+    "train.precision=fp32",
+    "train.zero_stage=0",
+    "train.image_log_every=0",
+    "train.ckpt_every=0",
+    "train.progress=false",
+    "train.stop_at_step=1",
+    "data.workers=0",
+    "data.shuffle_buffer=16",
+    "eval.batch_size=16",
+]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    write_synthetic(
+        root, n_train=64, n_eval_cls=20, n_eval_ret=8, image_size=48, samples_per_shard=32, seed=0
+    )
+    return root
+
+
+def _main(data: Path, out: Path, shards: str, *extra: str) -> int:
+    return train.main(
+        [
+            "--config",
+            str(REPO / "configs" / "demo.yaml"),
+            *TINY,
+            f"data.train_shards={shards}",
+            f"eval.zeroshot_sets=[{data}/eval_cls]",
+            f"eval.retrieval_sets=[{data}/eval_ret]",
+            f"train.output_dir={out}",
+            *extra,
+        ]
+    )
+
+
+def _copy_shards(data: Path, tmp_path: Path) -> Path:
+    shards = tmp_path / "shards"
+    shutil.copytree(data / "train", shards)
+    return shards
+
+
+# ----------------------------------------------------------------------------- shard stats files
+@pytest.mark.parametrize(
+    ("stats", "why"),
+    [
+        ('{"successes": 3', "not a readable JSON file"),
+        ('{"count": 3}', "no 'successes' count"),
+        ('{"successes": "many"}', "must be a whole number of samples (got 'many')"),
+        ("[3]", "not a JSON object"),
+        ('{"successes": -1000}', "must be between 0 and 1,000,000,000 samples"),
+        ('{"successes": 1e11}', "must be a whole number of samples (got 100000000000.0)"),
+        ('{"successes": 100000000000}', "(got 100,000,000,000)"),
+    ],
+)
+def test_a_wrong_stats_file_is_refused_naming_it(data, tmp_path, capsys, stats, why):
+    """Before: a traceback without the file's name (JSONDecodeError, KeyError, ValueError), or
+    an epoch of -968 samples / 28 billion steps accepted."""
+    shards = _copy_shards(data, tmp_path)
+    (shards / "00000_stats.json").write_text(stats)
+    assert _main(data, tmp_path / "run", f"{shards}/{{00000..00001}}.tar") == 2
+    err = capsys.readouterr().err
+    assert f"{shards}/00000_stats.json" in err and why in err
+    assert "data.samples_per_epoch" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wrong_sizes_json_entry_is_refused_naming_it(tmp_path):
+    from aclip.data.shards import ShardCountError
+
+    (tmp_path / "00000.tar").write_bytes(b"")
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": -7}))
+    with pytest.raises(ShardCountError, match=r"sizes\.json: '00000\.tar' must be between 0"):
+        samples_per_epoch(str(tmp_path / "00000.tar"))
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 7}))
+    assert samples_per_epoch(str(tmp_path / "00000.tar")) == 7
+
+
+# ----------------------------------------------------------------------------- config values
+def test_a_negative_samples_per_epoch_is_refused(data, tmp_path, capsys):
+    """Before: accepted, an epoch of -5 samples."""
+    shards = f"{data}/train/{{00000..00001}}.tar"
+    assert _main(data, tmp_path / "run", shards, "data.samples_per_epoch=-5") == 2
+    assert "config key 'data.samples_per_epoch': must be >= 1" in capsys.readouterr().err
+    # unset and 0 still mean: count the epoch from the shards' stats files
+    assert load_config(None, ["data.samples_per_epoch=0"]).data.samples_per_epoch == 0
+    assert load_config(None, []).data.samples_per_epoch is None
+
+
+def test_a_spec_of_no_shard_is_refused(data, tmp_path, capsys):
+    """Before: ValueError traceback (exit 1) from expand_urls."""
+    assert _main(data, tmp_path / "run", '"::"') == 2
+    err = capsys.readouterr().err
+    assert "config key 'data.train_shards'" in err and "names no shard" in err
+
+
+def test_shards_without_samples_stop_with_exit_2_naming_them(data, tmp_path, capsys):
+    """A finite stream (data.resampled=false) over tar files that hold no sample. Before:
+    RuntimeError traceback (exit 1)."""
+    for i in range(2):
+        with tarfile.open(tmp_path / f"{i:05d}.tar", "w"):
+            pass
+    spec = f"{tmp_path}/{{00000..00001}}.tar"
+    argv = ("data.resampled=false", "data.samples_per_epoch=64")
+    assert _main(data, tmp_path / "run", spec, *argv) == 2
+    err = capsys.readouterr().err
+    assert "yielded no batch" in err and "data.train_shards" in err
+    assert f"{tmp_path}/00000.tar" in err and f"{tmp_path}/00001.tar" in err
