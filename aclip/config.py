@@ -300,6 +300,7 @@ def validate(cfg: Config) -> None:
             f"must be >= 0.01, the logit scale's clamp (got {cfg.model.init_temperature})",
         ),
         (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
+        (cfg.model.image_size >= 1, "model.image_size", "must be >= 1 (pixels per side)"),
         (0.0 <= cfg.model.text_token_drop < 1.0, "model.text_token_drop", "must be in [0, 1)"),
         (
             cfg.train.precision in ("fp32", "bf16", "fp16", "amp_bf16"),

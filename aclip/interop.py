@@ -46,7 +46,7 @@ from timm.layers import Attention, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from aclip.config import ModelConfig
+from aclip.config import ConfigError, ModelConfig
 from aclip.model import build_clip
 from aclip.model.clip import CLIP
 
@@ -815,12 +815,18 @@ def check_architecture(clip: CLIP, weights_cfg: ModelConfig) -> None:
     """Refuse ``clip`` when its towers are not the architecture the weights were trained in
     (``weights_cfg``), image size and context length aside; names the first difference."""
     size, ctx = int(clip.visual.vit.patch_embed.img_size[0]), clip.text.context_length
-    with torch.device("meta"):
-        ref = build_clip(replace(weights_cfg, image_size=size, context_length=ctx))
     wanted = (
         f"model.vision_model={weights_cfg.vision_model}, "
         f"model.vision_kwargs={dict(weights_cfg.vision_kwargs)}"
     )
+    try:
+        with torch.device("meta"):
+            ref = build_clip(replace(weights_cfg, image_size=size, context_length=ctx))
+    except ConfigError:  # build_vision: the weights' patches do not tile the model's images
+        raise WeightsError(
+            f"the vision tower is not the weights' architecture ({wanted}): their patches do not "
+            f"tile the model's {size}x{size} images"
+        ) from None
     if ref.visual.vit.global_pool != clip.visual.vit.global_pool:
         raise WeightsError(
             f"the vision tower pools by {clip.visual.vit.global_pool!r}, the weights by "

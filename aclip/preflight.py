@@ -18,6 +18,7 @@ def check_paths(cfg: Config) -> None:
     from aclip.methods import get_method
 
     get_method(cfg.method).validate(cfg)
+    _check_image_size(cfg)
     pretrained = cfg.model.init_from.removeprefix("local-dir:")
     if pretrained and not will_resume(cfg) and not Path(pretrained).exists():
         raise FileNotFoundError(
@@ -37,6 +38,18 @@ def check_paths(cfg: Config) -> None:
     resolve_epoch_size(cfg)
     _check_eval_sets(cfg)
     _check_writable(Path(cfg.train.output_dir))
+
+
+def _check_image_size(cfg: Config) -> None:
+    """Refuse a ``model.image_size`` that does not cut into whole patches (ConfigError from
+    ``build_vision``), building the vision tower on the meta device: no memory, no weights,
+    no random draws."""
+    import torch
+
+    from aclip.model import build_vision
+
+    with torch.device("meta"):
+        build_vision(cfg.model)
 
 
 def _check_eval_sets(cfg: Config) -> None:

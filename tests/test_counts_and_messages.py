@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY_MODEL_ARGS
 
-from aclip.config import load_config
+from aclip.config import ConfigError, load_config
 from aclip.data.shards import samples_per_epoch
 from aclip.data.synthetic import write_synthetic
 
@@ -132,3 +132,47 @@ def test_shards_without_samples_stop_with_exit_2_naming_them(data, tmp_path, cap
     err = capsys.readouterr().err
     assert "yielded no batch" in err and "data.train_shards" in err
     assert f"{tmp_path}/00000.tar" in err and f"{tmp_path}/00001.tar" in err
+
+
+@pytest.mark.parametrize(
+    ("size", "why"),
+    [(36, "36 is not a multiple of the patch size 8x8"), (4, "4 is smaller than one patch (8x8)")],
+)
+def test_an_image_size_the_patches_do_not_fit_blames_model_image_size(
+    data, tmp_path, capsys, size, why
+):
+    """Before: 36 blamed ema.image_size; 4 raised `k=1 must be in [1, 0]` (exit 1)."""
+    shards = f"{data}/train/{{00000..00001}}.tar"
+    assert _main(data, tmp_path / "run", shards, f"model.image_size={size}") == 2
+    err = capsys.readouterr().err
+    assert f"config key 'model.image_size': {why}" in err and "ema.image_size" not in err
+    assert not (tmp_path / "run").exists()  # refused before any model is built
+
+
+def test_an_ema_image_size_the_patches_do_not_fit_blames_ema_image_size(data, tmp_path, capsys):
+    shards = f"{data}/train/{{00000..00001}}.tar"
+    assert _main(data, tmp_path / "run", shards, "ema.image_size=20") == 2
+    err = capsys.readouterr().err
+    assert "config key 'ema.image_size'" in err and "model.image_size" not in err
+
+
+def test_a_non_positive_image_size_is_refused():
+    with pytest.raises(ConfigError, match=r"model\.image_size"):
+        load_config(None, ["model.image_size=0"])
+
+
+def test_weights_whose_patches_do_not_tile_the_model_are_the_wrong_architecture(tmp_path):
+    """interop.check_architecture builds the weights' tower at the model's image size: a patch
+    that does not tile it is a different architecture (WeightsError), not a bad model.image_size."""
+    from dataclasses import replace
+
+    from helpers import tiny_config
+
+    from aclip.interop import WeightsError, check_architecture
+    from aclip.model import build_clip
+
+    model_cfg = tiny_config(str(tmp_path)).model  # 32 px, patch 8
+    clip = build_clip(model_cfg)
+    weights_cfg = replace(model_cfg, vision_kwargs={**model_cfg.vision_kwargs, "patch_size": 12})
+    with pytest.raises(WeightsError, match=r"not the weights' architecture .*patch_size': 12"):
+        check_architecture(clip, weights_cfg)

@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from aclip.config import LossConfig, ModelConfig
+from aclip.config import ConfigError, LossConfig, ModelConfig
 from aclip.model.clip import CLIP, ACLIPModel
 from aclip.model.heads import byol_predictor, byol_projector, simclr_head
 from aclip.model.text import TextTransformer
-from aclip.model.vision import VisionTower, gather_tokens, normalize_alpha
+from aclip.model.vision import ImageSizeError, VisionTower, gather_tokens, normalize_alpha
 
 __all__ = [
     "ACLIPModel",
@@ -29,15 +29,22 @@ __all__ = [
 
 def build_vision(model_cfg: ModelConfig) -> VisionTower:
     """The vision tower of ``model_cfg`` (timm ViT, patch stem, alpha channel), randomly
-    initialised."""
-    return VisionTower(
-        model_cfg.vision_model,
-        model_cfg.image_size,
-        model_kwargs=dict(model_cfg.vision_kwargs),
-        freeze_patch_embed=model_cfg.freeze_patch_embed,
-        alpha_channel=model_cfg.alpha_channel,
-        patch_stem=model_cfg.patch_stem,
-    )
+    initialised. Raises ConfigError naming ``model.image_size`` when it is smaller than one
+    patch or not a multiple of the patch size."""
+    try:
+        return VisionTower(
+            model_cfg.vision_model,
+            model_cfg.image_size,
+            model_kwargs=dict(model_cfg.vision_kwargs),
+            freeze_patch_embed=model_cfg.freeze_patch_embed,
+            alpha_channel=model_cfg.alpha_channel,
+            patch_stem=model_cfg.patch_stem,
+        )
+    except ImageSizeError as err:
+        raise ConfigError(
+            f"config key 'model.image_size': {err} of {model_cfg.vision_model} "
+            f"(model.vision_kwargs: {dict(model_cfg.vision_kwargs)})"
+        ) from None
 
 
 def build_clip(model_cfg: ModelConfig) -> CLIP:

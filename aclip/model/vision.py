@@ -74,6 +74,21 @@ def _set_patch_stem(vit: VisionTransformer, stem: str) -> None:
         vit.patch_embed.proj = ConvStem(ph, int(vit.embed_dim), vit.patch_embed.proj.in_channels)
 
 
+class ImageSizeError(ValueError):
+    """A tower's image size does not cut into whole patches (or is smaller than one patch)."""
+
+
+def check_image_size(image_size: int, patch_hw: tuple[int, int]) -> None:
+    """Refuse (ImageSizeError) an ``image_size`` smaller than one patch or not a multiple of the
+    patch size: timm would build a grid of no patch, or one that drops the last pixels and then
+    refuses every image of that size."""
+    ph, pw = patch_hw
+    if image_size < ph or image_size < pw:
+        raise ImageSizeError(f"{image_size} is smaller than one patch ({ph}x{pw})")
+    if image_size % ph or image_size % pw:
+        raise ImageSizeError(f"{image_size} is not a multiple of the patch size {ph}x{pw}")
+
+
 class _ClsAttentionProbe:
     """Accumulates the CLS query's softmax attention over the patch keys, block by block.
 
@@ -193,6 +208,7 @@ class VisionTower(nn.Module):
             raise TypeError(f"{model_name} is a {type(vit).__name__}, not a timm VisionTransformer")
         if isinstance(vit.patch_drop, PatchDropout):
             raise ValueError("patch_drop_rate > 0 is not supported: select tokens with keep_idx_BK")
+        check_image_size(image_size, tuple(vit.patch_embed.patch_size))
         _set_patch_stem(vit, patch_stem)
         self.vit = vit
         self.width: int = int(vit.embed_dim)
