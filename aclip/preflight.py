@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import warnings
 from functools import partial
 from pathlib import Path
@@ -111,16 +113,59 @@ def _check_source(source: list[str]) -> None:
     if not missing:
         return
     if len(missing) == len(local):
-        raise FileNotFoundError(
-            f"data.train_shards: no shard found for {source[0]} ... (none of its "
-            f"{len(local)} files exists)"
-        )
+        hint = _brace_hint(source[0]) if len(source) == 1 else ""
+        none = f"no shard found for {source[0]} ... (none of its {len(local)} files exists)"
+        raise FileNotFoundError(f"data.train_shards: {hint or none}")
     listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
     warnings.warn(
         f"data.train_shards: {len(missing)} of {len(local)} shards are missing and will be "
         f"skipped: {listed}",
         stacklevel=3,
     )
+
+
+def _brace_hint(url: str) -> str:
+    """For a directory or a wildcard pattern given as a shard spec, how to name its shards
+    instead: a brace pattern computed from the tar files there ('' for any other path)."""
+    path = Path(url)
+    if path.is_dir():
+        what, paths = f"{url} is a directory", list(path.iterdir())
+    elif "*" in url or "?" in url:
+        what, paths = f"{url} is a wildcard pattern", [Path(p) for p in glob.glob(url)]
+    else:
+        return ""
+    found = sorted(p for p in paths if ".tar" in p.suffixes and p.is_file())
+    usage = "data.train_shards takes brace patterns of shards, not directories or wildcards"
+    if not found:
+        return f"{what} with no .tar file: {usage}, e.g. 'DIR/{{00000..00011}}.tar'"
+    spec = _brace_spec(found)
+    if spec is not None:
+        return f"{what}: {usage}: use '{spec}' for the {len(found)} .tar file(s) found there"
+    names = ", ".join(p.name for p in found[:3]) + (" ..." if len(found) > 3 else "")
+    return (
+        f"{what}: {usage}. Its {len(found)} .tar file(s) ({names}) are not one numbered series: "
+        "name them with brace patterns, e.g. 'DIR/{00000..00011}.tar', joined with '::' if need be"
+    )
+
+
+_NUMBERED = re.compile(r"^(?P<stem>.*?)(?P<num>\d+)(?P<ext>(?:\.\w+)+)$")
+
+
+def _brace_spec(files: list[Path]) -> str | None:
+    """``DIR/STEM{first..last}EXT`` naming exactly ``files`` (one folder, stem and extension,
+    consecutive numbers all of one width or none zero-padded), or None when no pattern does."""
+    matches = [_NUMBERED.match(f.name) for f in files]
+    if len({f.parent for f in files}) != 1 or not all(matches):
+        return None
+    parts = {(m["stem"], m["ext"]) for m in matches if m}
+    nums = sorted((int(m["num"]), m["num"]) for m in matches if m)
+    values = [i for i, _ in nums]
+    one_width = len({len(n) for _, n in nums}) == 1 or all(n == str(i) for i, n in nums)
+    if len(parts) != 1 or not one_width or values != list(range(values[0], values[-1] + 1)):
+        return None
+    (stem, ext), first, last = parts.pop(), nums[0][1], nums[-1][1]
+    middle = first if first == last else f"{{{first}..{last}}}"
+    return f"{files[0].parent}/{stem}{middle}{ext}"
 
 
 def _check_split(sources: list[list[str]], cfg: Config) -> None:

@@ -176,3 +176,43 @@ def test_weights_whose_patches_do_not_tile_the_model_are_the_wrong_architecture(
     weights_cfg = replace(model_cfg, vision_kwargs={**model_cfg.vision_kwargs, "patch_size": 12})
     with pytest.raises(WeightsError, match=r"not the weights' architecture .*patch_size': 12"):
         check_architecture(clip, weights_cfg)
+
+
+# ----------------------------------------------------------------------------- wrong-way messages
+def test_a_directory_of_shards_gets_the_brace_form(data, tmp_path, capsys):
+    """Before: 'none of its 1 files exists'."""
+    assert _main(data, tmp_path / "run", f"{data}/train") == 2
+    err = capsys.readouterr().err
+    assert f"use '{data}/train/{{00000..00001}}.tar'" in err and "is a directory" in err
+    assert "none of its 1 files" not in err
+
+
+def test_a_wildcard_of_shards_gets_the_brace_form(data, tmp_path, capsys):
+    assert _main(data, tmp_path / "run", f"{data}/train/*.tar") == 2
+    err = capsys.readouterr().err
+    assert f"use '{data}/train/{{00000..00001}}.tar'" in err and "wildcard" in err
+    assert "none of its 1 files" not in err
+
+
+def test_shards_not_in_one_series_get_the_general_advice(data, tmp_path, capsys):
+    for name in ("00000.tar", "00002.tar"):
+        shutil.copy(data / "train" / "00000.tar", tmp_path / name)
+    assert _main(data, tmp_path / "run", str(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "2 .tar file(s) (00000.tar, 00002.tar) are not one numbered series" in err
+    assert "'DIR/{00000..00011}.tar'" in err
+
+
+def test_brace_spec_of_found_files(tmp_path):
+    from aclip.preflight import _brace_spec
+
+    def spec(*names: str) -> str | None:
+        return _brace_spec([tmp_path / n for n in names])
+
+    assert spec("00009.tar", "00010.tar", "00011.tar") == f"{tmp_path}/{{00009..00011}}.tar"
+    assert spec("s8.tar", "s9.tar", "s10.tar") == f"{tmp_path}/s{{8..10}}.tar"
+    assert spec("shard-07.tar") == f"{tmp_path}/shard-07.tar"
+    assert spec("00000.tar", "00002.tar") is None  # a gap
+    assert spec("8.tar", "09.tar", "10.tar") is None  # mixed padding
+    assert spec("a0.tar", "b1.tar") is None  # two stems
+    assert spec("0.tar", "1.tar.gz") is None  # two extensions
