@@ -1,8 +1,8 @@
 """CLIPer's fine-grained compensation: Stable Diffusion self-attention as a pixel affinity.
 
-Optional: needs diffusers (``pip install 'aclip[dense]'``) and a local diffusers folder of the
-weights (``unet/``, ``vae/``, ``scheduler/``; SD 2.1-base for the paper's setting); nothing is
-downloaded. Steps, after linsun449/cliper.code (``diffusion_model/stable_diffusion.py``,
+Optional: needs diffusers (``pip install 'aclip-pretrain[dense]'``) and a local diffusers
+folder of the weights (``unet/``, ``vae/``, ``scheduler/``; SD 2.1-base for the paper's setting);
+nothing is downloaded. Steps, after linsun449/cliper.code (``diffusion_model/stable_diffusion.py``,
 ``Processor.py``, ``ovs/pipeline.py`` ``refinement``):
 
 1. the RGB image in [0, 1] is resized to the UNet's sample size × the VAE's factor (512 for
@@ -46,7 +46,7 @@ def _diffusers() -> Any:
         import diffusers
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "the Stable Diffusion refinement needs diffusers: pip install 'aclip[dense]'"
+            "the Stable Diffusion refinement needs diffusers: pip install 'aclip-pretrain[dense]'"
         ) from err
     return diffusers
 

@@ -5,6 +5,7 @@ the user the right way (directories and wildcards as shards), and the install na
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tarfile
@@ -216,3 +217,18 @@ def test_brace_spec_of_found_files(tmp_path):
     assert spec("8.tar", "09.tar", "10.tar") is None  # mixed padding
     assert spec("a0.tar", "b1.tar") is None  # two stems
     assert spec("0.tar", "1.tar.gz") is None  # two extensions
+
+
+# ----------------------------------------------------------------------------- install name
+def test_no_file_tells_users_to_install_the_unrelated_aclip_distribution():
+    """PyPI's `aclip` is another project: the extras are `aclip-pretrain[...]`."""
+    wrong = re.compile(r"(?<![\w-])aclip\[")  # aclip[dense], not aclip-pretrain[dense]
+    files = [REPO / "README.md", *(REPO / "docs").rglob("*.md")]
+    files += [*(REPO / "aclip").rglob("*.py"), *(REPO / "evals").rglob("*.py")]
+    offenders = [
+        f"{path.relative_to(REPO)}:{n}"
+        for path in files
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if wrong.search(line) or "pip install aclip " in line or line.endswith("pip install aclip")
+    ]
+    assert not offenders, f"install the distribution aclip-pretrain, not aclip: {offenders}"
