@@ -164,6 +164,10 @@ class AlphaConfig:
     full_image_prob: float = 0.1  # chance of a (full caption, all-ones alpha) pair per sample
     view: str = "pad"  # pad: whole image padded to a square (official code); crop: random crop
     label_smoothing: float = 0.1  # InfoNCE label smoothing (official code)
+    # false (official code): the gathered features carry no gradient, so the images train
+    # through the image->text term alone; true: both InfoNCE terms train the images (the exact
+    # gradient of the symmetric loss). The loss value is the same (aclip.losses.no_grad_columns)
+    symmetric_grad: bool = False
 
 
 @dataclass

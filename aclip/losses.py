@@ -70,6 +70,7 @@ def clip_infonce(
     logit_scale_exp: Tensor,
     all_text: Tensor | None = None,
     label_smoothing: float = 0.0,
+    gathered_grad: bool = True,
 ) -> Tensor:
     """Symmetric CLIP InfoNCE on L2-normalised embeddings, gathered across ranks.
 
@@ -79,10 +80,17 @@ def clip_infonce(
     ``all_text`` is ``gather_with_grad(text_emb)[0]`` when the caller already has it (several
     views share one text gather). ``label_smoothing`` is cross-entropy's, over the gathered
     columns (Alpha-CLIP's official code: 0.1).
+
+    ``gathered_grad=False`` gives the gathered columns (every rank's features, this rank's
+    included) no gradient, as Alpha-CLIP's official code gathers them (see
+    :func:`no_grad_columns`): the loss value is the same, but each row's features are trained
+    only by their own row's term (an image by image->text, a caption by text->image).
     """
     all_image, offset = gather_with_grad(image_emb)
     if all_text is None:
         all_text, _ = gather_with_grad(text_emb)
+    if not gathered_grad:
+        all_image, all_text = no_grad_columns(all_image), no_grad_columns(all_text)
     labels = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     logits_image = logit_scale_exp * image_emb @ all_text.t()
     logits_text = logit_scale_exp * text_emb @ all_image.t()
@@ -91,17 +99,33 @@ def clip_infonce(
     return (ce_image + ce_text) / 2
 
 
+def no_grad_columns(gathered: Tensor) -> Tensor:
+    """Gathered features as Alpha-CLIP's official code uses them: without gradient.
+
+    Official code (SunzeY/AlphaCLIP): ``train/utils.py:11-27``, ``concat_all_gather`` is
+    ``@torch.no_grad()`` around ``torch.distributed.all_gather``; ``train/train/
+    train_grit_1m.py:100-104`` scores ``image_features @ text_feat_all.T`` (image->text) and
+    ``image_feat_all @ text_features.T`` (text->image), both at ``logit_scale.exp()`` and
+    averaged at lines 118-121. That script always runs distributed (``init_process_group`` at
+    line 329, DDP at 61, ``dist.get_rank()`` unguarded at 127), so even on one GPU the gathered
+    copy, this rank's own rows included, has no gradient; we follow that at any world size.
+    With the text tower frozen, only the image->text term trains the images.
+    """
+    return gathered.detach()
+
+
 def multi_view_infonce(
     image_emb_views: list[Tensor],
     text_emb: Tensor,
     logit_scale_exp: Tensor,
     label_smoothing: float = 0.0,
+    gathered_grad: bool = True,
 ) -> Tensor:
     """Mean over views of :func:`clip_infonce` (view v's images against the captions), with one
-    gather of the text features for all views."""
+    gather of the text features for all views; ``gathered_grad`` as in :func:`clip_infonce`."""
     all_text, _ = gather_with_grad(text_emb)
     per_view = [
-        clip_infonce(emb, text_emb, logit_scale_exp, all_text, label_smoothing)
+        clip_infonce(emb, text_emb, logit_scale_exp, all_text, label_smoothing, gathered_grad)
         for emb in image_emb_views
     ]
     return torch.stack(per_view).mean()

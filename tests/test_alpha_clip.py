@@ -281,6 +281,137 @@ def test_label_smoothed_infonce_on_gathered_logits_two_ranks(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
+# The official loss (SunzeY/AlphaCLIP, train/train/train_grit_1m.py:98-122), written from its
+# expressions: concat_all_gather (train/utils.py:11-27) is @torch.no_grad() all_gather, and the
+# script always runs under torch.distributed (so on one GPU the "gathered" copy has no grad too).
+def _concat_all_gather(tensor):
+    with torch.no_grad():
+        if not (dist.is_available() and dist.is_initialized()):
+            return tensor.detach().clone()  # the official script's one-GPU run: a no-grad copy
+        tensors_gather = [torch.ones_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(tensors_gather, tensor, async_op=False)
+        return torch.cat(tensors_gather, dim=0)
+
+
+def _official_loss_itc(image_features, text_features, logit_scale):
+    image_feat_all = _concat_all_gather(image_features)
+    text_feat_all = _concat_all_gather(text_features)
+    sim_i2t = torch.matmul(image_features, text_feat_all.T)
+    sim_t2i = torch.matmul(image_feat_all, text_features.T)
+    sim_t2i = sim_t2i.T
+    sim_i2t = logit_scale.exp() * sim_i2t
+    sim_t2i = logit_scale.exp() * sim_t2i
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    bs = image_features.size(0)
+    targets = torch.linspace(rank * bs, rank * bs + bs - 1, bs, dtype=int)
+    return (
+        F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+        + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)
+    ) / 2
+
+
+def _alpha_batch(n, seed):
+    """Raw image features (as a vision tower's output), caption features, a loader batch
+    (float32: the method computes its loss in float32)."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(n, 16, generator=g)
+    txt = F.normalize(torch.randn(n, 16, generator=g), dim=1)
+    batch = {
+        "views": torch.zeros(n, 1, 3, 32, 32, dtype=torch.uint8),
+        "alpha": torch.zeros(n, 1, 1, 32, 32, dtype=torch.uint8),
+        "tokens": torch.zeros(n, 16, dtype=torch.long),
+    }
+    return raw, txt, batch
+
+
+def _alpha_method(world_size=1, **overrides):
+    from aclip.methods.alpha_clip import AlphaCLIP
+    from aclip.methods.base import RunContext
+
+    cfg = tiny_config("/tmp/unused", method="alpha_clip", **{"model.alpha_channel": True},
+                      **overrides)  # fmt: skip
+    ctx = RunContext(torch.device("cpu"), 0, world_size, 10, torch.float32, False)
+    return AlphaCLIP(cfg, ctx)
+
+
+def _method_loss(method, image_features, text_features):
+    """AlphaCLIP.loss with a stand-in for the student: it returns the given features."""
+
+    def forward(images, tokens, keep, alpha):
+        return {"image_emb": image_features, "text_emb": text_features,
+                "logit_scale_exp": LN100.exp()}  # fmt: skip
+
+    return method.loss(forward, _alpha_batch(image_features.shape[0], 0)[2], 0).total
+
+
+def _grads(method, raw, txt, theta=None):
+    """(loss, d loss / d raw image features[, d loss / d theta]) through the method's loss."""
+    raw = raw.clone().requires_grad_()
+    feats = raw if theta is None else raw @ theta
+    loss = _method_loss(method, F.normalize(feats, dim=1), txt)
+    loss.backward()
+    return loss.detach(), raw.grad
+
+
+def test_alpha_clip_loss_gradient_is_the_official_one():
+    raw, txt, _ = _alpha_batch(12, 1)
+    official_raw = raw.clone().requires_grad_()
+    official = _official_loss_itc(F.normalize(official_raw, dim=1), txt, LN100)
+    official.backward()
+    loss, grad = _grads(_alpha_method(), raw, txt)  # the default: alpha.symmetric_grad=false
+    torch.testing.assert_close(loss, official.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, official_raw.grad, atol=1e-6, rtol=1e-5)
+    # the symmetric gradient: same loss value, a different (larger) image gradient
+    sym_loss, sym_grad = _grads(_alpha_method(**{"alpha.symmetric_grad": True}), raw, txt)
+    torch.testing.assert_close(sym_loss, loss, atol=0, rtol=0)
+    ratio = (sym_grad.norm() / grad.norm()).item()
+    cosine = F.cosine_similarity(sym_grad.flatten(), grad.flatten(), dim=0).item()
+    assert ratio > 1.5 and cosine < 0.99, (ratio, cosine)
+
+
+def _official_grad_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        raw, txt, _ = _alpha_batch(8, 2)
+        theta = torch.eye(16) + 0.1 * _alpha_batch(16, 3)[0]
+        rows = slice(rank * 4, rank * 4 + 4)
+        theta_ours = theta.clone().requires_grad_()
+        loss, grad = _grads(_alpha_method(world_size=2), raw[rows], txt[rows], theta_ours)
+        theta_grad = theta_ours.grad.clone()
+        dist.all_reduce(theta_grad)  # DDP: the mean of the ranks' parameter gradients
+        official_raw = raw[rows].clone().requires_grad_()
+        official = _official_loss_itc(F.normalize(official_raw @ theta, dim=1), txt[rows],
+                                      LN100)  # fmt: skip
+        official.backward()
+        torch.save({"loss": loss, "grad": grad, "theta_grad": theta_grad / 2,
+                    "official": official.detach(), "official_grad": official_raw.grad},
+                   os.path.join(out_dir, f"rank{rank}.pt"))  # fmt: skip
+        dist.barrier()  # no rank tears gloo down while the other still uses it
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_alpha_clip_official_gradient_two_ranks_equals_one_rank(tmp_path):
+    mp.spawn(_official_grad_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2,
+             join=True)  # fmt: skip
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    raw, txt, _ = _alpha_batch(8, 2)
+    theta = (torch.eye(16) + 0.1 * _alpha_batch(16, 3)[0]).requires_grad_()
+    loss, grad = _grads(_alpha_method(), raw, txt, theta)  # one rank, the whole batch
+    for rank in range(2):
+        rows = slice(rank * 4, rank * 4 + 4)
+        # each rank: the official code's loss and its gradient on that rank's rows
+        torch.testing.assert_close(res[rank]["loss"], res[rank]["official"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(res[rank]["grad"], res[rank]["official_grad"], atol=1e-6,
+                                   rtol=1e-5)  # fmt: skip
+        # rank r holds world_size x the one-rank gradient of its rows (aclip.losses docstring)
+        torch.testing.assert_close(res[rank]["grad"], 2 * grad[rows], atol=1e-6, rtol=1e-5)
+        # the ranks' mean parameter gradient (DDP) is the one-rank gradient on the whole batch
+        torch.testing.assert_close(res[rank]["theta_grad"], theta.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close((res[0]["loss"] + res[1]["loss"]) / 2, loss, atol=1e-6, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- param groups
 def test_param_group_learning_rates_at_warmup_and_after():
     cfg = tiny_config("/tmp/unused", **{

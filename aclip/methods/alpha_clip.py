@@ -14,7 +14,9 @@ One step, top to bottom (sources: the paper and its official code, SunzeY/AlphaC
 3. loss = InfoNCE(images with alpha, captions), gathered across ranks, with label smoothing
    ``alpha.label_smoothing`` (0.1, official) at a fixed temperature: the logit scale is ln 100
    and not trained (official ``log_scale`` 4.6052, ln 100 rounded; we keep ln 100 exactly,
-   the clamp of every aclip CLIP).
+   the clamp of every aclip CLIP). Its gradient is the official one: the gathered features
+   carry none (``aclip.losses.no_grad_columns``), so only the image->text term trains the
+   vision tower; ``alpha.symmetric_grad=true`` lets the text->image term train it too.
 4. What trains: the whole vision tower and the image projection (the official code trains
    ``model.visual``, whose ``proj`` is our ``image_proj``); the text tower, its projection and
    the logit scale are frozen here. The learning rates per part are the general
@@ -89,6 +91,7 @@ class AlphaCLIP(Method):
             out["text_emb"].float(),
             out["logit_scale_exp"].float(),
             self.cfg.alpha.label_smoothing,
+            gathered_grad=self.cfg.alpha.symmetric_grad,
         )
         return StepLoss(clip, {"clip": clip})
 
