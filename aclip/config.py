@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     """A configuration that cannot run: names the offending key and why."""
 
 
+# eval.precision and the eval CLIs' --precision (aclip.evaluation.eval_autocast)
+EVAL_PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "amp")
+
+
 @dataclass
 class ModelConfig:
     """Vision tower (any timm ViT), CLIP text tower and the joint embedding."""
@@ -155,6 +159,10 @@ class EvalConfig:
     every_steps: int = 0
     batch_size: int = 256
     use_ema: bool = False
+    # the evaluations' arithmetic (one rule with the eval CLIs' --precision): fp32 (the fp32
+    # weights, no autocast), amp_bf16 / amp_fp16 (autocast to that dtype), amp (CLIP_benchmark's
+    # default: torch.autocast's dtype, fp16 on CUDA, bf16 on CPU); see aclip.evaluation
+    precision: str = "fp32"
 
 
 @dataclass
@@ -312,6 +320,11 @@ def validate(cfg: Config) -> None:
             f"must be fp32, bf16, fp16 or amp_bf16 (got {cfg.train.precision!r})",
         ),
         (cfg.train.zero_stage in (0, 1, 2), "train.zero_stage", "must be 0, 1 or 2"),
+        (
+            cfg.eval.precision in EVAL_PRECISIONS,
+            "eval.precision",
+            f"must be one of {', '.join(EVAL_PRECISIONS)} (got {cfg.eval.precision!r})",
+        ),
         (
             cfg.train.precision in ("fp32", "amp_bf16") or cfg.train.zero_stage >= 1,
             "train.zero_stage",

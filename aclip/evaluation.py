@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
@@ -15,9 +16,40 @@ from torchmetrics.classification import (
 )
 from tqdm import tqdm
 
+from aclip.config import EVAL_PRECISIONS
 from aclip.model.clip import CLIP
 
 Template = str | Callable[[str], str]
+AUTOCAST_DTYPES = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+
+
+def resolve_eval_precision(precision: str, device: torch.device | str) -> str:
+    """The precision an evaluation on ``device`` runs at, as results record it: ``amp``
+    (CLIP_benchmark's default, ``torch.autocast(device)``'s own dtype) is ``amp_fp16`` on CUDA
+    and ``amp_bf16`` elsewhere; ``fp32``, ``amp_bf16`` and ``amp_fp16`` are themselves.
+
+    Raises:
+        ValueError: ``precision`` is not one of ``aclip.config.EVAL_PRECISIONS``.
+    """
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(
+            f"eval precision must be one of {', '.join(EVAL_PRECISIONS)} (got {precision!r})"
+        )
+    if precision != "amp":
+        return precision
+    return "amp_fp16" if torch.device(device).type == "cuda" else "amp_bf16"
+
+
+def eval_autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The arithmetic of an evaluation at ``precision`` (:func:`resolve_eval_precision`):
+    ``fp32`` runs the fp32 weights with autocast off (also inside a caller's autocast);
+    ``amp_bf16`` / ``amp_fp16`` autocast to that dtype on ``device`` (CPU or CUDA), as
+    CLIP_benchmark's ``--amp`` (``torch.autocast``) does around both towers."""
+    device_type = torch.device(device).type
+    resolved = resolve_eval_precision(precision, device)
+    if resolved == "fp32":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES[resolved])
 
 
 def _format(template: Template, classname: str) -> str:
@@ -189,13 +221,17 @@ def evaluate_sets(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     extra: Sequence[tuple[str, Sequence[str], Callable[..., dict]]] = (),
+    precision: str = "fp32",
 ) -> dict[str, dict]:
-    """Every set: ``zeroshot/<set name>`` and ``retrieval/<set name>`` -> its metrics; ``extra``
-    adds kinds as (kind, sets, fn) with fn called like :func:`zero_shot_on_wds`.
+    """Every set: ``zeroshot/<set name>`` and ``retrieval/<set name>`` -> its metrics and the
+    ``precision`` they were computed at (:func:`eval_autocast`, as the eval CLIs'
+    ``--precision``); ``extra`` adds kinds as (kind, sets, fn) with fn called like
+    :func:`zero_shot_on_wds`.
 
     A set whose evaluation raises gets ``{"error": "<type>: <message>"}`` (also printed on
     stderr) and the others still run: a failed evaluation never loses a trained run.
     """
+    resolved = resolve_eval_precision(precision, device)
     was_training = model.training
     model.eval()
     results: dict[str, dict] = {}
@@ -208,7 +244,9 @@ def evaluate_sets(
             for root in roots:
                 name = f"{kind}/{str(root).rstrip('/').split('/')[-1]}"
                 try:
-                    results[name] = fn(model, tokenizer, root, image_size, device, batch_size)
+                    with eval_autocast(resolved, device):
+                        metrics = fn(model, tokenizer, root, image_size, device, batch_size)
+                    results[name] = metrics | {"precision": resolved}
                 except Exception as err:  # recorded; the other sets still run
                     results[name] = {"error": f"{type(err).__name__}: {err}"}
                     print(f"warning: evaluation {name} ({root}) failed: {err}", file=sys.stderr)

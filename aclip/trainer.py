@@ -297,21 +297,21 @@ class Trainer:
         return copy
 
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """The configured eval sets on the online model, from its fp32 weights (rank 0; other
-        ranks get {})."""
+        """The configured eval sets on the online model, from its fp32 weights, at
+        ``eval.precision`` whatever the training's (the eval CLIs' ``--precision`` rule; each
+        set's metrics record it); rank 0, other ranks get {}."""
         results: dict[str, dict[str, float]] = {}
         clip = self.eval_clip()
         if self.dist.is_main:
             from aclip.evaluation import evaluate_sets
             from aclip.region import region_on_wds
 
-            with self.method.ctx.autocast():
-                ev = self.cfg.eval
-                results = evaluate_sets(
-                    clip, self.tokenizer, ev.zeroshot_sets, ev.retrieval_sets,
-                    self.cfg.model.image_size, ev.batch_size, self.device,
-                    extra=[("region", ev.region_sets, region_on_wds)],
-                )  # fmt: skip
+            ev = self.cfg.eval
+            results = evaluate_sets(
+                clip, self.tokenizer, ev.zeroshot_sets, ev.retrieval_sets,
+                self.cfg.model.image_size, ev.batch_size, self.device,
+                extra=[("region", ev.region_sets, region_on_wds)], precision=ev.precision,
+            )  # fmt: skip
         dist_utils.barrier()
         return results
 

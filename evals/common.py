@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from aclip.checkpoint import MODEL_STATES, find_checkpoint, load_eval_model
-from aclip.config import Config
+from aclip.config import EVAL_PRECISIONS, Config
 from aclip.interop import LOCAL_DIR, OPEN_CLIP_CONFIG, Preprocess, WeightsError, load_clip
 from aclip.model.clip import CLIP
 
@@ -116,9 +116,21 @@ def load_model(
     return EvalModel(clip, cfg.context_length, preprocess, source)
 
 
+def add_precision_arg(parser: argparse.ArgumentParser) -> None:
+    """--precision: the evaluation's arithmetic, the rule of the trainer's ``eval.precision``
+    (``aclip.evaluation.eval_autocast``); the results JSON records it."""
+    parser.add_argument(
+        "--precision",
+        choices=EVAL_PRECISIONS,
+        default="fp32",
+        help="fp32 (default: the fp32 weights, exact), amp_bf16 / amp_fp16 (autocast), amp "
+        "(CLIP_benchmark's default autocast: fp16 on CUDA, bf16 on CPU); as eval.precision",
+    )
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --model-name, --ema, --batch-size, --workers, --device and --json, as every
-    eval CLI takes them."""
+    """--checkpoint, --model-name, --ema, --batch-size, --workers, --device, --precision and
+    --json, as every eval CLI takes them."""
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -133,6 +145,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_precision_arg(parser)
     parser.add_argument("--json", help="write the metrics here")
 
 

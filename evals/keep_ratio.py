@@ -27,6 +27,8 @@ ratio: ``attentive`` keeps the top-k patches by the EMA tower's relevance on the
 folder, an open_clip checkpoint with ``--model-name``, an OpenAI file; see ``evals.common``). Such
 a model has no EMA teacher: its ``attentive`` relevance comes from the model's own vision tower
 (all tokens, on the same image), which the table and the rows say (``relevance_from``).
+``--precision`` (fp32 by default; the rule of the trainer's ``eval.precision``) sets the towers'
+arithmetic; every row records it.
 
 Both write ``results.md`` (a markdown table), ``results.csv`` and ``results.png`` into ``--out``.
 """
@@ -51,12 +53,18 @@ import torch
 from aclip.checkpoint import load_eval_model
 from aclip.data.evalsets import load_wds_classification
 from aclip.distributed import single_process_env
-from aclip.evaluation import classification_metrics, zero_shot_classifier, zero_shot_logits
+from aclip.evaluation import (
+    classification_metrics,
+    eval_autocast,
+    resolve_eval_precision,
+    zero_shot_classifier,
+    zero_shot_logits,
+)
 from aclip.masking import num_keep, random_keep, topk_keep
 from aclip.model.clip import CLIP
 from aclip.model.vision import VisionTower
 from aclip.tokenizer import Tokenizer
-from evals.common import EvalModel, check_model_source, load_model
+from evals.common import EvalModel, add_precision_arg, check_model_source, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train.py"  # the study trains with the checkout's train.py
@@ -274,6 +282,15 @@ def _top1(results: dict, eval_set: str | None = None) -> float:
     return 100.0 * sets[name]["top1"]
 
 
+def _eval_precision(results: dict, eval_set: str | None = None) -> str:
+    """The precision a run's zero-shot set was evaluated at (:func:`_top1`'s set; ``unrecorded``
+    for a run made before results recorded it)."""
+    sets = [v for k, v in results.items() if k.startswith("zeroshot/")]
+    if eval_set is not None:
+        sets = [results.get(f"zeroshot/{eval_set}", {})]
+    return str(sets[0].get("precision", "unrecorded")) if sets else "unrecorded"
+
+
 def summarise(
     rows: list[tuple[GridPoint, float]],
     cost: Callable[[GridPoint], dict] | None = None,
@@ -443,7 +460,7 @@ def study(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     points = grid(args.strategies, args.keep_ratios, args.views, args.seeds, args.teacher_sizes)
-    rows, walls = [], {}
+    rows, walls, precisions = [], {}, set()
     try:
         _check_train_py()  # before the config: an installed copy has neither
         if args.equal_cost:
@@ -454,11 +471,14 @@ def study(args: argparse.Namespace) -> int:
         for point in tqdm(points, desc="study"):
             results = run_point(point, args.config, out, args.overrides)
             rows.append((point, _top1(results, args.eval_set)))
+            precisions.add(_eval_precision(results, args.eval_set))
             walls[point] = results["train_wall_s"]
     except (FileNotFoundError, ValueError, RuntimeError) as err:  # no train.py; a failed run
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, RuntimeError) else 2
     table = summarise(rows, costs.__getitem__, walls)
+    for row in table:  # the runs' eval.precision (one config: one value)
+        row["eval_precision"] = ",".join(sorted(precisions))
     write_outputs(table, out, args.title)
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.png'}")
@@ -588,21 +608,24 @@ def checkpoint_sweep(
     seed: int = 0,
     workers: int = 0,
     model_name: str | None = None,
+    precision: str = "fp32",
 ) -> list[dict]:
-    """Zero-shot accuracy and speed of one model at each eval-time keep ratio and strategy.
+    """Zero-shot accuracy and speed of one model at each eval-time keep ratio and strategy,
+    the towers run at ``precision`` (``aclip.evaluation.eval_autocast``; each row records it).
 
     The online model is evaluated on the wds classification set at ``data``; ``attentive``
     keeps the patches the checkpoint's EMA vision tower finds most relevant on the same image
     (a model that is not an aclip run, e.g. an OpenAI or open_clip CLIP: its own vision tower).
     One row per (strategy, keep ratio) plus the all-tokens row ("none", 1.0), as dicts with
-    strategy, keep_ratio, kept_tokens, top1, top5 (%), images_per_s, n and relevance_from
-    (``ema_teacher`` / ``own_tower`` for attentive rows, empty otherwise).
+    strategy, keep_ratio, kept_tokens, top1, top5 (%), images_per_s, n, relevance_from
+    (``ema_teacher`` / ``own_tower`` for attentive rows, empty otherwise) and precision.
     """
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from aclip.data.evalsets import check_eval_set
 
+    precision = resolve_eval_precision(precision, device)
     check_model_source(checkpoint)  # refuse missing paths before loading any model
     if check_eval_set(data, "zeroshot") == "multilabel":
         raise ValueError(f"{data} is a multilabel set; the keep-ratio sweep reports top-1/top-5 "
@@ -614,16 +637,18 @@ def checkpoint_sweep(
         teacher, relevance_from = _relevance_tower(checkpoint, model, device)
     dataset, classnames, templates = load_wds_classification(data, model.transform)
     tokenizer = Tokenizer(model.context_length)
-    classifier = zero_shot_classifier(clip, tokenizer, classnames, templates, device)
+    with eval_autocast(precision, device):
+        classifier = zero_shot_classifier(clip, tokenizer, classnames, templates, device)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     grid_hw, rows = clip.visual.grid_hw, []
     for strategy, ratio in tqdm(eval_points(strategies, keep_ratios), desc="keep ratios"):
         select = keep_fn(strategy, ratio, grid_hw, teacher, seed)
-        result = evaluate_point(clip, classifier, loader, len(classnames), select, device)
+        with eval_autocast(precision, device):
+            result = evaluate_point(clip, classifier, loader, len(classnames), select, device)
         kept = num_keep(clip.visual.num_patches, ratio)
         source = relevance_from if strategy == "attentive" else ""
         rows.append({"strategy": strategy, "keep_ratio": ratio, "kept_tokens": kept} | result
-                    | {"relevance_from": source})  # fmt: skip
+                    | {"relevance_from": source, "precision": precision})  # fmt: skip
     return rows
 
 
@@ -667,7 +692,7 @@ def checkpoint_command(args: argparse.Namespace) -> int:
     try:
         table = checkpoint_sweep(
             args.checkpoint, args.data, args.keep_ratios, args.strategies, args.batch_size,
-            args.device, args.seed, args.workers, args.model_name,
+            args.device, args.seed, args.workers, args.model_name, args.precision,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -701,6 +726,7 @@ def _add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the random selection")
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    add_precision_arg(p)
     p.add_argument("--title", default="Zero-shot by eval-time token keep ratio")
 
 

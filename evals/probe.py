@@ -15,6 +15,8 @@ Reports, as JSON:
 - ``text``: mean cosine similarity between the text embeddings of class prompts that differ only
   in the class name (per template, averaged), and between the zero-shot class vectors.
 - ``zeroshot_top1``: zero-shot top-1 on the whole set, for reference; ``chance`` = 1 / classes.
+- ``precision``: ``--precision`` of the towers (fp32 by default; as the trainer's
+  ``eval.precision``).
 
 High prompt cosine with a probe near chance: neither tower learned the attribute the classes
 differ in (e.g. shape, when colour alone solved the training batches).
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from aclip.data.evalsets import load_wds_classification, shard_paths
-from aclip.evaluation import zero_shot_classifier
+from aclip.evaluation import eval_autocast, resolve_eval_precision, zero_shot_classifier
 from aclip.model.clip import CLIP
 from aclip.probe import linear_probe, prompt_similarity
 from aclip.tokenizer import Tokenizer
@@ -66,9 +68,13 @@ def probe(
     progress: bool = True,
     workers: int = 0,
     model_name: str | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Linear probe, class-prompt similarity and zero-shot top-1 of ``checkpoint`` on the wds
-    classification set ``data`` (paths are checked before the model loads)."""
+    classification set ``data`` (paths are checked before the model loads); the towers and the
+    prompt similarities run at ``precision`` (``aclip.evaluation.eval_autocast``), the linear
+    probe and the zero-shot logits in fp32."""
+    precision = resolve_eval_precision(precision, device)
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     if not 0.0 < test_fraction < 1.0 or C <= 0:
@@ -80,13 +86,14 @@ def probe(
     clip = model.clip
     dataset, classnames, templates = load_wds_classification(data, model.transform)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    pooled, joint, labels = encode_images(clip, loader, device, progress)
     tokenizer = Tokenizer(model.context_length)
-    classifier_DC = zero_shot_classifier(clip, tokenizer, classnames, templates, device).cpu()
+    with eval_autocast(precision, device):
+        pooled, joint, labels = encode_images(clip, loader, device, progress)
+        classifier_DC = zero_shot_classifier(clip, tokenizer, classnames, templates, device).cpu()
+        text = prompt_similarity(clip.encode_text, tokenizer, classnames, templates, device)
     zeroshot_top1 = ((joint @ classifier_DC.float()).argmax(1) == labels).float().mean().item()
     feats = joint if features == "joint" else pooled
     result = linear_probe(feats, labels, len(classnames), test_fraction, seed, C)
-    text = prompt_similarity(clip.encode_text, tokenizer, classnames, templates, device)
     return {
         "n": len(labels),
         "num_classes": len(classnames),
@@ -95,6 +102,7 @@ def probe(
         "zeroshot_top1": zeroshot_top1,
         "text": text,
         "ema": use_ema,
+        "precision": precision,
     }
 
 
@@ -125,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_progress,
             args.workers,
             args.model_name,
+            args.precision,
         ),  # fmt: skip
         args.json,
     )

@@ -7,7 +7,8 @@
 Rows (see ``aclip.region``): full image without alpha, all-ones alpha, the region cropped to
 its box, background blacked out, the region as alpha; each with mean per-class top-1 and top-5
 (%). A checkpoint without an alpha channel has no all-ones and alpha rows. Prints a table and
-the metrics as JSON (``--json`` writes them); bad input exits 2 with ``error: ...``.
+the metrics as JSON (``--json`` writes them; ``precision``: ``--precision``, fp32 by default, as
+the trainer's ``eval.precision``); bad input exits 2 with ``error: ...``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from aclip.checkpoint import find_checkpoint, load_eval_model
 from aclip.data.regionsets import ImageNetS, WdsRegionSet, imagenet_s_classnames
+from aclip.evaluation import eval_autocast, resolve_eval_precision
 from aclip.region import TEMPLATE, format_table, region_zeroshot
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args
@@ -37,9 +39,12 @@ def region_eval(
     device: str = "cpu",
     progress: bool = True,
     workers: int = 0,
+    precision: str = "fp32",
 ) -> dict[str, object]:
-    """The region rows of ``checkpoint`` on a wds region set ``data`` or an ImageNet-S root;
-    the set is read and checked before the model loads."""
+    """The region rows of ``checkpoint`` on a wds region set ``data`` or an ImageNet-S root,
+    at ``precision`` (``aclip.evaluation.eval_autocast``, recorded in the result); the set is
+    read and checked before the model loads."""
+    precision = resolve_eval_precision(precision, device)
     if (data is None) == (imagenet_s is None):
         raise ValueError("give either a wds region set (--data) or an ImageNet-S root")
     find_checkpoint(checkpoint)
@@ -51,11 +56,13 @@ def region_eval(
         names = imagenet_s_classnames(dataset.wnids, classnames)
     model, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
     tokenizer = Tokenizer(cfg.model.context_length)
-    results = region_zeroshot(model, tokenizer, dataset, names, cfg.model.image_size,
-                              [template], device, batch_size, progress, workers)  # fmt: skip
+    with eval_autocast(precision, device):
+        results = region_zeroshot(model, tokenizer, dataset, names, cfg.model.image_size,
+                                  [template], device, batch_size, progress, workers)  # fmt: skip
     if isinstance(dataset, ImageNetS):
         results["left_out_no_region"] = len(dataset) - int(results["n"])
-    return results | {"template": template, "alpha_channel": cfg.model.alpha_channel}
+    return results | {"template": template, "alpha_channel": cfg.model.alpha_channel,
+                      "precision": precision}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.data, args.imagenet_s, split=args.split,
             classnames=args.classnames, template=args.template, use_ema=args.ema,
             batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
-            workers=args.workers,
+            workers=args.workers, precision=args.precision,
         )  # fmt: skip
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

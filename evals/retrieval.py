@@ -12,7 +12,8 @@
 
 ``aclip-retrieval`` (installed with the package) takes the same arguments.
 
-``image_retrieval_recall@k`` is text -> image, ``text_retrieval_recall@k`` is image -> text.
+``image_retrieval_recall@k`` is text -> image, ``text_retrieval_recall@k`` is image -> text;
+``precision`` is ``--precision`` (fp32 by default; the rule of the trainer's ``eval.precision``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.data.evalsets import check_eval_set, load_wds_retrieval, retrieval_collate
 from aclip.data.karpathy import KarpathyDataset, karpathy_entries
+from aclip.evaluation import eval_autocast, resolve_eval_precision
 from aclip.retrieval import evaluate_retrieval
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args, check_model_source, load_model, report
@@ -60,21 +62,25 @@ def retrieval(
     device: str = "cpu",
     progress: bool = True,
     model_name: str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways of ``checkpoint`` (an aclip run or any CLIP
     ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on a
     CLIP_benchmark wds retrieval set (``data``) or a Karpathy split (``karpathy_json`` +
-    ``images``), plus the set's size.
+    ``images``), plus the set's size and the ``precision`` (``aclip.evaluation.eval_autocast``).
 
     Every path is checked before the model is loaded.
     """
+    precision = resolve_eval_precision(precision, device)
     check_model_source(checkpoint)
     build_dataset = _dataset_builder(data, karpathy_json, images, split)
     model = load_model(checkpoint, model_name, use_ema, device)
     dataset = build_dataset(model.transform)
     tokenizer = Tokenizer(model.context_length)
     loader = _loader(dataset, batch_size, workers)
-    return evaluate_retrieval(model.clip, tokenizer, loader, device, progress=progress)
+    with eval_autocast(precision, device):
+        metrics = evaluate_retrieval(model.clip, tokenizer, loader, device, progress=progress)
+    return metrics | {"precision": precision}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             args.device,
             not args.no_progress,
             args.model_name,
+            args.precision,
         ),  # fmt: skip
         args.json,
     )

@@ -10,7 +10,8 @@ checkpoints dir, tag dir) by ``aclip.checkpoint.load_eval_model``; anything else
 folder or checkpoint, an OpenAI release, an aclip export) by ``aclip.interop.load_clip``.
 Settings: ``aclip.segment.SegSettings`` defaults < the settings file (default
 ``configs/dense/<dataset>.yaml``) < ``--set``. Metrics (mmseg's ``IoUMetric`` counts): ``mIoU``,
-``aAcc`` (pixel accuracy), ``mAcc``, per-class IoU, ``n`` images.
+``aAcc`` (pixel accuracy), ``mAcc``, per-class IoU, ``n`` images, and the ``precision`` the
+model ran at (``--precision``: fp32 by default, as the trainer's ``eval.precision``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tqdm import tqdm
 
 from aclip.data.segsets import DATASETS, IGNORE_INDEX, SegmentationSet
 from aclip.dense import HEADS
+from aclip.evaluation import eval_autocast, resolve_eval_precision
 from aclip.segment import (
     Segmenter,
     SegMetric,
@@ -38,7 +40,11 @@ from aclip.segment import (
     resolve_templates,
 )
 from aclip.tokenizer import Tokenizer
-from evals.common import is_aclip_run, load_model  # noqa: F401 (is_aclip_run: re-exported)
+from evals.common import (  # noqa: F401 (is_aclip_run: re-exported)
+    add_precision_arg,
+    is_aclip_run,
+    load_model,
+)
 
 SETTINGS_DIR = Path(__file__).resolve().parents[1] / "configs" / "dense"
 
@@ -117,9 +123,12 @@ def segmentation(
     vis: str | None = None,
     vis_count: int = 4,
     reduce_zero_label: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per head (``{head: {mIoU, aAcc, mAcc, IoU, n, settings, ...}}``) of ``checkpoint``
-    on the segmentation set ``dataset`` at ``root``. Paths and settings are checked first."""
+    """Metrics per head (``{head: {mIoU, aAcc, mAcc, IoU, n, settings, precision, ...}}``) of
+    ``checkpoint`` on the segmentation set ``dataset`` at ``root``, the model run at
+    ``precision`` (``aclip.evaluation.eval_autocast``). Paths and settings are checked first."""
+    precision = resolve_eval_precision(precision, device)
     heads = parse_heads(heads) if isinstance(heads, str) else list(heads)
     settings_file = settings_file or default_settings_file(dataset)
     settings = {h: load_settings(settings_file, h, overrides) for h in heads}
@@ -130,22 +139,24 @@ def segmentation(
     clip, mean, std = model.clip, model.preprocess.mean, model.preprocess.std
     tokenizer = Tokenizer(model.context_length)
     cache: dict = {}  # text embedded once for the heads that share names and templates
-    segmenters = {h: _segmenter(clip, tokenizer, data, s, mean, std, device, cache)
-                  for h, s in settings.items()}  # fmt: skip
     metrics = {h: SegMetric(data.num_classes) for h in heads}
     rows = []
-    for i in tqdm(range(len(data)), desc="segmentation", disable=not progress):
-        image, label, name = data[i]
-        preds = {}
-        for h, seg in segmenters.items():
-            pred_HW, _ = seg.predict(image)
-            preds[h] = pred_HW.cpu().numpy()
-            metrics[h].update(preds[h], label)
-        if vis and len(rows) < vis_count:
-            rows.append((image, label, preds, name))
+    with eval_autocast(precision, device):
+        segmenters = {h: _segmenter(clip, tokenizer, data, s, mean, std, device, cache)
+                      for h, s in settings.items()}  # fmt: skip
+        for i in tqdm(range(len(data)), desc="segmentation", disable=not progress):
+            image, label, name = data[i]
+            preds = {}
+            for h, seg in segmenters.items():
+                pred_HW, _ = seg.predict(image)
+                preds[h] = pred_HW.cpu().numpy()
+                metrics[h].update(preds[h], label)
+            if vis and len(rows) < vis_count:
+                rows.append((image, label, preds, name))
     if vis and rows:
         save_picture(rows, heads, vis, data.num_classes)
-    return {h: _report(metrics[h].compute(), data, settings[h], settings_file) for h in heads}
+    return {h: _report(metrics[h].compute(), data, settings[h], settings_file)
+            | {"precision": precision} for h in heads}  # fmt: skip
 
 
 def _segmenter(clip, tokenizer, data, settings: SegSettings, mean, std, device, cache) -> Segmenter:
@@ -203,6 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_precision_arg(p)
     p.add_argument("--json", help="write the metrics here")
     p.add_argument("--vis", help="write a picture (image / ground truth / predictions) here")
     p.add_argument("--vis-count", type=int, default=4, help="images in the picture")
@@ -220,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             parse_sets(args.set), split=args.split, limit=args.limit, use_ema=args.ema,
             model_name=args.model_name, device=args.device, progress=not args.no_progress,
             vis=args.vis, vis_count=args.vis_count, reduce_zero_label=args.reduce_zero_label,
+            precision=args.precision,
         )  # fmt: skip
     except (FileNotFoundError, ValueError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,8 +15,10 @@
 An ImageFolder tree of the 1000 ImageNet WordNet-id folders takes open_clip's ImageNet class
 names; any other tree takes its folder names (underscores as spaces) or ``--classnames``.
 Metrics: top1, top5 (micro accuracy; top-min(5, C) with C < 5 classes, the key stays top5),
-mean_per_class_recall, and n (images evaluated). A multilabel set (CLIP_benchmark's ``.npy``
-labels, e.g. VOC2007 multilabel) gives mean_average_precision and n, as CLIP_benchmark does.
+mean_per_class_recall, n (images evaluated) and precision (``--precision``: fp32 by default,
+amp_bf16 / amp_fp16 / amp autocast; the rule of the trainer's ``eval.precision``). A
+multilabel set (CLIP_benchmark's ``.npy`` labels, e.g. VOC2007 multilabel) gives
+mean_average_precision, n and precision, as CLIP_benchmark does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 
 from aclip.data.evalsets import load_wds_classification
 from aclip.data.imagefolder import load_imagefolder_classification
-from aclip.evaluation import zero_shot_evaluate
+from aclip.evaluation import eval_autocast, resolve_eval_precision, zero_shot_evaluate
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args, check_model_source, load_model, report
 
@@ -68,19 +70,23 @@ def zeroshot(
     templates: str = "openai",
     workers: int = 0,
     model_name: str | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """Top-1 / top-5 / mean per-class recall of ``checkpoint`` (an aclip run or any CLIP
     ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on the wds
-    set ``data`` or the ImageFolder tree ``imagefolder``, plus the number of images. Paths are
-    checked first."""
+    set ``data`` or the ImageFolder tree ``imagefolder``, plus the number of images and the
+    ``precision`` (``aclip.evaluation.eval_autocast``). Paths are checked first."""
+    precision = resolve_eval_precision(precision, device)
     check_model_source(checkpoint)
     build_set = _set_builder(data, imagefolder, classnames, templates)
     model = load_model(checkpoint, model_name, use_ema, device)
     dataset, names, prompts = build_set(model.transform)
     tokenizer = Tokenizer(model.context_length)
-    return zero_shot_evaluate(
-        model.clip, tokenizer, dataset, names, prompts, device, batch_size, progress, workers
-    )
+    with eval_autocast(precision, device):
+        metrics = zero_shot_evaluate(
+            model.clip, tokenizer, dataset, names, prompts, device, batch_size, progress, workers
+        )
+    return metrics | {"precision": precision}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             templates=args.templates,
             workers=args.workers,
             model_name=args.model_name,
+            precision=args.precision,
         ),  # fmt: skip
         args.json,
     )

@@ -170,7 +170,8 @@ def test_cli_end_to_end(tiny, tree, tmp_path, capsys):
     metrics = json.loads(out.read_text())
     assert metrics == json.loads(capsys.readouterr().out)
     assert metrics["n"] == len(COLOURS) * PER_CLASS
-    assert set(metrics) == {"top1", "top5", "mean_per_class_recall", "n"}  # 3 classes: top-3
+    assert set(metrics) == {"top1", "top5", "mean_per_class_recall", "n", "precision"}  # top-3
+    assert metrics["precision"] == "fp32"  # the default --precision, recorded
     assert 0.0 <= metrics["top1"] <= 1.0 and metrics["top5"] == pytest.approx(1.0)
 
 
@@ -268,7 +269,7 @@ def test_cli_multilabel_set_reports_clip_benchmark_map(tiny, cb_sets, capsys):
     data = cb_sets["cb_multilabel"]
     assert zs_cli.main(["--checkpoint", str(run), "--data", str(data), "--no-progress"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert set(metrics) == {"mean_average_precision", "n"} and metrics["n"] == 8
+    assert set(metrics) == {"mean_average_precision", "n", "precision"} and metrics["n"] == 8
     # the reference: CLIP_benchmark's AP on the same logits, targets read from the tar by numpy
     with tarfile.open(data / "test" / "0.tar") as tar:
         npys = sorted((m.name, tar.extractfile(m).read()) for m in tar if m.name.endswith(".npy"))
