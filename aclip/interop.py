@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from aclip.config import ConfigError, ModelConfig
 from aclip.model import build_clip
 from aclip.model.clip import CLIP
+from aclip.torchscript_read import TorchScriptReadError, read_torchscript_state_dict
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -600,8 +601,9 @@ def _is_torchscript(path: Path) -> bool:
 def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], bool]:
     """A checkpoint file's tensors, unwrapped: (state dict, whether it was a TorchScript archive).
 
-    ``.safetensors`` by safetensors; TorchScript archives (OpenAI's releases) by ``torch.jit.load``
-    (their non-weight keys dropped); anything else by ``torch.load(weights_only=True)``, taking
+    ``.safetensors`` by safetensors; TorchScript archives (OpenAI's releases) as data, nothing in
+    them run (``aclip.torchscript_read``; the keys of ``torch.jit.load(path).state_dict()``, the
+    non-weight ones dropped); anything else by ``torch.load(weights_only=True)``, taking
     ``state_dict`` / ``model`` / ``module`` wrappers and stripping ``module.`` / ``_orig_mod.``.
     """
     path = Path(path)
@@ -611,7 +613,10 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], bool]:
     if path.suffix == ".safetensors":
         obj: Any = load_file(str(path), device="cpu")
     elif _is_torchscript(path):
-        obj, jit = torch.jit.load(str(path), map_location="cpu").state_dict(), True
+        try:
+            obj, jit = read_torchscript_state_dict(path), True
+        except TorchScriptReadError as err:
+            raise WeightsError(f"{path}: {err}") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
