@@ -33,7 +33,7 @@ import math
 import re
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -1163,11 +1163,15 @@ def export_timm(clip: CLIP, out_dir: str | Path, preprocess: Preprocess) -> Path
 
 # ------------------------------------------------------------------ describe
 def model_yaml(model_cfg: ModelConfig) -> str:
-    """The ``model:`` section of a run config that builds exactly this architecture."""
+    """The ``model:`` section of a run config that builds exactly this model: every
+    ``ModelConfig`` field (taken from the dataclass, so a new field is printed too) but the
+    run-time ones of ``RUNTIME_MODEL_KEYS`` (where the weights come from, recomputation,
+    compilation), which a checkpoint also leaves free."""
     from omegaconf import OmegaConf
 
-    keys = ("vision_model", "image_size", "vision_kwargs", "embed_dim", "context_length",
-            "vocab_size", "text_width", "text_layers", "text_heads", "text_act")  # fmt: skip
+    from aclip.methods.base import RUNTIME_MODEL_KEYS
+
+    keys = [f.name for f in fields(ModelConfig) if f.name not in RUNTIME_MODEL_KEYS]
     section = {k: getattr(model_cfg, k) for k in keys}
     section["vision_kwargs"] = dict(section["vision_kwargs"])
     return OmegaConf.to_yaml({"model": section})
