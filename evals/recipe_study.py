@@ -29,6 +29,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -42,6 +43,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 TIMING = "timing.json"
 PROBE = "probe.json"
+# a variant name becomes the folder <name>_s<seed> (and <name>_s<seed>.log) under --out
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ def load_variants(path: str | Path) -> list[Variant]:
         raise ValueError(f"{path}: expected a mapping of variant names")
     variants = []
     for name, spec in data.items():
+        if not VARIANT_NAME.fullmatch(str(name)):
+            raise ValueError(
+                f"{path}: variant name {str(name)!r} is not letters, digits, '.', '_' and '-' "
+                "starting with a letter or digit (it names the run's folder under --out)"
+            )
         spec = spec or {}
         unknown = set(spec) - {"overrides", "seeds", "note", "group"}
         if unknown:
@@ -108,6 +116,15 @@ def select(variants: list[Variant], only: list[str] | None) -> list[Variant]:
 
 
 # ----------------------------------------------------------------------------- running
+
+
+def inside(out: Path, path: Path) -> Path:
+    """``path`` when it resolves (symbolic links followed) to somewhere below ``out``; a
+    ValueError otherwise: the study writes and removes nothing outside its --out."""
+    root, resolved = out.resolve(), path.resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        raise ValueError(f"{path} resolves to {resolved}, outside the study directory {out}")
+    return path
 
 
 def _children_cpu_s() -> float:
@@ -146,7 +163,8 @@ def run_one(
 ) -> Path:
     """Train one run unless it has finished before (results and timing written); returns its
     directory. A directory without both files is an unfinished run and is started afresh."""
-    run_dir = out / variant.run_name(seed)
+    run_dir = inside(out, out / variant.run_name(seed))
+    log = inside(out, out / f"{variant.run_name(seed)}.log")
     if (run_dir / "results.json").is_file() and (run_dir / TIMING).is_file():
         if probe_set and not (run_dir / PROBE).is_file():
             _probe(run_dir, probe_set, threads)
@@ -159,7 +177,6 @@ def run_one(
         "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}  # fmt: skip
     env.setdefault("DS_ACCELERATOR", "cpu")
     cmd = train_command(config, variant, seed, run_dir, extra, eval_every)
-    log = out / f"{variant.run_name(seed)}.log"
     cpu0, t0 = _children_cpu_s(), time.perf_counter()
     with log.open("w") as fh:
         fh.write(" ".join(cmd) + "\n")

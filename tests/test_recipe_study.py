@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 import evals.recipe_study as rs
 from tests.helpers import TINY_MODEL_ARGS
+
+REPO = Path(__file__).resolve().parents[1]
 
 VARIANTS = """
 base:
@@ -112,6 +117,58 @@ def test_report_without_runs_is_an_error(tmp_path, capsys):
     argv = ["report", "--variants", str(_variants(tmp_path)), "--out", str(tmp_path / "none")]
     assert rs.main(argv) == 2
     assert capsys.readouterr().err.startswith("error: no finished run")
+
+
+class _NoTraining:
+    """Stands for subprocess.run: records each command and fails it (exit 2), training nothing."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def __call__(self, cmd: list[str], **_: object) -> subprocess.CompletedProcess:
+        self.calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2)
+
+
+def _victim(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "keep.txt").write_text("not the study's")
+    return folder / "keep.txt"
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute"])
+def test_variant_names_that_leave_out_are_refused(tmp_path, monkeypatch, capsys, where):
+    """A variant named ../victim or /abs/victim (its run folder <name>_s0) touches nothing
+    outside --out: exit 2 naming it, the folder there kept, no run started."""
+    out = tmp_path / "study" / "out"
+    if where == "relative":
+        name, keep = "../victim", _victim(tmp_path / "study" / "victim_s0")
+    else:
+        name = str(tmp_path / "elsewhere" / "victim")
+        keep = _victim(tmp_path / "elsewhere" / "victim_s0")
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(yaml.safe_dump({name: {"seeds": [0]}}))
+    fake = _NoTraining()
+    monkeypatch.setattr(rs.subprocess, "run", fake)
+    argv = ["run", "--variants", str(variants), "--out", str(out),
+            "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
+    assert rs.main(argv) == 2
+    assert keep.read_text() == "not the study's" and fake.calls == []
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {variants}: variant name {name!r} is not letters"), err
+
+
+def test_run_folder_outside_out_is_neither_removed_nor_written(tmp_path, monkeypatch):
+    """The run helper checks the path itself (a Variant not from load_variants)."""
+    out = tmp_path / "study" / "out"
+    out.mkdir(parents=True)
+    keep = _victim(tmp_path / "study" / "victim_s0")
+    fake = _NoTraining()
+    monkeypatch.setattr(rs.subprocess, "run", fake)
+    with pytest.raises(ValueError, match="outside the study directory"):
+        rs.run_one("c.yaml", rs.Variant("../victim"), 0, out, [], 1, 50, None)
+    assert keep.read_text() == "not the study's" and fake.calls == []
+    assert not (tmp_path / "study" / "victim_s0.log").exists()
 
 
 @pytest.mark.slow
