@@ -56,6 +56,7 @@ MAX_PICKLE_BYTES = 256 << 20  # data.pkl holds the module tree, not the tensors:
 _SCRIPT_PREFIX = "__torch__"
 _CLASS_LINE = re.compile(r"class (\w+)(?:\((\w+)\))?:")
 _LIST_LINE = re.compile(r"  (__parameters__|__buffers__) = (\[.*\])\s*")
+_METHOD_LINE = re.compile(r"  def (\w+)\(\w+: (__torch__[\w.]*)")  # its self's class
 
 
 class TorchScriptReadError(ValueError):
@@ -236,38 +237,47 @@ class _Archive:
     def declarations(self) -> dict[str, ClassDecl]:
         """Every class the printed source under ``code/`` defines, by qualified name (the file
         ``code/a/b.py`` holds the classes ``a.b.<Name>``); read as text, never run."""
-        decls: dict[str, ClassDecl] = {}
+        classes: list[tuple[str, ClassDecl, set[str]]] = []
         prefix = f"{self.root}/code/"
         for name in sorted(self.names):
             if name.startswith(prefix) and name.endswith(".py"):
                 module = name[len(prefix) : -len(".py")].replace("/", ".")
                 text = self.zf.read(name).decode("utf-8", errors="replace")
-                decls.update(_parse_classes(module, text))
+                classes += _parse_classes(module, text)
+        decls = {qualname: decl for qualname, decl, _ in classes}
+        for _, decl, aliases in classes:  # as its methods name it, where the path does not
+            for alias in aliases:
+                decls.setdefault(alias, decl)
         return decls
 
 
-def _parse_classes(module: str, text: str) -> dict[str, ClassDecl]:
-    """The classes of one printed source file: ``class Name(Module):`` at column 0, its
+def _parse_classes(module: str, text: str) -> list[tuple[str, ClassDecl, set[str]]]:
+    """The classes of one printed source file as (qualified name, declaration, the names its
+    methods' ``self`` is annotated with): ``class Name(Module):`` at column 0, its
     ``__parameters__`` / ``__buffers__`` list lines and whether it defines ``__setstate__``."""
-    out: dict[str, ClassDecl] = {}
+    out: list[tuple[str, ClassDecl, set[str]]] = []
     current: dict[str, Any] | None = None
+    aliases: set[str] = set()
     for line in [*text.splitlines(), "<end>"]:
         if line and not line[0].isspace():
             if current is not None:
                 qualname = current.pop("qualname")
-                out[qualname] = ClassDecl(**current)
-                current = None
+                out.append((qualname, ClassDecl(**current), aliases))
+                current, aliases = None, set()
             match = _CLASS_LINE.fullmatch(line.rstrip())
             if match:
                 current = {"qualname": f"{module}.{match[1]}", "is_module": match[2] == "Module",
                            "parameters": (), "buffers": (), "has_setstate": False}  # fmt: skip
         elif current is not None:
             listed = _LIST_LINE.fullmatch(line)
+            method = _METHOD_LINE.match(line)
             if listed:
                 names = ast.literal_eval(listed[2])  # a list of string literals
                 current[listed[1].strip("_")] = tuple(str(n) for n in names)
-            elif line.startswith("  def __setstate__("):
+            elif line.lstrip().startswith("def __setstate__("):
                 current["has_setstate"] = True
+            if method:
+                aliases.add(method[2])
     return out
 
 

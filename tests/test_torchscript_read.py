@@ -118,6 +118,20 @@ def rewrite(src: Path, dst: Path, change: dict[str, bytes | None]) -> None:
                 zout.writestr(name, data)
 
 
+def test_class_source_in_another_file_is_found_by_its_methods(tmp_path) -> None:
+    """A class printed in a file other than its qualified name's (older torch versions): found
+    by the class its methods' ``self`` is annotated with."""
+    torch.manual_seed(0)
+    archive = tmp_path / "lin.pt"
+    torch.jit.script(nn.Linear(3, 2)).save(str(archive))
+    with zipfile.ZipFile(archive) as zf:
+        (source,) = [n for n in zf.namelist() if n.startswith("lin/code/") and n.endswith(".py")]
+        text = zf.read(source)
+    moved = tmp_path / "moved.pt"
+    rewrite(archive, moved, {source: None, "lin/code/__torch__/elsewhere.py": text})
+    assert_same_state_dict(read_torchscript_state_dict(moved), jit_state_dict(archive))
+
+
 def test_big_endian_archive_is_byte_swapped(tmp_path) -> None:
     """An archive written on a big-endian machine (``byteorder`` = big, every storage's elements
     byte-reversed) reads as the same tensors."""
