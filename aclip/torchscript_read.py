@@ -230,8 +230,9 @@ class _Archive:
                     raise TorchScriptReadError(f"{info.filename} ends early")
                 done += n
         flat = torch.frombuffer(buf, dtype=torch.uint8)
-        if self.swap and itemsize > 1:
-            flat = flat.view(-1, itemsize).flip(-1).reshape(-1)
+        word = itemsize // 2 if dtype.is_complex else itemsize  # a complex is two floats
+        if self.swap and word > 1:
+            flat = flat.view(-1, word).flip(-1).reshape(-1)
         return flat.view(dtype)
 
     def declarations(self) -> dict[str, ClassDecl]:

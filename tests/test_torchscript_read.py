@@ -69,7 +69,7 @@ class Zoo(nn.Module):
     """Every way a module lays out its tensors: dtypes, a transposed (non-contiguous) parameter,
     two parameters on one storage, a Linear without bias, a non-persistent buffer (listed by
     TorchScript's state_dict), a plain tensor attribute (not listed), lists and dicts of
-    modules, an empty tensor."""
+    modules, an empty tensor, complex numbers."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,6 +85,7 @@ class Zoo(nn.Module):
         self.register_buffer("small", torch.tensor([1, -2, 3], dtype=torch.int8))
         self.register_buffer("wide", torch.tensor([1, 2], dtype=torch.int32))
         self.register_buffer("empty", torch.zeros(0, 3))
+        self.register_buffer("phase", torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64))
         self.register_buffer("temp", torch.ones(2), persistent=False)
         self.plain = torch.zeros(3)
 
@@ -134,7 +135,7 @@ def test_class_source_in_another_file_is_found_by_its_methods(tmp_path) -> None:
 
 def test_big_endian_archive_is_byte_swapped(tmp_path) -> None:
     """An archive written on a big-endian machine (``byteorder`` = big, every storage's elements
-    byte-reversed) reads as the same tensors."""
+    byte-reversed, a complex number's two parts each) reads as the same tensors."""
     torch.manual_seed(0)
     little = tmp_path / "zoo.pt"
     torch.jit.script(Zoo()).save(str(little))
@@ -143,7 +144,9 @@ def test_big_endian_archive_is_byte_swapped(tmp_path) -> None:
     with zipfile.ZipFile(little) as zf:
         pickled = zf.read("zoo/data.pkl")
     for kind, key in _storage_ids(pickled):
-        itemsize[key] = torch.empty((), dtype=getattr(torch, kind).dtype).element_size()
+        dtype = getattr(torch, kind).dtype
+        size = torch.empty((), dtype=dtype).element_size()
+        itemsize[key] = size // 2 if dtype.is_complex else size  # big-endian real, imaginary
     with zipfile.ZipFile(little) as zf:
         for key, size in itemsize.items():
             raw = bytearray(zf.read(f"zoo/data/{key}"))
