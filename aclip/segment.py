@@ -21,10 +21,11 @@ multiples (bicubic); per layer, patch-query logits (× ``logit_scale``) over the
 queries, the background queries and the mean foreground query, softmaxed, foreground kept; with
 ``slide_crop`` > 0 the same from windows whose logits and attention are stitched on the patch grid
 and propagated by the stitched attention, averaged 1:1 with the whole-image maps; then the
-selected layer's map, thresholded at ``attention_thr`` × its max, propagated by the fused
-affinity, plus the mean of the per-layer maps; optionally refined by a Stable Diffusion
-self-attention affinity (``refine``, :mod:`aclip.dense_sd`); each class map is rescaled to peak at
-its image score and labelled by ``cam_to_label`` (``score_thd``, ``bkg_thd``, ``cam_normalize``).
+selected layer's map, thresholded at ``attention_thr`` × its max (in place, as the official code,
+so the layer mean sees the thresholded map), propagated by the fused affinity, plus the mean of
+the per-layer maps; optionally refined by a Stable Diffusion self-attention affinity (``refine``,
+:mod:`aclip.dense_sd`); each class map is rescaled to peak at its image score and labelled by
+``cam_to_label`` (``score_thd``, ``bkg_thd``, ``cam_normalize``).
 
 Small differences from the official code, all in fp32 here (theirs run fp16): images are resized
 with PIL (bilinear for the CLIP protocol where mmcv uses OpenCV's, bicubic for CLIPer as its code);
@@ -417,9 +418,12 @@ def cliper_maps(
     if settings.slide_crop > 0:
         slide_LThw = cliper_slide(head, image_1CHW, text_TE, settings)
         seg_LQhw = 0.5 * slide_LThw.softmax(dim=1)[:, :n_fg] + 0.5 * seg_LQhw
-    sel_QN = seg_LQhw[out.selected].flatten(-2).clone()
-    sel_QN[sel_QN < sel_QN.amax(dim=-1, keepdim=True) * settings.attention_thr] = 0
-    sel_Qhw = (sel_QN @ out.affinity_BNN[0]).unflatten(-1, (h, w))
+    # the selected layer is thresholded in place, so the layer mean below averages the
+    # thresholded map (cliper.code modified_clip/model.py:226-230: ``seg_last = seg[layer]`` is
+    # a view and ``seg_last[...] = 0`` writes into ``seg`` before ``seg.mean(0)``)
+    sel_Qhw = seg_LQhw[out.selected]
+    sel_Qhw[sel_Qhw < sel_Qhw.amax(dim=(-1, -2), keepdim=True) * settings.attention_thr] = 0
+    sel_Qhw = (sel_Qhw.flatten(-2) @ out.affinity_BNN[0]).unflatten(-1, (h, w))
     return sel_Qhw + seg_LQhw.mean(dim=0) if settings.fuse_layers else sel_Qhw
 
 

@@ -267,11 +267,13 @@ def test_cliper_map_combination_equals_written_steps() -> None:
     got = cliper_maps(FakeHead(emb, aff, (2, 2), 2), torch.zeros(1, 3, 16, 16), fg, bg, s)
     text = F.normalize(torch.cat([fg, bg, fg.mean(0, keepdim=True)]), dim=-1)  # 5 queries
     probs = softmax_rows(10.0 * emb[:, 0] @ text.T)[..., :2]  # [L, N, 2]
-    sel = probs[2].T.clone()  # [2, N]
-    for q in range(2):
-        peak = sel[q].max()
-        sel[q][sel[q] < 0.4 * peak] = 0
-    want = sel @ aff[0] + probs.mean(0).T
+    # cliper.code modified_clip/model.py:226-230: the selected layer is thresholded in place
+    # (``seg_last`` is a view of ``seg``), so ``seg.mean(0)`` averages the thresholded map
+    seg = probs.transpose(1, 2).clone()  # [L, 2, N]
+    seg_last = seg[2]
+    seg_last[seg_last < seg_last.amax(-1, keepdim=True) * 0.4] = 0
+    want = seg_last @ aff[0] + seg.mean(0)
+    assert (seg.mean(0) - probs.mean(0).T).abs().max() > 1e-2  # the threshold reaches the mean
     torch.testing.assert_close(got, want.reshape(2, 2, 2), rtol=0, atol=1e-6)
 
 
