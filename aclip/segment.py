@@ -51,6 +51,7 @@ from torch import Tensor
 
 from aclip.data import segclasses
 from aclip.data.imagefolder import load_templates
+from aclip.data.segclasses import ClassEntry
 from aclip.data.segsets import IGNORE_INDEX, split_names
 from aclip.dense import HEADS, DenseHead
 from aclip.evaluation import zero_shot_classifier
@@ -84,7 +85,7 @@ class SegSettings:
     prob_thd: float = 0.0  # CLIP protocol: below it a pixel is background
     area_thd: float = 0.0  # SCLIP: classes under this share of the foreground pixels dropped
     templates: str = "openai"  # openai (80), simple (7), cliper (15), dataset, or a file
-    classnames: str = ""  # "" = the dataset's list, "sclip" = SCLIP's variant, or a file
+    classnames: str = ""  # "" = the dataset's list, sclip / cliper = that method's, or a file
     window_batch: int = 16  # windows per forward
     # cliper
     select_layer: int = -1
@@ -183,11 +184,12 @@ class Queries:
     num_classes: int
 
     @classmethod
-    def from_classnames(cls, classnames: Sequence[str]) -> Queries:
-        """One query per name of each class entry (names separated by commas)."""
+    def from_classnames(cls, classnames: Sequence[ClassEntry]) -> Queries:
+        """One query per name of each class entry: names separated by commas, or a tuple of
+        names taken as they are (CLIPer's entries, whose commas belong to one query)."""
         names, owner = [], []
         for index, entry in enumerate(classnames):
-            for name in split_names(entry):
+            for name in entry if isinstance(entry, tuple) else split_names(entry):
                 names.append(name)
                 owner.append(index)
         return cls(names, torch.tensor(owner, dtype=torch.long), len(classnames))
@@ -198,13 +200,22 @@ class Queries:
         return torch.nonzero(torch.isin(self.query_class, wanted)).flatten()
 
 
-def resolve_classnames(spec: str, dataset: str, default: Sequence[str]) -> tuple[str, ...]:
-    """``""`` -> ``default``; ``sclip`` -> SCLIP's list for ``dataset`` (where it has one); else
-    a file with one class a line."""
+def resolve_classnames(
+    spec: str, dataset: str, default: Sequence[str], background: int | None = None
+) -> tuple[ClassEntry, ...]:
+    """``""`` -> ``default``; ``sclip`` / ``cliper`` -> that method's list for ``dataset``
+    (``default`` where it has none; ``background``: the set's background class, which CLIPer's
+    list gives its background line); else a file with one class a line."""
     if not spec:
         return tuple(default)
     if spec == "sclip":
         return NAMED_CLASSNAMES.get(f"sclip:{dataset}", tuple(default))
+    if spec == "cliper":
+        names = segclasses.cliper_classnames(dataset, with_background=background is not None)
+        if names is not None and len(names) != len(default):
+            raise ValueError(f"classnames: cliper lists {len(names)} classes for {dataset}, "
+                             f"the dataset has {len(default)}")  # fmt: skip
+        return tuple(default) if names is None else names
     from aclip.data.segsets import read_classnames
 
     names = read_classnames(spec)
@@ -480,16 +491,17 @@ def cliper_labels(
 class Segmenter:
     """A dense head, its queries and settings: ``predict(image)`` gives a label map.
 
-    ``mean`` / ``std``: the model's input normalisation. ``background``: the set's background
-    class index (or None). ``sd``: an :class:`aclip.dense_sd.SDAffinity` for ``refine``.
-    ``text_cache``: a dict shared by segmenters of the same model (text embedded once).
+    ``classnames``: one entry per class (:meth:`Queries.from_classnames`). ``mean`` / ``std``:
+    the model's input normalisation. ``background``: the set's background class index (or None).
+    ``sd``: an :class:`aclip.dense_sd.SDAffinity` for ``refine``. ``text_cache``: a dict shared
+    by segmenters of the same model (text embedded once).
     """
 
     def __init__(
         self,
         clip: CLIP,
         tokenizer: Callable[[list[str]], Tensor],
-        classnames: Sequence[str],
+        classnames: Sequence[ClassEntry],
         settings: SegSettings,
         templates: Sequence[Template],
         background: int | None,

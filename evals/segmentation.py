@@ -166,7 +166,8 @@ def _segmenter(clip, tokenizer, data, settings: SegSettings, mean, std, device, 
 
         sd = SDAffinity.from_folder(settings.sd_model, device, time_step=settings.sd_time_step,
                                     seed=settings.sd_seed)  # fmt: skip
-    classnames = resolve_classnames(settings.classnames, data.dataset, data.classnames)
+    classnames = resolve_classnames(settings.classnames, data.dataset, data.classnames,
+                                    data.background)  # fmt: skip
     templates = resolve_templates(settings.templates, data.templates)
     return Segmenter(clip, tokenizer, classnames, settings, templates, data.background, mean,
                      std, device, sd, cache)  # fmt: skip

@@ -86,3 +86,21 @@ def test_entry_points_run_from_any_directory(installed, tmp_path):
     assert study.returncode == 2
     assert study.stderr.strip().endswith("run it from a checkout of the repository "
                                          "(or an editable install, pip install -e .)")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_segmentation_class_lists(installed, tmp_path):
+    """The benchmarks' class-name lists are text files read at import: the wheel ships them and
+    an installed copy (no checkout) reads them."""
+    (wheel,) = (installed / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in ("voc21.clearclip.txt", "voc21.cliper.txt", "voc21.sclip.txt", "README.md"):
+        assert f"aclip/data/classnames/{name}" in names
+    code = (
+        "from aclip.data.segsets import SETS; from aclip.segment import resolve_classnames; "
+        "print(len(SETS['ade20k'].classnames), "
+        "resolve_classnames('cliper', 'voc21', SETS['voc21'].classnames, 0)[15][0])"
+    )
+    out = _run([sys.executable, "-c", code], installed / "site", tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "150 person with clothes, people, human"
