@@ -14,7 +14,8 @@ Heads (formulas in the functions below; d = head width, s = d^-1/2):
 - ``maskclip`` (Zhou et al., ECCV 2022; chongzhou96/MaskCLIP): the last block's attention replaced
   by the identity, i.e. only the value path ``proj(v)``. Its official ViT backbone keeps the
   block's residual and feed-forward around it (``v += x; v = ffn(norm2(v), identity=v)`` in
-  ``mmseg/models/backbones/vit.py``), and so do we (ClearCLIP's re-implementation drops them).
+  ``mmseg/models/backbones/vit.py``), and so do we (ClearCLIP's re-implementation drops them:
+  ``ignore_residual``).
 - ``sclip`` (Wang et al., ECCV 2024; wangf3014/SCLIP): attention softmax(q qᵀ s) + softmax(k kᵀ s)
   in the last block, residual and feed-forward kept as in its official ``clip/model.py``.
 - ``clearclip`` (Lan et al., ECCV 2024; mc-lan/ClearCLIP, ``model_type='ClearCLIP'``,
@@ -27,6 +28,10 @@ Heads (formulas in the functions below; d = head width, s = d^-1/2):
   block's ``norm1``, value projection, the fused attention and the out projection (no residual, no
   FFN). The returned per-layer embeddings and the fused affinity feed CLIPer's map combination in
   ``aclip.segment``.
+
+``ignore_residual`` (ClearCLIP's ``base_config.py`` sets it for every ``model_type``, so its
+vanilla, MaskCLIP and SCLIP comparison rows run so): ``vanilla``, ``maskclip`` and ``sclip`` give
+their last block's attention output alone, ``proj(A v)``, without residual and feed-forward.
 """
 
 from __future__ import annotations
@@ -149,26 +154,41 @@ def _with_residual(blk: Block, x_BND: Tensor, attended_BND: Tensor) -> Tensor:
     return _ffn(blk, x_BND + blk.drop_path1(blk.ls1(attended_BND)))
 
 
-def last_block(head: str, blk: Block, x_BND: Tensor) -> Tensor:
-    """The last block's output [B, N, D] under ``head`` (one of vanilla, maskclip, sclip,
-    clearclip); see the module docstring for each formula and its source."""
+def _attention_weights(head: str, attn: Attention, q_BHNd: Tensor, k_BHNd: Tensor) -> Tensor:
+    """The last block's attention [B, H, N, N] under ``head`` (maskclip: not called)."""
     if head == "vanilla":
+        return softmax_affinity(q_BHNd, k_BHNd, attn.scale)
+    if head == "sclip":
+        return softmax_affinity(q_BHNd, q_BHNd, attn.scale) + softmax_affinity(
+            k_BHNd, k_BHNd, attn.scale
+        )
+    if head == "clearclip":
+        return softmax_affinity(q_BHNd, q_BHNd, attn.scale)
+    raise ValueError(f"unknown dense head {head!r} for the last block (one of {HEADS[:4]})")
+
+
+def last_block(head: str, blk: Block, x_BND: Tensor, ignore_residual: bool = False) -> Tensor:
+    """The last block's output [B, N, D] under ``head`` (one of vanilla, maskclip, sclip,
+    clearclip); see the module docstring for each formula and its source.
+
+    ``ignore_residual``: ClearCLIP's switch (``VisionTransformer.forward`` in its
+    ``open_clip/transformer.py:524-526``; ``base_config.py`` sets it for every ``model_type``):
+    the attention output alone, ``proj(A v)`` on norm1(x), without the residual, the feed-forward
+    and layer scale. ``clearclip`` always runs so (its method)."""
+    if head == "vanilla" and not ignore_residual:
         return blk(x_BND)
     attn = blk.attn
     h_BND = blk.norm1(x_BND)
     q_BHNd, k_BHNd, v_BHNd = split_qkv(attn, h_BND)
     if head == "maskclip":  # identity attention: each token takes its own value
-        return _with_residual(blk, x_BND, merge_heads(attn, v_BHNd, h_BND))
-    if head == "sclip":
-        w_BHNN = softmax_affinity(q_BHNd, q_BHNd, attn.scale) + softmax_affinity(
-            k_BHNd, k_BHNd, attn.scale
-        )
+        out_BHNd = v_BHNd
+    else:
+        w_BHNN = _attention_weights(head, attn, q_BHNd, k_BHNd)
         out_BHNd = torch.matmul(w_BHNN.to(v_BHNd.dtype), v_BHNd)
-        return _with_residual(blk, x_BND, merge_heads(attn, out_BHNd, h_BND))
-    if head == "clearclip":  # no residual, no FFN (and no layer scale: ClearCLIP's code has none)
-        w_BHNN = softmax_affinity(q_BHNd, q_BHNd, attn.scale)
-        return merge_heads(attn, torch.matmul(w_BHNN.to(v_BHNd.dtype), v_BHNd), h_BND)
-    raise ValueError(f"unknown dense head {head!r} for the last block (one of {HEADS[:4]})")
+    attended_BND = merge_heads(attn, out_BHNd, h_BND)
+    if ignore_residual or head == "clearclip":  # (ClearCLIP's code has no layer scale either)
+        return attended_BND
+    return _with_residual(blk, x_BND, attended_BND)
 
 
 def fuse_attention(attn_sum_BHNN: Tensor) -> Tensor:
@@ -201,11 +221,19 @@ class DenseHead:
     ``head``: one of :data:`HEADS`. ``cliper`` options: ``select_layer`` (index into the block
     inputs, -1 = the last block's input, as CLIPer's ``select_layer``) and ``fuse_layers``
     (CLIPer's ``fuse_feature``: embed every layer; False embeds only the selected one).
+    ``ignore_residual``: ClearCLIP's variant of ``vanilla`` / ``maskclip`` / ``sclip`` (the last
+    block's attention output alone, see :func:`last_block`; ``clearclip`` and ``cliper`` have no
+    residual or FFN in their last block anyway).
     Call it on normalised images [B, 3, H, W] (H, W multiples of the patch) under no_grad.
     """
 
     def __init__(
-        self, clip: CLIP, head: str = "clearclip", select_layer: int = -1, fuse_layers: bool = True
+        self,
+        clip: CLIP,
+        head: str = "clearclip",
+        select_layer: int = -1,
+        fuse_layers: bool = True,
+        ignore_residual: bool = False,
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"unknown dense head {head!r}; choose one of {', '.join(HEADS)}")
@@ -219,6 +247,7 @@ class DenseHead:
             raise ValueError(f"select_layer {select_layer} is outside the {depth} block inputs")
         self.clip, self.head = clip, head
         self.select_layer, self.fuse_layers = select_layer, fuse_layers
+        self.ignore_residual = ignore_residual
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -233,7 +262,7 @@ class DenseHead:
         x_BND, grid = embed_tokens(vit, images_BCHW)
         for blk in vit.blocks[:-1]:
             x_BND = blk(x_BND)
-        x_BND = last_block(self.head, vit.blocks[-1], x_BND)
+        x_BND = last_block(self.head, vit.blocks[-1], x_BND, self.ignore_residual)
         emb_BNE = to_joint(self.clip, x_BND[:, vit.num_prefix_tokens :])
         return DenseOutput(F.normalize(emb_BNE, dim=-1).unsqueeze(0), grid, 0)
 

@@ -87,6 +87,9 @@ class SegSettings:
     templates: str = "openai"  # openai (80), simple (7), cliper (15), dataset, or a file
     classnames: str = ""  # "" = the dataset's list, sclip / cliper = that method's, or a file
     window_batch: int = 16  # windows per forward
+    # ClearCLIP's comparison rows: vanilla / maskclip / sclip without the last block's residual
+    # and FFN (its base_config.py ignore_residual=True); clearclip and cliper never have them
+    ignore_residual: bool = False
     # cliper
     select_layer: int = -1
     fuse_layers: bool = True
@@ -513,7 +516,10 @@ class Segmenter:
     ) -> None:
         self.settings, self.background, self.device, self.sd = settings, background, device, sd
         self.cache = text_cache
-        self.head = DenseHead(clip, settings.head, settings.select_layer, settings.fuse_layers)
+        self.head = DenseHead(
+            clip, settings.head, settings.select_layer, settings.fuse_layers,
+            settings.ignore_residual,
+        )  # fmt: skip
         self.queries = Queries.from_classnames(classnames)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)

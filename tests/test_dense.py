@@ -219,6 +219,53 @@ def test_clearclip_has_no_residual_or_ffn_path() -> None:
     assert c.abs().max() > 1.0
 
 
+def clearclip_row(head: str, clip, x: torch.Tensor) -> torch.Tensor:
+    """ClearCLIP's ``model_type`` rows at ``ignore_residual=True`` (mc-lan/ClearCLIP
+    open_clip/transformer.py: ``forward`` 524-526 keeps ``custom_attn(blk.attn, blk.ln_1(x))``
+    alone; ``custom_attn`` 589-622 builds the weights), then ``ln_post`` and ``proj``."""
+    z = input_of_last(clip, x)
+    blk = clip.visual.vit.blocks[-1]
+    q, k, v = qkv(blk, ln(z, blk.norm1))
+    s = q.shape[-1] ** -0.5
+    if head == "vanilla":
+        w = softmax_rows(q @ k.transpose(-1, -2) * s)
+    elif head == "maskclip":  # -inf off the diagonal, 0 on it, softmaxed
+        n = q.shape[-2]
+        mask = torch.full((n, n), float("-inf")).fill_diagonal_(0)
+        w = softmax_rows(mask.expand(*q.shape[:2], n, n))
+    else:  # SCLIP
+        w = softmax_rows(q @ q.transpose(-1, -2) * s) + softmax_rows(k @ k.transpose(-1, -2) * s)
+    return joint(clip, out_proj(blk, w @ v))
+
+
+@pytest.mark.parametrize("head", ["vanilla", "maskclip", "sclip"])
+def test_ignore_residual_is_clearclips_comparison_row(head) -> None:
+    clip, x = small_clip(), images()
+    zeroed = copy.deepcopy(clip)
+    with torch.no_grad():
+        for p in zeroed.visual.vit.blocks[-1].mlp.parameters():
+            p.zero_()
+        row = DenseHead(clip, head, ignore_residual=True)(x).emb_LBNE[0]
+        ref = clearclip_row(head, clip, x)
+        no_ffn = DenseHead(zeroed, head, ignore_residual=True)(x).emb_LBNE[0]
+        official = DenseHead(clip, head)(x).emb_LBNE[0]
+    torch.testing.assert_close(row, ref, rtol=0, atol=ATOL)
+    assert torch.equal(row, no_ffn)  # no feed-forward path
+    assert (official - row).abs().max() > 1e-3  # the default keeps residual and FFN
+
+
+def test_ignore_residual_setting_reaches_the_head() -> None:
+    from aclip.segment import Segmenter, load_settings
+    from aclip.tokenizer import Tokenizer
+
+    s = load_settings(None, "maskclip", {"ignore_residual": True})
+    seg = Segmenter(small_clip(), Tokenizer(16), ["background", "cat"], s, ["a photo of a {}."],
+                    0, (0.5,) * 3, (0.25,) * 3)  # fmt: skip
+    assert seg.head.ignore_residual and not load_settings(None, "maskclip").ignore_residual
+    with pytest.raises(ValueError, match="ignore_residual must be true or false"):
+        load_settings(None, "maskclip", {"ignore_residual": "yes"})
+
+
 def test_heads_are_views_of_the_weights() -> None:
     clip = small_clip()
     head = DenseHead(clip, "clearclip")
