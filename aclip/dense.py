@@ -6,7 +6,7 @@ to the last one, whose q/k/v are read from its own ``attn.qkv`` (after timm's ``
 and ``CLIP.image_proj`` then take every patch token into the joint space. Works for any timm
 ``VisionTransformer`` made of standard timm ``Block`` s (the CLIP-architecture ``vit_*_clip_*``
 towers that ``aclip.interop`` imports, and aclip's own towers); other grids than the training one
-resample the position embedding (timm's ``resample_abs_pos_embed``).
+resample the position embedding as each head's official code does (:func:`resample_pos_embed`).
 
 Heads (formulas in the functions below; d = head width, s = d^-1/2):
 
@@ -47,6 +47,15 @@ from torch import Tensor
 from aclip.model.clip import CLIP
 
 HEADS: tuple[str, ...] = ("vanilla", "maskclip", "sclip", "clearclip", "cliper")
+# position-embedding resampling on another grid: ``head`` = each head's own (HEAD_POS_INTERP)
+POS_INTERP: tuple[str, ...] = ("head", "clearclip", "maskclip", "cliper", "timm")
+HEAD_POS_INTERP = {
+    "vanilla": "clearclip",  # its row in ClearCLIP's and SCLIP's comparisons
+    "maskclip": "maskclip",
+    "sclip": "clearclip",  # SCLIP's clip/model.py:263-281 is the same function
+    "clearclip": "clearclip",
+    "cliper": "cliper",
+}
 
 
 @dataclass
@@ -78,11 +87,58 @@ def tower_problems(vit: VisionTransformer) -> list[str]:
     return problems
 
 
-def embed_tokens(vit: VisionTransformer, images_BCHW: Tensor) -> tuple[Tensor, tuple[int, int]]:
+def resample_pos_embed(
+    pos_1MD: Tensor,
+    new_hw: tuple[int, int],
+    old_hw: tuple[int, int],
+    num_prefix: int,
+    mode: str = "timm",
+) -> Tensor:
+    """A position embedding [1, prefix + h0*w0, D] resampled to the grid ``new_hw`` (prefix
+    entries kept): [1, prefix + h*w, D]; on its own grid it is returned unchanged. ``mode``:
+
+    - ``clearclip``: bicubic with ``scale_factor=((h + 0.1) / h0, (w + 0.1) / w0)``, the factor
+      (not the size) setting the sampling positions (mc-lan/ClearCLIP
+      open_clip/transformer.py:569-587 and wangf3014/SCLIP clip/model.py:263-281, which
+      interpolate only when the token count differs; a grid of another shape but the same count
+      is resampled here, where they would add the embedding of the square grid unchanged).
+    - ``maskclip``: bicubic to the size, ``align_corners=False`` (chongzhou96/MaskCLIP
+      mmseg/models/backbones/vit.py:383-410, ``interpolate_mode='bicubic'`` in its configs).
+    - ``cliper``: bilinear to the size (linsun449/cliper.code modified_clip/model.py:165-174).
+    - ``timm``: timm's ``resample_abs_pos_embed`` (bicubic to the size, antialiased when it
+      shrinks).
+    """
+    if tuple(new_hw) == tuple(old_hw):
+        return pos_1MD
+    if mode == "timm":
+        return resample_abs_pos_embed(
+            pos_1MD, new_size=list(new_hw), old_size=list(old_hw), num_prefix_tokens=num_prefix
+        )
+    (h, w), (h0, w0) = new_hw, old_hw
+    prefix_1PD, grid_1ND = pos_1MD[:, :num_prefix], pos_1MD[:, num_prefix:]
+    grid_1Dhw = grid_1ND.reshape(1, h0, w0, -1).permute(0, 3, 1, 2)
+    if mode == "clearclip":
+        scale = ((h + 0.1) / h0, (w + 0.1) / w0)
+        out_1Dhw = F.interpolate(grid_1Dhw, scale_factor=scale, mode="bicubic")
+    elif mode == "maskclip":
+        out_1Dhw = F.interpolate(grid_1Dhw, size=(h, w), mode="bicubic", align_corners=False)
+    elif mode == "cliper":
+        out_1Dhw = F.interpolate(grid_1Dhw, size=(h, w), mode="bilinear")
+    else:
+        raise ValueError(f"pos_interp: {mode!r} is not one of {', '.join(POS_INTERP[1:])}")
+    if tuple(out_1Dhw.shape[-2:]) != (h, w):  # (ClearCLIP asserts this too)
+        raise ValueError(f"{mode} resampling gave {tuple(out_1Dhw.shape[-2:])}, not {(h, w)}")
+    return torch.cat([prefix_1PD, out_1Dhw.flatten(2).transpose(1, 2)], dim=1)
+
+
+def embed_tokens(
+    vit: VisionTransformer, images_BCHW: Tensor, pos_interp: str = "timm"
+) -> tuple[Tensor, tuple[int, int]]:
     """The token sequence entering the blocks for images of any size divisible by the patch:
     [B, prefix + h*w, D] and (h, w). The position embedding is resampled to (h, w) from the
-    tower's own grid with timm's ``resample_abs_pos_embed`` (bicubic); on that grid it is the
-    tower's own, unchanged. Prefix tokens and the order of the additions are timm's ``_pos_embed``.
+    tower's own grid by :func:`resample_pos_embed` (``pos_interp``: its mode); on that grid it is
+    the tower's own, unchanged. Prefix tokens and the order of the additions are timm's
+    ``_pos_embed``.
     """
     pe = vit.patch_embed
     patch_hw = pe.patch_size
@@ -98,11 +154,12 @@ def embed_tokens(vit: VisionTransformer, images_BCHW: Tensor) -> tuple[Tensor, t
     if vit.pos_embed is None:
         x_BND = torch.cat(prefix + [x_BND], dim=1)
     else:
-        pos_1ND = resample_abs_pos_embed(
+        pos_1ND = resample_pos_embed(
             vit.pos_embed,
-            new_size=list(grid),
-            old_size=list(pe.grid_size),
-            num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+            grid,
+            tuple(pe.grid_size),
+            0 if vit.no_embed_class else vit.num_prefix_tokens,
+            pos_interp,
         )
         if vit.no_embed_class:
             x_BND = torch.cat(prefix + [x_BND + pos_1ND], dim=1)
@@ -223,7 +280,9 @@ class DenseHead:
     (CLIPer's ``fuse_feature``: embed every layer; False embeds only the selected one).
     ``ignore_residual``: ClearCLIP's variant of ``vanilla`` / ``maskclip`` / ``sclip`` (the last
     block's attention output alone, see :func:`last_block`; ``clearclip`` and ``cliper`` have no
-    residual or FFN in their last block anyway).
+    residual or FFN in their last block anyway). ``pos_interp``: how the position embedding is
+    resampled on another grid (:data:`POS_INTERP`; ``head``: each head's official code's,
+    :data:`HEAD_POS_INTERP`).
     Call it on normalised images [B, 3, H, W] (H, W multiples of the patch) under no_grad.
     """
 
@@ -234,6 +293,7 @@ class DenseHead:
         select_layer: int = -1,
         fuse_layers: bool = True,
         ignore_residual: bool = False,
+        pos_interp: str = "head",
     ) -> None:
         if head not in HEADS:
             raise ValueError(f"unknown dense head {head!r}; choose one of {', '.join(HEADS)}")
@@ -245,9 +305,12 @@ class DenseHead:
             raise ValueError("cliper fuses the attention of the blocks before the last: needs >= 2")
         if not -depth <= select_layer < depth:
             raise ValueError(f"select_layer {select_layer} is outside the {depth} block inputs")
+        if pos_interp not in POS_INTERP:
+            raise ValueError(f"pos_interp: {pos_interp!r} is not one of {', '.join(POS_INTERP)}")
         self.clip, self.head = clip, head
         self.select_layer, self.fuse_layers = select_layer, fuse_layers
         self.ignore_residual = ignore_residual
+        self.pos_interp = HEAD_POS_INTERP[head] if pos_interp == "head" else pos_interp
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -259,7 +322,7 @@ class DenseHead:
         if self.head == "cliper":
             return self._cliper(images_BCHW)
         vit = self.clip.visual.vit
-        x_BND, grid = embed_tokens(vit, images_BCHW)
+        x_BND, grid = embed_tokens(vit, images_BCHW, self.pos_interp)
         for blk in vit.blocks[:-1]:
             x_BND = blk(x_BND)
         x_BND = last_block(self.head, vit.blocks[-1], x_BND, self.ignore_residual)
@@ -268,7 +331,7 @@ class DenseHead:
 
     def _cliper(self, images_BCHW: Tensor) -> DenseOutput:
         vit = self.clip.visual.vit
-        x_BND, grid = embed_tokens(vit, images_BCHW)
+        x_BND, grid = embed_tokens(vit, images_BCHW, self.pos_interp)
         inputs, attn_sum_BHNN = [], None
         for blk in vit.blocks[:-1]:
             h_BND = blk.norm1(x_BND)

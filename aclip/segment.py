@@ -27,10 +27,12 @@ the per-layer maps; optionally refined by a Stable Diffusion self-attention affi
 :mod:`aclip.dense_sd`); each class map is rescaled to peak at its image score and labelled by
 ``cam_to_label`` (``score_thd``, ``bkg_thd``, ``cam_normalize``).
 
-Small differences from the official code, all in fp32 here (theirs run fp16): images are resized
-with PIL (bilinear for the CLIP protocol where mmcv uses OpenCV's, bicubic for CLIPer as its code);
-the position embedding is resampled by timm's ``resample_abs_pos_embed`` (bicubic) for every head
-(ClearCLIP and SCLIP interpolate bicubically too, CLIPer bilinearly).
+The position embedding is resampled as each head's official code does (``pos_interp: head``;
+:func:`aclip.dense.resample_pos_embed`): bicubic with ClearCLIP's and SCLIP's ``(n + 0.1) / n0``
+scale factor for ``vanilla``, ``sclip``, ``clearclip``, MaskCLIP's bicubic to the size for
+``maskclip``, bilinear for ``cliper``. Small differences from the official code, all in fp32 here
+(theirs run fp16): images are resized with PIL (bilinear for the CLIP protocol where mmcv uses
+OpenCV's, bicubic for CLIPer as its code).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from aclip.data import segclasses
 from aclip.data.imagefolder import load_templates
 from aclip.data.segclasses import ClassEntry
 from aclip.data.segsets import IGNORE_INDEX, split_names
-from aclip.dense import HEADS, DenseHead
+from aclip.dense import HEADS, POS_INTERP, DenseHead
 from aclip.evaluation import zero_shot_classifier
 from aclip.model.clip import CLIP
 
@@ -90,6 +92,9 @@ class SegSettings:
     # ClearCLIP's comparison rows: vanilla / maskclip / sclip without the last block's residual
     # and FFN (its base_config.py ignore_residual=True); clearclip and cliper never have them
     ignore_residual: bool = False
+    # position embedding on another grid: head (each head's official code's), clearclip,
+    # maskclip, cliper or timm (aclip.dense.resample_pos_embed)
+    pos_interp: str = "head"
     # cliper
     select_layer: int = -1
     fuse_layers: bool = True
@@ -117,6 +122,9 @@ class SegSettings:
             raise ValueError("refine needs head=cliper and sd_model (a local diffusers folder)")
         if self.window_batch < 1:
             raise ValueError("window_batch must be >= 1")
+        if self.pos_interp not in POS_INTERP:
+            choices = ", ".join(POS_INTERP)
+            raise ValueError(f"pos_interp: {self.pos_interp!r} is not one of {choices}")
         return self
 
 
@@ -518,7 +526,7 @@ class Segmenter:
         self.cache = text_cache
         self.head = DenseHead(
             clip, settings.head, settings.select_layer, settings.fuse_layers,
-            settings.ignore_residual,
+            settings.ignore_residual, settings.pos_interp,
         )  # fmt: skip
         self.queries = Queries.from_classnames(classnames)
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)

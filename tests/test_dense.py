@@ -9,6 +9,7 @@ LayerNorms from their parameters, attention from written softmaxes.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -360,10 +361,77 @@ def test_other_grids_match_timms_dynamic_size_model() -> None:
     peer.eval()
     x = images(1, 48, 72)
     with torch.no_grad():
-        out = DenseHead(clip, "vanilla")(x)
+        out = DenseHead(clip, "vanilla", pos_interp="timm")(x)
         ref = F.normalize(clip.image_proj(peer.forward_features(x))[:, 1:], dim=-1)
     assert out.grid_hw == (6, 9)
     torch.testing.assert_close(out.emb_LBNE[0], ref, rtol=0, atol=ATOL)
+
+
+def official_pos_embed(mode: str, pos_MD: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A class + square-grid position embedding [1 + n, D] resampled to rows x cols as each
+    official repository writes it."""
+    n, dim = pos_MD.shape[0] - 1, pos_MD.shape[1]
+    size = int(math.sqrt(n))
+    first, grid = pos_MD[:1], pos_MD[1:]
+    if mode == "clearclip":  # mc-lan/ClearCLIP open_clip/transformer.py:569-587 (= SCLIP's)
+        w0, h0 = rows + 0.1, cols + 0.1
+        out = F.interpolate(
+            grid.reshape(1, size, size, dim).permute(0, 3, 1, 2),
+            scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)),
+            mode="bicubic",
+        )
+        assert int(w0) == out.shape[-2] and int(h0) == out.shape[-1]
+        return torch.cat((first, out.permute(0, 2, 3, 1).reshape(-1, dim)), dim=0)
+    if mode == "maskclip":  # chongzhou96/MaskCLIP mmseg/models/backbones/vit.py:383-410
+        weight = grid.reshape(1, size, size, dim).permute(0, 3, 1, 2)
+        weight = F.interpolate(weight, size=(rows, cols), align_corners=False, mode="bicubic")
+        return torch.cat((first, torch.flatten(weight, 2).transpose(1, 2)[0]), dim=0)
+    # CLIPer: linsun449/cliper.code modified_clip/model.py:165-174 (upsample_pos_emb, in fp32)
+    emb = grid.permute(1, 0).view(1, dim, size, size)
+    emb = F.interpolate(emb, size=(rows, cols), mode="bilinear")
+    return torch.cat([first, emb.view(dim, -1).contiguous().permute(1, 0)], 0)
+
+
+def test_each_head_resamples_the_position_embedding_as_its_official_code() -> None:
+    from aclip.dense import resample_pos_embed
+
+    clip = small_clip()
+    vit = clip.visual.vit
+    x = images(1, 48, 72)  # 6 x 9 patches; the tower's grid is 4 x 4
+    expected = {"vanilla": "clearclip", "maskclip": "maskclip", "sclip": "clearclip",
+                "clearclip": "clearclip", "cliper": "cliper"}  # fmt: skip
+    with torch.no_grad():
+        patches = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        timm_pos = resample_pos_embed(vit.pos_embed, (6, 9), (4, 4), 1, "timm")[0]
+        for head, mode in expected.items():
+            dense = DenseHead(clip, head)
+            assert dense.pos_interp == mode
+            pos = official_pos_embed(mode, vit.pos_embed[0], 6, 9)
+            assert (pos - timm_pos).abs().max() > 1e-4, mode  # the modes differ: can fail
+            want = vit.norm_pre(torch.cat([vit.cls_token, patches], dim=1) + pos)
+            got, grid = embed_tokens(vit, x, dense.pos_interp)
+            assert grid == (6, 9)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            native, _ = embed_tokens(vit, images(), mode)  # the tower's grid: its own embedding
+            assert torch.equal(native, clip.visual.embed(images()))
+        got = DenseHead(clip, "cliper", pos_interp="timm")(x).emb_LBNE
+        assert (got - DenseHead(clip, "cliper")(x).emb_LBNE).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="pos_interp"):
+        DenseHead(clip, "clearclip", pos_interp="nearest")
+
+
+def test_pos_interp_setting_reaches_the_head() -> None:
+    from aclip.segment import Segmenter, load_settings
+    from aclip.tokenizer import Tokenizer
+
+    def head_of(settings):
+        return Segmenter(small_clip(), Tokenizer(16), ["background", "cat"], settings,
+                         ["a photo of a {}."], 0, (0.5,) * 3, (0.25,) * 3).head  # fmt: skip
+
+    assert head_of(load_settings(None, "cliper")).pos_interp == "cliper"
+    assert head_of(load_settings(None, "cliper", {"pos_interp": "timm"})).pos_interp == "timm"
+    with pytest.raises(ValueError, match="pos_interp: 'nearest' is not one of head, "):
+        load_settings(None, "clearclip", {"pos_interp": "nearest"})
 
 
 def test_window_boxes_are_mmsegs() -> None:
