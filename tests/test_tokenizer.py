@@ -105,3 +105,98 @@ def test_non_str_values(tok: Tokenizer) -> None:
 def test_picklable_for_workers(tok: Tokenizer) -> None:
     clone = pickle.loads(pickle.dumps(tok))
     assert torch.equal(clone(CAPTIONS), tok(CAPTIONS))
+
+
+def _fuzz_captions(seed: int, n: int, most: int) -> list[str]:
+    """Captions near the BPE bound: long letter words, emoji runs (a vocabulary entry covers
+    up to 8 emoji = 32 byte symbols), CJK, digits, punctuation runs, mojibake, many words;
+    ``most`` scales the longest runs."""
+    import random
+
+    rng = random.Random(seed)
+
+    def k(top: int) -> int:
+        return rng.randint(1, max(1, top * most // 400))
+
+    parts = [
+        lambda: "".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=k(400))),
+        lambda: "😂" * k(120),
+        lambda: "👩‍👩‍👧" * k(30),
+        lambda: "日本語の" * k(40),
+        lambda: str(rng.randint(0, 10**12)),
+        lambda: "!?.," * k(60),
+        lambda: "cafÃ© naïve Ελληνικά",
+        lambda: " ".join(rng.choices(["a", "photo", "of", "the", "red"], k=k(90))),
+    ]
+    return [" ".join(rng.choice(parts)() for _ in range(rng.randint(1, 4))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("context_length", [77, 8])
+def test_bounded_bpe_gives_open_clips_tokens(context_length: int) -> None:
+    """Every caption that fits the context gets exactly open_clip's tokens; a caption that does
+    not is still truncated (a full row ending in EOT), and when it has no piece longer than the
+    cut (n * 32 + 1 symbols) its tokens are open_clip's too."""
+    tok = Tokenizer(context_length)
+    n = context_length - 2
+    captions = (
+        CAPTIONS
+        + [
+            "😂" * 599,  # 2396 symbols, exactly 75 ids: fits the 77 context at the bound
+            "😂" * 600,  # 76 ids
+            "a " * 75,
+            "a " * 76,
+            "word" * 300,
+            "x" * (n * 32) + " tail",
+            "x" * (n * 32 + 1),
+            "x" * (n * 32 + 2) + " tail",
+        ]
+        + _fuzz_captions(0, 300, most=400)
+        + _fuzz_captions(1, 200, most=20)
+    )
+    fits = cut = 0
+    for caption in captions:
+        ref = open_clip.tokenize([caption], context_length=context_length)
+        full = tok.encode(caption)
+        ours = tok(caption)
+        if len(full) <= n:
+            fits += 1
+            assert torch.equal(ours, ref), caption[:60]
+        else:
+            row = ours[0].tolist()  # truncated: EOT last, nowhere before (no padding)
+            assert row.index(tok.eot_token_id) == context_length - 1, caption[:60]
+            pieces = tok._bpe.pat.findall(tok._bpe.clean_fn(caption))
+            if max(len(p.encode()) for p in pieces) <= n * 32 + 1:
+                assert torch.equal(ours, ref), caption[:60]
+            else:
+                cut += 1
+    assert fits > 30 and cut >= 1  # both sides of the bound were exercised
+
+
+def test_bpe_work_is_bounded_on_huge_captions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MB caption and a 10,000-letter word reach the BPE only as far as the first 75 ids
+    need: under 2 * 75 * M + 2 byte symbols in all (M = 32, the longest vocabulary entry), a
+    single word at most 75 * M + 1 (the BPE's cost grows faster than linearly in a word)."""
+    import random
+
+    tok = Tokenizer(77)
+    longest = max(len(entry.removesuffix("</w>")) for entry in tok._bpe.encoder)
+    assert longest == 32
+    n = 75
+    seen: list[int] = []
+    bpe = tok._bpe.bpe
+    monkeypatch.setattr(tok._bpe, "bpe", lambda word: seen.append(len(word)) or bpe(word))
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(rng.choices(letters, k=rng.randint(2, 9))) for _ in range(20_000)]
+    huge = {
+        "1 MB of words": ((" ".join(words) + " ") * 10)[:1_000_000],
+        "10,000-letter word": "".join(rng.choices(letters, k=10_000)),
+        "1 MB word": "ab" * 500_000,
+        "1 MB of emoji": "😂" * 250_000,
+    }
+    for name, caption in huge.items():
+        seen.clear()
+        row = tok(caption)[0].tolist()
+        assert row.index(tok.eot_token_id) == 76, name  # truncated, EOT last
+        assert sum(seen) < 2 * n * longest + 2, (name, sum(seen))
+        assert max(seen) <= n * longest + 1, (name, max(seen))
