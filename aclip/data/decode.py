@@ -12,6 +12,8 @@ from aclip.data.skips import BadSample, SkipStats
 from aclip.data.views import to_rgb
 
 IMAGE_EXTS = ("jpg", "png", "jpeg", "webp")
+EXT_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}  # Pillow's names
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # the only decoders an image member reaches
 MAX_DECODE_PIXELS = 32 * 1024 * 1024  # ~100 MB as RGB; larger images are reduced or skipped
 MIN_IMAGE_SIDE = 8  # smaller images carry no usable content for 2 random crops: skipped
 
@@ -36,27 +38,49 @@ def _caption(sample: dict, url: str, stats: SkipStats | None) -> str:
     return caption
 
 
-def _open_image(data: bytes, key: str, url: str) -> Image.Image:
-    """Read the image header (no pixel decode). PIL's decompression-bomb warning is silenced
-    (our own MAX_DECODE_PIXELS guard applies) and its error becomes a "too_large" skip."""
+def image_formats(ext: str) -> tuple[str, ...]:
+    """The Pillow formats an image member named ``.ext`` may be decoded as: the extension's own
+    format first, then the other formats of IMAGE_EXTS (a PNG named .jpg decodes, as
+    webdataset's and img2dataset's Pillow decoding would take it). Pillow's other plugins
+    are never tried: EPS bytes named .jpg must not reach its Ghostscript launcher."""
+    own = EXT_FORMATS[ext.lower()]
+    return (own, *(f for f in IMAGE_FORMATS if f != own))
+
+
+def open_image(data: bytes, ext: str, key: str, url: str) -> Image.Image:
+    """Read an image member's header (no pixel decode) with the decoders of
+    ``image_formats(ext)`` only. PIL's decompression-bomb warning is silenced (our own
+    MAX_DECODE_PIXELS guard applies, see `check_pixels`) and its error becomes a "too_large"
+    skip; bytes of no such format are a "corrupt_image" skip."""
     if not data:
         raise BadSample("empty_image", f"sample {key} has a zero-byte image", url)
+    formats = image_formats(ext)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data))
+            return Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exn:
         raise BadSample("too_large", f"sample {key}: {exn}", url) from exn
+    except Image.UnidentifiedImageError as exn:
+        what = f"its .{ext} member is not a {', '.join(formats)} image"
+        raise BadSample("corrupt_image", f"sample {key}: {what} ({exn})", url) from exn
     except Exception as exn:
         raise BadSample("corrupt_image", f"sample {key}: {exn!r}", url) from exn
 
 
 def _check_size(img: Image.Image, key: str, url: str, stats: SkipStats | None) -> None:
-    """Skip tiny images; decode huge JPEGs reduced (draft) to at most MAX_DECODE_PIXELS and
-    skip other huge images before their pixels are decoded."""
+    """Skip tiny images; guard huge ones (`check_pixels`)."""
     w, h = img.size
     if min(w, h) < MIN_IMAGE_SIDE:
         raise BadSample("too_small", f"sample {key} is {w}x{h} (< {MIN_IMAGE_SIDE})", url)
+    check_pixels(img, key, url, stats)
+
+
+def check_pixels(img: Image.Image, key: str, url: str, stats: SkipStats | None = None) -> None:
+    """Before an opened image's pixels are decoded: decode a huge JPEG reduced (draft) to at
+    most MAX_DECODE_PIXELS (counted "reduced_large" in ``stats``) and refuse any other image
+    of more than MAX_DECODE_PIXELS ("too_large")."""
+    w, h = img.size
     if w * h <= MAX_DECODE_PIXELS:
         return
     if img.format == "JPEG":
@@ -77,7 +101,7 @@ def _decode_image(sample: dict, url: str, stats: SkipStats | None) -> Image.Imag
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise BadSample("no_image", f"sample {key} has no image", url)
-    with _open_image(sample[ext], key, url) as img:
+    with open_image(sample[ext], ext, key, url) as img:
         _check_size(img, key, url, stats)
         try:
             img.load()

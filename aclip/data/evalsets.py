@@ -29,6 +29,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from aclip.data.decode import check_pixels, open_image
 from aclip.data.views import to_rgb
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
@@ -184,10 +185,15 @@ def _names_and_templates(root: Path) -> tuple[list[str], list[str]]:
 
 
 def _image(sample: dict) -> Image.Image:
+    """The sample's image as RGB, read as the training images are (`open_image`: the image
+    decoders only; `check_pixels`: a huge JPEG reduced at decode, another huge image refused
+    before its pixels are decoded). Raises ValueError (`BadSample`) naming the sample."""
     ext = next((e for e in IMAGE_EXTS if e in sample), None)
     if ext is None:
         raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image")
-    with Image.open(io.BytesIO(sample[ext])) as img:
+    key, url = f"{sample.get('__key__')} in {sample.get('__url__')}", str(sample.get("__url__"))
+    with open_image(sample[ext], ext, key, url) as img:
+        check_pixels(img, key, url)
         img.load()
         return to_rgb(img)
 

@@ -19,7 +19,6 @@ counted like a bad image.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
+from aclip.data.decode import MAX_DECODE_PIXELS, open_image
 from aclip.data.skips import BadSample
 from aclip.data.views import ACLIPViews, colour_augment, image_tensor, resize_box, to_pil, to_rgb
 
@@ -99,11 +99,21 @@ def decode_region(
     """A region's mask as uint8 [H, W] (0-255) for an image of ``size_hw``.
 
     Raises:
-        BadSample: ``bad_mask`` when it cannot be decoded, has another size, or is empty.
+        BadSample: ``bad_mask`` when it cannot be decoded, has another size (a PNG's is read
+            from its header, before its pixels), is empty, or the image is larger than
+            MAX_DECODE_PIXELS.
     """
     h, w = size_hw
+    if h * w > MAX_DECODE_PIXELS:
+        raise _bad(sample, f"image {w}x{h} is larger than {MAX_DECODE_PIXELS} px for a mask")
     try:
-        mask = _png_mask(region.data) if region.kind == "png" else _coco_mask(region, h, w)
+        mask = (
+            _png_mask(sample, region.data, h, w)
+            if region.kind == "png"
+            else _coco_mask(region, h, w)
+        )
+    except BadSample:
+        raise
     except Exception as err:
         raise _bad(sample, f"{region.kind} mask not decodable ({err!r})") from None
     if mask.shape != (h, w):
@@ -151,10 +161,18 @@ def _rle(data: Any, h: int, w: int) -> dict:
     return {"size": size, "counts": counts}
 
 
-def _png_mask(data: bytes) -> np.ndarray:
+def _png_mask(sample: Mapping[str, Any], data: bytes, h: int, w: int) -> np.ndarray:
     """A ``.mask.png``: grey levels (``L``; ``1`` as 0/255) as they are, a palette image's
-    non-zero indices as 255, other modes through ``L``."""
-    with Image.open(io.BytesIO(data)) as img:
+    non-zero indices as 255, other modes through ``L``. Opened by the image decoders only
+    (`open_image`), its size checked against the image's (h, w) from its header, before any
+    pixel is decoded: a 20 KB PNG can claim 13000 x 13000."""
+    try:
+        img = open_image(data, "png", str(sample.get("__key__")), _where(sample)[1])
+    except BadSample as err:
+        raise _bad(sample, f"png mask not decodable ({err})") from None
+    with img:
+        if img.size != (w, h):
+            raise _bad(sample, f"png mask is {img.width}x{img.height}, image {w}x{h}")
         img.load()
         if img.mode == "P":
             return (np.asarray(img) != 0).astype(np.uint8) * 255

@@ -147,7 +147,7 @@ class WdsRegionSet(torch.utils.data.IterableDataset):
             raise ValueError(f"{where} has no .{MASK_MEMBER} (it has {_members(sample)})")
         image = _image(sample)
         try:
-            mask = _png_mask(sample[MASK_MEMBER])
+            mask = _png_mask(sample, sample[MASK_MEMBER], image.height, image.width)
         except OSError as err:
             raise ValueError(f"{where}: .{MASK_MEMBER} is not a PNG ({err})") from None
         if mask.shape != (image.height, image.width):

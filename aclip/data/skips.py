@@ -21,7 +21,7 @@ SKIP_REASONS: tuple[str, ...] = (
     "empty_image",  # zero-byte image member
     "no_image",  # sample without any image member (e.g. a member lost to a cut tar)
     "no_caption",  # sample without a `.txt` member
-    "empty_caption",  # caption empty or whitespace only
+    "empty_caption",  # caption empty, whitespace only, or of no token (NULs, control chars)
     "too_large",  # more than MAX_DECODE_PIXELS and not reducible at decode time
     "too_small",  # shorter side below MIN_IMAGE_SIDE
     "bad_tar",  # shard not a tar, or cut in the middle (the rest of the shard is lost)

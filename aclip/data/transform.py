@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from aclip.data.decode import decode_sample
-from aclip.data.skips import SkipStats
+from aclip.data.skips import BadSample, SkipStats
 from aclip.data.workers import worker_seed
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
@@ -79,6 +79,22 @@ class SampleTransform:
             out, caption = self._seeded(pos, self.views.from_sample, img, caption, sample)
         else:
             out = self._seeded(pos, self.views, img)
-        out["tokens"] = self.tokenizer([caption])[0].long()
+        out["tokens"] = self._tokens(caption, sample)
         out["data_pos"] = torch.tensor(pos, dtype=torch.long)
         return out
+
+    def _tokens(self, caption: str, sample: dict) -> torch.Tensor:
+        """The caption's token row [L]; a caption of no BPE token at all (NULs, control
+        characters, a bare ``&nbsp;``: SOT then EOT) is skipped as ``empty_caption``, like a
+        blank one. Checked when the tokenizer names its EOT id (``eot_token_id``) and its rows
+        have room for a token (L > 2)."""
+        tokens_L = self.tokenizer([caption])[0].long()
+        eot = getattr(self.tokenizer, "eot_token_id", None)
+        if eot is not None and tokens_L.numel() > 2 and int(tokens_L[1]) == eot:
+            where = f"sample {sample.get('__key__')}"
+            raise BadSample(
+                "empty_caption",
+                f"{where}: caption {caption[:80]!r} has no token once cleaned",
+                str(sample.get("__url__", "")),
+            )
+        return tokens_L
