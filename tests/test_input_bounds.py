@@ -1,18 +1,20 @@
 """Untrusted data input is bounded: image decoders by extension, pixel guards on region masks
-and evaluation images, token-less captions."""
+and evaluation images, tar members of bounded size (gzip named .tar), token-less captions."""
 
+import gzip
 import io
 import logging
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from aclip.data import evalsets
+from aclip.data import evalsets, tars
 from aclip.data.decode import decode_sample
 from aclip.data.pipeline import build_train_loader
 from aclip.data.regions import decode_region, sample_regions
@@ -165,6 +167,47 @@ def test_normal_masks_and_eval_images_decode_as_before():
         got = evalsets._image({"__key__": "k", ext: data})
         want = Image.open(io.BytesIO(data)).convert("RGB")
         assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def _gzip_tar_with_a_big_member(path: Path, big: int) -> None:
+    """A gzip stream named .tar: sample a, then b with a `big`-byte member of zeros, then c."""
+    jpg = _encode(_picture(), "JPEG")
+    members = [("a.jpg", jpg), ("a.txt", b"first"), ("b.txt", b"second"), ("b.jpg", bytes(big)),
+               ("c.jpg", jpg), ("c.txt", b"third")]  # fmt: skip
+    path.write_bytes(gzip.compress(_tar_bytes(members)))
+
+
+def test_gzip_named_tar_with_a_big_member_is_a_counted_bad_shard(tmp_path, monkeypatch, caplog):
+    big = 3 * 1024 * 1024
+    _gzip_tar_with_a_big_member(tmp_path / "0.tar", big)
+    assert (tmp_path / "0.tar").stat().st_size < 20_000
+    plain = [("d.jpg", _encode(_picture(), "JPEG")), ("d.txt", b"fourth")]
+    (tmp_path / "1.tar").write_bytes(_tar_bytes(plain))
+    monkeypatch.setattr(tars, "MAX_MEMBER_BYTES", 1024 * 1024)
+    read = []
+    real = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, m: read.append(m.name) or real(self, m))  # fmt: skip
+    loader = _loader(str(tmp_path / "{0..1}.tar"))
+    captions, logged = _captions_and_skips(loader, caplog)
+    assert captions == ["first", "fourth"]
+    # the shard ends at b.jpg: b's caption, read before it, is a sample without image
+    counts = loader.skip_stats.counts
+    assert counts["bad_tar"] == 1 and counts["no_image"] == 1
+    assert "b.jpg" not in read  # never decompressed into memory
+    (message,) = [m for m in logged if "bad_tar" in m]
+    assert f"member b.jpg holds {big} bytes" in message and "gz-compressed" in message
+    assert str(tmp_path / "0.tar") in loader.skip_stats.bad_urls
+
+
+def test_evaluation_shard_with_a_big_member_is_refused(tmp_path, monkeypatch):
+    _gzip_tar_with_a_big_member(tmp_path / "0.tar", 3 * 1024 * 1024)
+    monkeypatch.setattr(tars, "MAX_MEMBER_BYTES", 1024 * 1024)
+    pipe = evalsets._dataset([str(tmp_path / "0.tar")], lambda s: s["__key__"])
+    with pytest.raises(ValueError, match="bad_tar: shard .*0.tar .*member b.jpg holds"):
+        list(pipe)
+    monkeypatch.setattr(tars, "MAX_MEMBER_BYTES", 4 * 1024 * 1024)
+    assert list(pipe) == ["a", "b", "c"]  # under the bound a gzip shard reads as before
 
 
 def test_tokens_of_normal_captions_unchanged_through_the_loader(tmp_path):

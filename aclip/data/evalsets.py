@@ -30,6 +30,7 @@ import webdataset as wds
 from PIL import Image
 
 from aclip.data.decode import check_pixels, open_image
+from aclip.data.tars import tarfile_to_samples
 from aclip.data.views import to_rgb
 
 IMAGE_EXTS = ("webp", "png", "jpg", "jpeg")
@@ -252,7 +253,7 @@ def _dataset(paths: list[str], fn: Callable) -> wds.DataPipeline:
     return wds.DataPipeline(
         wds.SimpleShardList(paths),
         wds.split_by_worker,
-        wds.tarfile_to_samples(),
+        tarfile_to_samples(),
         wds.map(fn),
     )
 

@@ -25,6 +25,7 @@ from aclip.data.position import PositionStage
 from aclip.data.shards import check_shard_split, expand_urls
 from aclip.data.skips import SkipStats
 from aclip.data.stall import ShardRun, guard_stalls
+from aclip.data.tars import tarfile_to_samples
 from aclip.data.transform import SampleTransform, Tokenizer, Views, collate
 from aclip.data.workers import (
     ResampledShards,
@@ -46,7 +47,7 @@ def _source(
     offset: int,
 ) -> wds.DataPipeline:
     """Samples of one source: shard list split by node and worker, tar -> dict samples."""
-    read = wds.tarfile_to_samples(handler=stats.tar_handler)
+    read = tarfile_to_samples(handler=stats.tar_handler)
     if resampled:  # each rank/worker draws its own shard stream; guarded against spinning
         run = ShardRun(index, urls, stats)
         return wds.DataPipeline(ResampledShards(urls, seed, epoch, offset), run.shards, read,

@@ -37,6 +37,7 @@ from aclip.data.evalsets import (
     shard_paths,
 )
 from aclip.data.regions import MASK_MEMBER, _png_mask
+from aclip.data.tars import tarfile_to_samples
 
 IMAGENET_S_OTHER, IMAGENET_S_IGNORE = 0, 1000
 IMAGE_SUFFIXES = (".JPEG", ".jpeg", ".jpg", ".JPG", ".png")
@@ -160,7 +161,7 @@ class WdsRegionSet(torch.utils.data.IterableDataset):
         pipe = wds.DataPipeline(
             wds.SimpleShardList(self.paths),
             wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            tarfile_to_samples(),
             wds.map(self._decode),
         )
         return iter(pipe)
