@@ -66,7 +66,8 @@ class Tokenizer:
 
         Hence at most (n - 1) * M symbols in the pieces before the last one read (they give
         fewer than n ids) plus n * M + 1 in the last: fewer than 2 * n * M + 2 symbols reach
-        the BPE, whatever the caption's length (cleaning the whole text stays linear in it).
+        the BPE, whatever the caption's length (ftfy's cleaning still reads the whole text once:
+        ~0.05 s for 1 MB of words, ~0.5 s for 1 MB of mojibake).
         """
         if max_tokens is None:
             return self._bpe.encode(_sanitize(text))

@@ -41,8 +41,9 @@ def _caption(sample: dict, url: str, stats: SkipStats | None) -> str:
 def image_formats(ext: str) -> tuple[str, ...]:
     """The Pillow formats an image member named ``.ext`` may be decoded as: the extension's own
     format first, then the other formats of IMAGE_EXTS (a PNG named .jpg decodes, as
-    webdataset's and img2dataset's Pillow decoding would take it). Pillow's other plugins
-    are never tried: EPS bytes named .jpg must not reach its Ghostscript launcher."""
+    webdataset's own decoder, a plain ``PIL.Image.open`` in webdataset/autodecode.py
+    ``ImageHandler``, takes it). Pillow's other plugins are never tried: EPS bytes named .jpg
+    must not reach its Ghostscript launcher."""
     own = EXT_FORMATS[ext.lower()]
     return (own, *(f for f in IMAGE_FORMATS if f != own))
 
