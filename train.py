@@ -19,6 +19,7 @@ from aclip.data.skips import LoaderStalled, SkipLimitExceeded
 from aclip.interop import WeightsError
 from aclip.numerics import NonFiniteLoss
 from aclip.preflight import check_paths
+from aclip.safe_load import CheckpointError
 
 EXIT_STOPPED = 3  # stopped on a signal, checkpoint saved: run again with train.resume=latest
 
@@ -106,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(cfg)
     # another model's checkpoint or weights that do not fit; bad shards; unreadable data; NaN/Inf
-    # steps (the last good state saved)
-    except (ConfigError, WeightsError, SkipLimitExceeded, LoaderStalled, NonFiniteLoss) as err:
+    # steps (the last good state saved); a checkpoint that is none or could run code
+    except (ConfigError, WeightsError, CheckpointError, SkipLimitExceeded, LoaderStalled,
+            NonFiniteLoss) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
     return after_stop(results) if "stopped" in results else 0

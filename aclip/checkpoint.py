@@ -39,6 +39,8 @@ from aclip import distributed as dist_utils
 from aclip.config import Config, ConfigError, config_from_yaml
 from aclip.model import build_clip
 from aclip.model.clip import CLIP
+from aclip.safe_load import CheckpointError, deepspeed_reads_safe, numpy_rng_globals
+from aclip.safe_load import load as safe_load
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 IMAGE_SIDE = ("visual", "image_proj")
@@ -64,20 +66,22 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def read_model_states(file: Path) -> dict:
-    """The dict an aclip checkpoint's model-states file holds (``module``, ``config``, ...);
-    ValueError naming ``file`` when it is not one (another project's checkpoint, a bare state
-    dict, a file torch cannot read)."""
+    """The dict an aclip checkpoint's model-states file holds (``module``, ``config``, ...), read
+    without running code (:mod:`aclip.safe_load`). CheckpointError (a ValueError) naming
+    ``file`` when it is not one (another project's checkpoint, a bare state dict, an image or
+    other non-checkpoint file, said by its magic bytes) or holds types that could run code
+    (UnsafeCheckpointError)."""
     try:
-        states = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle, zip and format errors all mean: not a torch checkpoint
-        raise ValueError(
-            f"{file} is not an aclip checkpoint: torch.load cannot read it ({err}); expected a "
-            f"run directory, its checkpoints/ or a step directory holding {MODEL_STATES}"
+        states = safe_load(file)
+    except CheckpointError as err:
+        raise type(err)(
+            f"not an aclip checkpoint: {err}; expected a run directory, its checkpoints/ or a "
+            f"step directory holding {MODEL_STATES}"
         ) from None
     missing = [k for k in ("module", "config") if not isinstance(states, dict) or k not in states]
     if missing:
         found = sorted(states)[:8] if isinstance(states, dict) else type(states).__name__
-        raise ValueError(
+        raise CheckpointError(
             f"{file} is not an aclip checkpoint: it lacks {' and '.join(map(repr, missing))} "
             f"(found {found}); expected the {MODEL_STATES} that aclip's trainer saves"
         )
@@ -126,7 +130,10 @@ def _fp32_module(module: dict[str, torch.Tensor], tag_dir: Path) -> dict[str, to
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with deepspeed_reads_safe():  # zero_to_fp32 unpickles without restriction otherwise
+            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    except CheckpointError:
+        raise
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise ValueError(
             f"{tag_dir} holds half-precision weights and its fp32 master weights (the ZeRO "
@@ -281,9 +288,12 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """The RNG states a resumed run needs to continue as the uninterrupted one."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # numpy's uint32 key array as an int64 tensor: read back exactly, and without numpy types
+        # (which a checkpoint read by aclip.safe_load must not need)
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -292,7 +302,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` saved."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, *rest = state["numpy"]  # keys: a tensor; a numpy array in older rank files
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -405,7 +416,8 @@ class Checkpointer:
         if tag_dir is None:
             return None
         check_compatible(cfg, tag_dir, self.fields_of)
-        load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        with deepspeed_reads_safe():  # DeepSpeed's reads unpickle without restriction otherwise
+            load_path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         if load_path is None:
             raise FileNotFoundError(f"no loadable checkpoint in {tag_dir}")
         counters = Counters(int(client["step"]), int(client["samples_seen"]))
@@ -418,7 +430,8 @@ class Checkpointer:
         """This rank's stream and RNG; saved with another world size or number of workers, the
         stream restarts at the samples seen instead (not sample-exact), and says so."""
         path = tag_dir / f"rank_{self.dist.rank:05d}.pt"
-        state = torch.load(path, weights_only=False) if path.is_file() else None
+        # older rank files hold numpy's RNG key array as a numpy array: those types allowed here
+        state = safe_load(path, extra_globals=numpy_rng_globals()) if path.is_file() else None
         same_world = state is not None and state["world_size"] == self.dist.world_size
         if same_world and stream.load_state_dict(state, samples_seen):
             set_rng_state(state["rng"])

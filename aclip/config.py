@@ -194,6 +194,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     signal_check_every: int = 10
     resume: str = ""
+    # read a resumed or init_from checkpoint even if it holds types beyond weights and aclip's
+    # own (unpickling it can run code: only for files you trust; aclip.safe_load)
+    trust_checkpoint: bool = False
     stop_at_step: int = 0  # stop early after this step, schedules unchanged (0: at their end)
     progress: bool = True
     max_bad_steps: int = 20  # NaN/Inf loss or gradient: step skipped; this many in a row stop

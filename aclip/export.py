@@ -40,6 +40,7 @@ from aclip.interop import (
     to_openai_state_dict,
 )
 from aclip.model.clip import CLIP
+from aclip.safe_load import add_trust_argument
 from aclip.tokenizer import Tokenizer
 
 FORMATS = ("open_clip", "openai", "timm")
@@ -192,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--no-verify", action="store_true", help="skip loading the export back")
+    add_trust_argument(parser)
     return parser
 
 

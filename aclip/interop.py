@@ -46,6 +46,7 @@ from timm.layers import Attention, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from aclip import safe_load
 from aclip.config import ConfigError, ModelConfig
 from aclip.model import build_clip
 from aclip.model.clip import CLIP
@@ -619,7 +620,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], bool]:
             raise WeightsError(f"{path}: {err}") from None
     else:
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = safe_load.load(path)  # weights_only=True; says what a non-checkpoint file is
         except Exception as err:
             raise WeightsError(f"{path}: not a readable checkpoint ({err})") from err
     for wrapper in ("state_dict", "model", "module"):

@@ -30,6 +30,7 @@ from aclip.model.clip import LOGIT_SCALE_MAX
 from aclip.numerics import NonFiniteLoss, StepGuard, apply_step
 from aclip.optim import build_optimizer, build_scheduler, run_length
 from aclip.preflight import resolve_epoch_size
+from aclip.safe_load import trusting
 from aclip.signals import StopSignals
 from aclip.tokenizer import Tokenizer
 
@@ -101,7 +102,8 @@ class Trainer:
             return  # a resumed run's weights come from its checkpoint
         from aclip.interop import init_from
 
-        notes = init_from(student.clip, model.init_from, model.init_from_name or None)
+        with trusting(self.cfg.train.trust_checkpoint):
+            notes = init_from(student.clip, model.init_from, model.init_from_name or None)
         if self.dist.is_main:
             print(f"initialised from {model.init_from}: " + "; ".join(notes), flush=True)
 
@@ -342,8 +344,9 @@ class Trainer:
     def resume(self, which: str = "latest") -> bool:
         """Go on from the newest whole checkpoint (``latest``) or a given tag directory; False
         when there is none."""
-        counters = self.checkpointer.resume(self.engine, self.method, self.stream, self.cfg,
-                                            which)  # fmt: skip
+        with trusting(self.cfg.train.trust_checkpoint):
+            counters = self.checkpointer.resume(self.engine, self.method, self.stream, self.cfg,
+                                                which)  # fmt: skip
         if counters is None:
             return False
         self.counters = counters

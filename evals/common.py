@@ -23,6 +23,7 @@ from aclip.checkpoint import MODEL_STATES, find_checkpoint, load_eval_model
 from aclip.config import EVAL_PRECISIONS, Config
 from aclip.interop import LOCAL_DIR, OPEN_CLIP_CONFIG, Preprocess, WeightsError, load_clip
 from aclip.model.clip import CLIP
+from aclip.safe_load import add_trust_argument
 
 ACLIP_RUN = (
     f"a run directory, its checkpoints/ or a step directory holding {MODEL_STATES}, or that file"
@@ -129,8 +130,8 @@ def add_precision_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --model-name, --ema, --batch-size, --workers, --device, --precision and
-    --json, as every eval CLI takes them."""
+    """--checkpoint, --model-name, --ema, --batch-size, --workers, --device, --precision,
+    --json and --trust-checkpoint, as every eval CLI takes them."""
     parser.add_argument(
         "--checkpoint",
         required=True,
@@ -147,6 +148,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_precision_arg(parser)
     parser.add_argument("--json", help="write the metrics here")
+    add_trust_argument(parser)
 
 
 def report(compute: Callable[[], dict], json_path: str | None) -> int:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from aclip.checkpoint import has_ema_teacher
+from aclip.safe_load import add_trust_argument
 from evals.retrieval import retrieval
 from evals.zeroshot import zeroshot
 
@@ -28,12 +29,21 @@ def _final_results(run: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Evaluate the demo run and print a results table and where its logs are."""
+    """Evaluate the demo run and print a results table and where its logs are; exit code 2 with
+    ``error: ...`` for a run or data path that cannot be read."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run", required=True, help="the demo's run directory")
     parser.add_argument("--data", required=True, help="the synthetic data directory")
+    add_trust_argument(parser)
     args = parser.parse_args(argv)
-    run, data = Path(args.run), Path(args.data)
+    try:
+        return _report(Path(args.run), Path(args.data))
+    except (FileNotFoundError, ValueError) as err:  # a checkpoint that is none or could run code
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _report(run: Path, data: Path) -> int:
     trained = _final_results(run)
     results: dict[str, dict] = {}
     lines = [

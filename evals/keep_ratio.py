@@ -63,6 +63,7 @@ from aclip.evaluation import (
 from aclip.masking import num_keep, random_keep, topk_keep
 from aclip.model.clip import CLIP
 from aclip.model.vision import VisionTower
+from aclip.safe_load import add_trust_argument
 from aclip.tokenizer import Tokenizer
 from evals.common import EvalModel, add_precision_arg, check_model_source, load_model
 
@@ -728,6 +729,7 @@ def _add_checkpoint_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     add_precision_arg(p)
     p.add_argument("--title", default="Zero-shot by eval-time token keep ratio")
+    add_trust_argument(p)
 
 
 def main(argv: list[str] | None = None) -> int:
