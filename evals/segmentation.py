@@ -31,6 +31,7 @@ from tqdm import tqdm
 from aclip.data.segsets import DATASETS, IGNORE_INDEX, SegmentationSet
 from aclip.dense import HEADS
 from aclip.evaluation import eval_autocast, resolve_eval_precision
+from aclip.safe_load import add_trust_argument
 from aclip.segment import (
     Segmenter,
     SegMetric,
@@ -220,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vis", help="write a picture (image / ground truth / predictions) here")
     p.add_argument("--vis-count", type=int, default=4, help="images in the picture")
     p.add_argument("--no-progress", action="store_true")
+    add_trust_argument(p)
     return p
 
 

@@ -306,19 +306,21 @@ def test_a_jpeg_given_as_a_checkpoint_is_named(data, tmp_path, capsys) -> None:
         assert "weights_only" not in err
 
 
-def test_trust_checkpoint_reads_what_it_otherwise_refuses(data, tmp_path, marker, capsys):
-    """--trust-checkpoint unpickles without restriction (the payload runs, with a warning); the
-    next command line without it refuses again."""
-    from evals import zeroshot
+@pytest.mark.parametrize("cli", ["zeroshot", "segmentation"])
+def test_trust_checkpoint_reads_what_it_otherwise_refuses(cli, data, tmp_path, marker, capsys):
+    """--trust-checkpoint unpickles without restriction (the payload runs, with a warning, and
+    the evaluation goes on); the next command line without it refuses again."""
+    import importlib
 
+    main = importlib.import_module(f"evals.{cli}").main
     run = tmp_path / "run"
     save_untrained_run(run)
     add_payload(run / "checkpoints" / "global_step0" / ckpt.MODEL_STATES, marker)
-    argv = ["--checkpoint", str(run), "--data", str(data / "eval_cls"), "--no-progress"]
-    assert zeroshot.main([*argv, "--trust-checkpoint"]) == 0
+    argv = _eval_argvs(run, data, tmp_path / "out")[cli]
+    assert main([*argv, "--trust-checkpoint"]) == 0
     assert marker.is_dir() and "declared trusted" in capsys.readouterr().err
     marker.rmdir()
-    assert_refused(zeroshot.main(argv), capsys, marker, "posix.mkdir")
+    assert_refused(main(argv), capsys, marker, "posix.mkdir")
 
 
 def test_rank_files_store_numpy_rng_without_numpy_types_and_old_ones_still_resume(tmp_path):
