@@ -33,8 +33,8 @@ from typing import IO, Any
 import torch
 
 _TORCH_LOAD = torch.load  # the real one, also while deepspeed_reads_safe has replaced it
-# torch.save's legacy (non-zip) format begins with a protocol-2 pickle of its magic number
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+# torch.save's legacy (non-zip) format begins with a pickle of this magic number (LONG1 opcode)
+_LEGACY_MAGIC = b"\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 TRUST_HINT = (
     "if you trust this file (e.g. you wrote it yourself), pass --trust-checkpoint "
     "(train.py: train.trust_checkpoint=true) to read it anyway"
@@ -88,7 +88,7 @@ def file_kind(path: str | Path) -> str | None:
         return "an empty file"
     if head.startswith(b"PK\x03\x04"):
         return _zip_kind(path)
-    if head.startswith(_LEGACY_MAGIC):
+    if head[:1] == b"\x80" and _LEGACY_MAGIC in head[:24]:  # after PROTO (and FRAME) opcodes
         return None
     for magic, kind in _MAGIC:
         if head.startswith(magic):
