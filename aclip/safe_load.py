@@ -51,13 +51,14 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def deepspeed_globals() -> list[Any]:
-    """The non-tensor types DeepSpeed's optimizer-states files hold (saved by ZeRO 1/2 and the
-    bf16/fp16 optimizers): plain data, built without calling any of their methods."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    """The non-tensor types DeepSpeed's optimizer states hold (saved by ZeRO 1/2 and the
+    bf16/fp16 optimizers; fp16 on a GPU keeps a DynamicLossScaler): plain data (numbers, a
+    dtype), built without calling any of their methods."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler, ZeroStageEnum, fragment_address]
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def numpy_rng_globals() -> list[Any]:

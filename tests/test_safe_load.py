@@ -126,6 +126,20 @@ def test_torch_files_are_recognised_in_both_formats(tmp_path) -> None:
             assert torch.equal(safe_load.load(path)["w"], torch.arange(3))
 
 
+def test_fp16_dynamic_loss_scaler_is_read(tmp_path) -> None:
+    """A GPU fp16 run's optimizer states hold DeepSpeed's DynamicLossScaler (CPU runs train fp16
+    as fp32, so no test run writes one): built as DeepSpeed builds it, it reads back whole."""
+    from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+
+    args = {"init_scale": 2**16, "scale_window": 1000, "min_scale": 1, "delayed_shift": 2,
+            "consecutive_hysteresis": False, "raise_error_at_min_scale": True}  # fmt: skip
+    scaler = CreateLossScaler(torch.half, 0, True, args)
+    scaler.cur_iter, scaler.cur_scale = 7, 2.0**14
+    torch.save({"loss_scaler": scaler}, tmp_path / "optim.pt")
+    back = safe_load.load(tmp_path / "optim.pt")["loss_scaler"]
+    assert type(back) is type(scaler) and vars(back) == vars(scaler)
+
+
 # ------------------------------------------------------------------ every entry point
 def _eval_argvs(run: Path, data: Path, out: Path) -> dict[str, list[str]]:
     cls, run_s = str(data / "eval_cls"), str(run)
