@@ -39,7 +39,12 @@ from aclip import distributed as dist_utils
 from aclip.config import Config, ConfigError, config_from_yaml
 from aclip.model import build_clip
 from aclip.model.clip import CLIP
-from aclip.safe_load import CheckpointError, deepspeed_reads_safe, numpy_rng_globals
+from aclip.safe_load import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    deepspeed_reads_safe,
+    numpy_rng_globals,
+)
 from aclip.safe_load import load as safe_load
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -73,8 +78,10 @@ def read_model_states(file: Path) -> dict:
     (UnsafeCheckpointError)."""
     try:
         states = safe_load(file)
+    except UnsafeCheckpointError:
+        raise  # names the file and the types it would build
     except CheckpointError as err:
-        raise type(err)(
+        raise CheckpointError(
             f"not an aclip checkpoint: {err}; expected a run directory, its checkpoints/ or a "
             f"step directory holding {MODEL_STATES}"
         ) from None
