@@ -219,3 +219,66 @@ def test_tokens_of_normal_captions_unchanged_through_the_loader(tmp_path):
 
     got = torch.cat([b["tokens"] for b in _loader(str(tmp_path / "0.tar"))])
     assert torch.equal(got, open_clip.tokenize(caps, context_length=24))
+
+
+def _image_tree(root: Path, eps_as: str | None = None) -> Path:
+    """An ImageFolder tree of two classes, one PNG and one JPEG each; ``eps_as`` adds EPS bytes
+    under that file name in the first class."""
+    for c, cls in enumerate(("cat", "dog")):
+        (root / cls).mkdir(parents=True)
+        _picture(c).save(root / cls / "a.png")
+        _picture(c + 2).save(root / cls / "b.jpg")
+    if eps_as:
+        (root / "cat" / eps_as).write_bytes(_encode(_picture(), "EPS"))
+    return root
+
+
+def test_local_image_files_open_with_their_extensions_decoder_only(tmp_path, monkeypatch):
+    """ImageFolder trees, Karpathy, segmentation and ImageNet-S folders read local files
+    through decode.open_image_file: EPS bytes named .jpg never reach the EPS plugin, a huge
+    PNG is refused from its header, and normal files give torchvision's default loader's
+    pixels."""
+    from torchvision.datasets.folder import default_loader
+
+    from aclip.data.decode import open_image_file
+    from aclip.data.imagefolder import load_imagefolder_classification
+
+    good, _, _ = load_imagefolder_classification(_image_tree(tmp_path / "good"))
+    assert len(good) == 4
+    for (path, _), (img, _) in zip(good.samples, good, strict=True):
+        assert np.array_equal(np.asarray(img), np.asarray(default_loader(path)))
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))
+    evil, _, _ = load_imagefolder_classification(_image_tree(tmp_path / "evil", "c.jpg"))
+    index = [p for p, _ in evil.samples].index(str(tmp_path / "evil" / "cat" / "c.jpg"))
+    with pytest.raises(ValueError, match=r"c\.jpg: not a JPEG, PNG, WEBP image"):
+        evil[index]
+    (tmp_path / "huge.png").write_bytes(_huge_png())
+    with pytest.raises(ValueError, match="huge.png is 13000x13000"):
+        open_image_file(tmp_path / "huge.png")
+    (tmp_path / "doc.eps").write_bytes(_encode(_picture(), "EPS"))
+    with pytest.raises(ValueError, match=r"doc\.eps: not an image file this reader opens"):
+        open_image_file(tmp_path / "doc.eps")
+    assert opened == []
+
+
+def test_segmentation_labels_and_karpathy_images_refuse_other_formats(tmp_path, monkeypatch):
+    from aclip.data import karpathy, segsets
+
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))
+    eps = _encode(_picture(), "EPS")
+    (tmp_path / "label.png").write_bytes(eps)
+    (tmp_path / "photo.jpg").write_bytes(eps)
+    with pytest.raises(ValueError, match=r"label\.png: not a PNG, JPEG, WEBP image"):
+        segsets._read_label(tmp_path / "label.png")
+    with pytest.raises(ValueError, match=r"photo\.jpg: not a JPEG, PNG, WEBP image"):
+        karpathy.KarpathyDataset([(tmp_path / "photo.jpg", ["a cat"])])[0]
+    assert opened == []
+    # a real label map and photo still read as before
+    label = (np.arange(1200).reshape(30, 40) % 5).astype(np.uint8)
+    Image.fromarray(label).save(tmp_path / "l.png")
+    assert np.array_equal(segsets._read_label(tmp_path / "l.png"), label)
+    _picture(3).save(tmp_path / "p.png")
+    img, captions = karpathy.KarpathyDataset([(tmp_path / "p.png", ["a cat"])])[0]
+    assert captions == ["a cat"] and np.array_equal(np.asarray(img), np.asarray(_picture(3)))

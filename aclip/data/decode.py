@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from pathlib import Path
 
 from PIL import Image
 
@@ -94,6 +95,45 @@ def check_pixels(img: Image.Image, key: str, url: str, stats: SkipStats | None =
                 stats.convert("reduced_large")
             return
     raise BadSample("too_large", f"sample {key} is {w}x{h} (> {MAX_DECODE_PIXELS} px)", url)
+
+
+# Local files (ImageFolder trees, Karpathy, segmentation and ImageNet-S folders): the extensions
+# torchvision's ImageFolder accepts, each with its own Pillow decoder and no other.
+FILE_FORMATS = {**EXT_FORMATS, "ppm": "PPM", "pgm": "PPM", "bmp": "BMP", "tif": "TIFF",
+                "tiff": "TIFF"}  # fmt: skip
+
+
+def open_image_file(path: str | Path) -> Image.Image:
+    """Open a local image file as the training members are read: only the decoder its
+    extension names (`image_formats`; BMP, PPM and TIFF also for their own extensions), never
+    Pillow's other plugins (an EPS file named .jpg must not reach Ghostscript), and the
+    MAX_DECODE_PIXELS guard before any pixel is decoded (`check_pixels`). The caller loads it.
+    Raises ValueError naming the file for anything else."""
+    path = Path(path)
+    ext = path.suffix[1:].lower()
+    if ext not in FILE_FORMATS:
+        raise ValueError(f"{path}: not an image file this reader opens (.{ext}; it opens "
+                         f"{', '.join('.' + e for e in FILE_FORMATS)})")  # fmt: skip
+    formats = (FILE_FORMATS[ext], *(f for f in IMAGE_FORMATS if f != FILE_FORMATS[ext]))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path, formats=formats)
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError) as exn:
+        raise ValueError(f"{path}: not a {', '.join(formats)} image ({exn})") from exn
+    try:
+        check_pixels(img, str(path), str(path))
+    except BadSample:
+        img.close()
+        raise
+    return img
+
+
+def load_image_file(path: str) -> Image.Image:
+    """An ImageFolder loader (``loader=``): `open_image_file`, decoded, ``convert("RGB")`` as
+    torchvision's default ``pil_loader`` does."""
+    with open_image_file(path) as img:
+        return img.convert("RGB")
 
 
 def _decode_image(sample: dict, url: str, stats: SkipStats | None) -> Image.Image:

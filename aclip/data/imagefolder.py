@@ -23,6 +23,8 @@ from open_clip.zero_shot_metadata import (
 )
 from torchvision.datasets import ImageFolder
 
+from aclip.data.decode import load_image_file
+
 Template = str | Callable[[str], str]
 TEMPLATE_SETS: dict[str, Sequence[Template]] = {
     "openai": OPENAI_IMAGENET_TEMPLATES,
@@ -85,7 +87,7 @@ def load_imagefolder_classification(
         raise FileNotFoundError(f"image folder not found: {root}")
     prompts = load_templates(templates)
     try:
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = ImageFolder(str(root), transform=transform, loader=load_image_file)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no class folders with images under {root}: {err}") from err
     return dataset, tree_classnames(dataset.classes, classnames_file), prompts

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from aclip.data.decode import open_image_file
 from aclip.data.views import to_rgb
 
 SPLITS = ("train", "val", "test", "restval")
@@ -122,7 +123,7 @@ class KarpathyDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, list[str]]:
         path, captions = self.entries[index]
-        with Image.open(path) as img:
+        with open_image_file(path) as img:
             img.load()
             image = to_rgb(img)
         return (self.transform(image) if self.transform else image), list(captions)

@@ -27,6 +27,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from aclip.data.decode import open_image_file
 from aclip.data.evalsets import (
     _image,
     _LabelReader,
@@ -110,7 +111,7 @@ class ImageNetS(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> RegionItem | None:
         png, label = self.items[i]
-        with Image.open(png) as img:
+        with open_image_file(png) as img:
             ids = imagenet_s_class_ids(img)
         bad = (ids > len(self.wnids)) & (ids != IMAGENET_S_IGNORE)
         if bad.any():
@@ -119,7 +120,7 @@ class ImageNetS(torch.utils.data.Dataset):
                 f"of {self.mask_dir} (R + 256 G; 0 other, 1000 ignored)"
             )
         mask = (ids == label + 1).astype(np.uint8) * 255
-        with Image.open(self._image_path(png)) as img:
+        with open_image_file(self._image_path(png)) as img:
             image = img.convert("RGB")
         if image.size != (mask.shape[1], mask.shape[0]):
             raise ValueError(f"{png} is {mask.shape[1]}x{mask.shape[0]}, its image {image.size}")

@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from aclip.data import segclasses as names
+from aclip.data.decode import open_image_file
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -167,7 +168,7 @@ def _generic_pairs(root: Path, split: str) -> Pairs:
 
 
 def _read_label(path: Path) -> np.ndarray:
-    with Image.open(path) as mask:
+    with open_image_file(path) as mask:
         if mask.mode not in ("L", "P", "I", "I;16"):
             raise ValueError(
                 f"{path} is a {mask.mode} image; label maps must hold class indices "
@@ -241,7 +242,7 @@ class SegmentationSet(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, np.ndarray, str]:
         image_path, label_path, name = self.pairs[index]
-        with Image.open(image_path) as img:
+        with open_image_file(image_path) as img:
             image = img.convert("RGB")
         label = _read_label(label_path)
         if label.shape != (image.height, image.width):
