@@ -115,7 +115,11 @@ def load_eval_model(
     cfg = config_from_yaml(states["config"])
     clip = build_clip(cfg.model)
     module = _fp32_module(states["module"], states_file.parent)
-    clip.load_state_dict({k[5:]: v.float() for k, v in module.items() if k.startswith("clip.")})
+    try:
+        clip.load_state_dict({k[5:]: v.float() for k, v in module.items() if k.startswith("clip.")})
+    except RuntimeError as err:  # missing, unexpected or misshapen keys: a damaged checkpoint
+        raise ValueError(f"{states_file}: its weights do not fit the model its config "
+                         f"describes ({str(err).splitlines()[0]} ...)") from None  # fmt: skip
     if use_ema:
         ema = states.get("ema")
         if ema is None:

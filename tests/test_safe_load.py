@@ -353,3 +353,20 @@ def test_rank_files_store_numpy_rng_without_numpy_types_and_old_ones_still_resum
         state = safe_load.load(path, extra_globals=safe_load.numpy_rng_globals())
         ckpt.set_rng_state(state["rng"])
         assert np.array_equal(np.random.rand(4), want)
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_exits_2(data, tmp_path, capsys):
+    """A damaged model-states file (here: no weights at all) is an error naming the file, not a
+    load_state_dict traceback."""
+    from aclip.config import to_yaml
+    from evals import zeroshot
+
+    tag = tmp_path / "run" / "checkpoints" / "step_00000001"
+    tag.mkdir(parents=True)
+    torch.save(
+        {"module": {}, "config": to_yaml(tiny_config(str(tmp_path)))}, tag / ckpt.MODEL_STATES
+    )
+    code = zeroshot.main(["--checkpoint", str(tag), "--data", str(data / "eval_cls")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{tag / ckpt.MODEL_STATES}: its weights do not fit the model" in err
