@@ -44,14 +44,21 @@ def check_paths(cfg: Config) -> None:
 
 def _check_image_size(cfg: Config) -> None:
     """Refuse a ``model.image_size`` that does not cut into whole patches (ConfigError from
-    ``build_vision``), building the vision tower on the meta device: no memory, no weights,
-    no random draws."""
+    ``build_vision``), or a patch grid that ``mask.block_size`` does not cut into blocks,
+    building the vision tower on the meta device: no memory, no weights, no random draws."""
     import torch
 
     from aclip.model import build_vision
 
     with torch.device("meta"):
-        build_vision(cfg.model)
+        grid_hw = build_vision(cfg.model).grid_hw
+    block = cfg.mask.block_size
+    if block > 1 and (grid_hw[0] % block or grid_hw[1] % block):
+        raise ConfigError(
+            f"config key 'mask.block_size': the {grid_hw[0]}x{grid_hw[1]} patch grid of "
+            f"model.image_size={cfg.model.image_size} does not cut into {block}x{block} blocks; "
+            "use a block size that divides the grid (1 selects single patches)"
+        )
 
 
 def _check_eval_sets(cfg: Config) -> None:

@@ -157,6 +157,17 @@ def test_an_ema_image_size_the_patches_do_not_fit_blames_ema_image_size(data, tm
     assert "config key 'ema.image_size'" in err and "model.image_size" not in err
 
 
+def test_a_block_size_that_does_not_divide_the_grid_is_refused(data, tmp_path, capsys):
+    """Before: `ValueError: grid (4, 4) is not divisible by block_size=3` traceback (exit 1)
+    at the first step."""
+    shards = f"{data}/train/{{00000..00001}}.tar"
+    assert _main(data, tmp_path / "run", shards, "mask.block_size=3") == 2
+    err = capsys.readouterr().err
+    assert "config key 'mask.block_size': the 4x4 patch grid" in err, err
+    assert not (tmp_path / "run").exists()
+    assert _main(data, tmp_path / "ok", shards, "mask.block_size=2") == 0
+
+
 def test_a_non_positive_image_size_is_refused():
     with pytest.raises(ConfigError, match=r"model\.image_size"):
         load_config(None, ["model.image_size=0"])
