@@ -14,11 +14,12 @@ import signal
 import subprocess
 import sys
 
+from aclip.checkpoint import CheckpointSaveError
 from aclip.config import Config, ConfigError, load_config
 from aclip.data.skips import LoaderStalled, SkipLimitExceeded
 from aclip.interop import WeightsError
 from aclip.numerics import NonFiniteLoss
-from aclip.preflight import check_paths
+from aclip.preflight import check_paths, check_resume
 from aclip.safe_load import CheckpointError
 
 EXIT_STOPPED = 3  # stopped on a signal, checkpoint saved: run again with train.resume=latest
@@ -101,15 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(path, overrides)
         check_paths(cfg)
+        check_resume(cfg)
     except (ConfigError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         results = run(cfg)
     # another model's checkpoint or weights that do not fit; bad shards; unreadable data; NaN/Inf
-    # steps (the last good state saved); a checkpoint that is none or could run code
+    # steps (the last good state saved); a checkpoint that is none or could run code, or that
+    # could not be written (a full disk)
     except (ConfigError, WeightsError, CheckpointError, SkipLimitExceeded, LoaderStalled,
-            NonFiniteLoss) as err:  # fmt: skip
+            NonFiniteLoss, CheckpointSaveError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
     return after_stop(results) if "stopped" in results else 0

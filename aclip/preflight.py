@@ -187,6 +187,18 @@ def _check_split(sources: list[list[str]], cfg: Config) -> None:
         raise ConfigError(f"config key 'data.workers': {err}") from None
 
 
+def check_resume(cfg: Config) -> None:
+    """Refuse ``train.resume`` naming a checkpoint that is missing or damaged, or ``latest``
+    when checkpoints exist and none can be resumed (:func:`aclip.checkpoint.check_resume`); run
+    it holding the output directory's lock (:mod:`aclip.runlock`). With several ranks each runs
+    this: sizes only, as N ranks reading every file over a shared file system multiplies the
+    I/O; the trainer's rank 0 reads the CRC32s and every rank stops alike."""
+    from aclip import checkpoint
+    from aclip.distributed import launcher_ranks
+
+    checkpoint.check_resume(cfg, crc=launcher_ranks(os.environ)[1] == 1)
+
+
 def _check_writable(out: Path) -> None:
     """Create ``out`` and write a probe file there (permission bits do not stop root)."""
     probe = out / ".aclip_write_probe"

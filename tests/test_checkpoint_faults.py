@@ -1,0 +1,293 @@
+"""Checkpoints under faults: manifests of the wrong shape, every checkpoint damaged, pruning next
+to a damaged checkpoint, a full disk mid-save, two runs on one output directory, and
+``train.resume`` naming a missing or damaged directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers import TINY_MODEL_ARGS, tiny_config
+
+import train
+from aclip import checkpoint as ckpt
+from aclip.config import ConfigError
+from aclip.data.synthetic import write_synthetic
+from aclip.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP2, STEP4 = "step_00000002", "step_00000004"
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("faults_data")
+    write_synthetic(
+        root, n_train=64, n_eval_cls=0, n_eval_ret=0, image_size=48, samples_per_shard=32, seed=0
+    )
+    return root
+
+
+def _save_at(trainer: Trainer, steps: list[int]) -> None:
+    from helpers import fake_batch
+
+    for target in steps:
+        while trainer.step < target:
+            trainer.train_step(fake_batch(trainer.cfg, 8, seed=trainer.step))
+        trainer.save_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, dist_info) -> Path:
+    """A run directory with two whole checkpoints, steps 2 and 4 (``latest`` names step 4)."""
+    out = tmp_path_factory.mktemp("faults_run") / "run"
+    trainer = Trainer(tiny_config(str(out), **{"train.keep_checkpoints": 3}), dist_info)
+    _save_at(trainer, [2, 4])
+    trainer.close()
+    return out
+
+
+@pytest.fixture
+def run_copy(saved_run, tmp_path) -> Path:
+    """A copy of :func:`saved_run` to damage."""
+    return Path(shutil.copytree(saved_run, tmp_path / "run"))
+
+
+def _flip_a_byte(tag_dir: Path) -> None:
+    """Damage the model states: same size, one byte flipped (fails the CRC32 only)."""
+    states = tag_dir / ckpt.MODEL_STATES
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
+
+
+def _train_args(shards: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--config", "configs/demo.yaml", *TINY_MODEL_ARGS, "train.global_batch_size=8",
+        "train.precision=fp32", "train.zero_stage=0", "train.progress=false",
+        "train.image_log_every=0", "train.ckpt_every=0", "train.stop_at_step=1",
+        "data.workers=0", "data.shuffle_buffer=16", "data.samples_per_epoch=64",
+        f"train.output_dir={out}", f"data.train_shards={shards}/train/{{00000..00001}}.tar",
+        "eval.zeroshot_sets=[]", "eval.retrieval_sets=[]", *extra,
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------- manifests of the wrong shape
+_STATES = ckpt.MODEL_STATES
+BAD_MANIFESTS = {
+    "list": [],
+    "null": None,
+    "string": "files",
+    "no files key": {"tag": STEP4},
+    "files a list": {"files": [_STATES]},
+    "files empty": {"files": {}},
+    "entry without size": {"files": {_STATES: {"crc32": 1}}},
+    "entry not a dict": {"files": {_STATES: 7}},
+    "size a string": {"files": {_STATES: {"size": "7", "crc32": 1}}},
+    "crc a bool": {"files": {_STATES: {"size": 7, "crc32": True}}},
+    "no model states": {"files": {"rank_00000.pt": {"size": 7, "crc32": 1}}},
+    "path outside": {
+        "files": {_STATES: {"size": 7, "crc32": 1}, "../../x": {"size": 1, "crc32": 1}}
+    },
+}
+
+
+@pytest.mark.parametrize("manifest", list(BAD_MANIFESTS.values()), ids=list(BAD_MANIFESTS))
+def test_a_manifest_of_the_wrong_shape_is_a_problem_and_passed_over(run_copy, manifest):
+    """Valid JSON of the wrong shape made verify_checkpoint raise TypeError/KeyError (``[]``,
+    ``null``, an entry without ``size``) or pass (``{"files": {}}``: nothing to check); now it
+    is a problem like any damage, and the previous checkpoint is chosen."""
+    ckpt_dir = run_copy / "checkpoints"
+    (ckpt_dir / STEP4 / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    problem = ckpt.verify_checkpoint(ckpt_dir / STEP4)
+    assert problem and "manifest" in problem
+    warnings: list[str] = []
+    assert ckpt.choose_checkpoint(ckpt_dir, warnings.append) == STEP2
+    assert STEP4 in warnings[0]
+
+
+def test_the_manifest_commit_writes_has_the_checked_shape(saved_run):
+    manifest = json.loads((saved_run / "checkpoints" / STEP4 / ckpt.MANIFEST).read_text())
+    assert ckpt.manifest_problem(manifest) is None
+    assert ckpt.verify_checkpoint(saved_run / "checkpoints" / STEP4) is None
+
+
+# ------------------------------------------------------------- every checkpoint damaged
+def test_every_checkpoint_damaged_refuses_resume_latest_instead_of_starting_at_step_0(
+    run_copy, shards, capsys
+):
+    """train.py with train.resume=latest and both checkpoints failing their CRC32 exits 2 in
+    the pre-flight naming both and the way out (it trained from step 0 and exited 0)."""
+    for tag in (STEP2, STEP4):
+        _flip_a_byte(run_copy / "checkpoints" / tag)
+    rc = train.main(_train_args(shards, run_copy, "train.resume=latest"))
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    assert STEP2 in err and STEP4 in err and "fails its CRC32 check" in err
+    assert "move them aside" in err
+    assert not (run_copy / "results.json").exists()  # nothing trained
+    assert (run_copy / "checkpoints" / "latest").read_text() == STEP4  # nothing touched
+
+
+def test_every_checkpoint_damaged_stops_the_trainer_too(run_copy, dist_info):
+    """Past a size-only pre-flight (several ranks), rank 0's CRC32 check in the trainer stops
+    every rank alike with the same message (it returned False: a fresh start)."""
+    cfg = tiny_config(str(run_copy))
+    for tag in (STEP2, STEP4):
+        _flip_a_byte(run_copy / "checkpoints" / tag)
+    ckpt.check_resume(cfg, crc=False)  # the sizes are right
+    trainer = Trainer(cfg, dist_info)
+    with pytest.raises(ConfigError, match="none of the 2 checkpoints") as err:
+        trainer.resume("latest")
+    assert "fails its CRC32 check" in str(err.value)
+    trainer.close()
+
+
+# ------------------------------------------------------------- pruning
+def test_pruning_keeps_a_good_checkpoint_rather_than_a_damaged_newer_one(run_copy, capsys):
+    """keep=1 with the newer checkpoint damaged: the good older one is kept (it was deleted,
+    leaving only the damaged one)."""
+    ckpt_dir = run_copy / "checkpoints"
+    _flip_a_byte(ckpt_dir / STEP4)
+    assert ckpt.prune_checkpoints(ckpt_dir, keep=1) == []
+    assert ckpt.checkpoint_tags(ckpt_dir) == [STEP4, STEP2]
+    assert ckpt.verify_checkpoint(ckpt_dir / STEP2) is None
+    out = capsys.readouterr().out
+    assert "damaged" in out and STEP4 in out
+
+
+def test_a_save_next_to_a_damaged_checkpoint_keeps_the_good_ones(run_copy, dist_info):
+    """Resumed from step 2 past a damaged step 4 and saved at 3 with keep=2: steps 3 and 2 (both
+    good) are kept (step 2 was deleted for the damaged step 4). Once 2 newer good ones exist
+    the damaged one goes too."""
+    ckpt_dir = run_copy / "checkpoints"
+    _flip_a_byte(ckpt_dir / STEP4)
+    trainer = Trainer(tiny_config(str(run_copy), **{"train.keep_checkpoints": 2}), dist_info)
+    assert trainer.resume("latest") and trainer.step == 2
+    _save_at(trainer, [3])
+    assert ckpt.checkpoint_tags(ckpt_dir) == [STEP4, "step_00000003", STEP2]
+    _save_at(trainer, [4, 5])  # step 4 rewritten whole; 5 and 4 kept
+    trainer.close()
+    assert ckpt.checkpoint_tags(ckpt_dir) == ["step_00000005", STEP4]
+    assert all(ckpt.verify_checkpoint(ckpt_dir / t) is None for t in ckpt.checkpoint_tags(ckpt_dir))
+
+
+def test_pruning_reads_a_checkpoint_once(run_copy, monkeypatch):
+    """The CRC32s of a checkpoint are read once per process (a save prunes every time)."""
+    ckpt_dir = run_copy / "checkpoints"
+    reads: list[Path] = []
+    digest = ckpt._file_digest
+    monkeypatch.setattr(ckpt, "_file_digest", lambda p, sync=False: reads.append(p) or digest(p))
+    ckpt.prune_checkpoints(ckpt_dir, keep=2)
+    assert reads  # the copies are new to this process: read once
+    reads.clear()
+    ckpt.prune_checkpoints(ckpt_dir, keep=2)
+    assert reads == []
+    _flip_a_byte(ckpt_dir / STEP2)  # a file rewritten since is read again
+    assert ckpt.prune_checkpoints(ckpt_dir, keep=2, log=lambda _: None) == []
+    assert {p.parent.name for p in reads} == {STEP2} and reads[-1].name == ckpt.MODEL_STATES
+
+
+# ------------------------------------------------------------- a full disk
+def _fill_rank_file(monkeypatch) -> None:
+    """After DeepSpeed wrote its files, link the rank file to /dev/full: writing it fails with
+    the OS's ENOSPC (no space left on device), as on a disk that just filled up."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    save = DeepSpeedEngine.save_checkpoint
+
+    def save_then_fill(self, save_dir, tag=None, **kwargs):
+        out = save(self, save_dir, tag=tag, **kwargs)
+        (Path(save_dir) / tag / "rank_00000.pt").symlink_to("/dev/full")
+        return out
+
+    monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", save_then_fill)
+
+
+def _fill_model_states(trainer: Trainer, monkeypatch) -> None:
+    """Link DeepSpeed's model-states file to /dev/full before it is written (ENOSPC)."""
+    engine = trainer.engine.checkpoint_engine
+    save = engine.save
+
+    def full_then_save(state_dict, path):
+        if Path(path).name == ckpt.MODEL_STATES:
+            Path(path).symlink_to("/dev/full")
+        return save(state_dict, path)
+
+    monkeypatch.setattr(engine, "save", full_then_save)
+    # DeepSpeed's torch.save to a path loses the OSError in C++ ("unexpected pos ..."): the
+    # save then probes the disk with a write beside the checkpoints, which a full disk refuses
+    (trainer.run_dir / "checkpoints" / f".aclip_write_probe{os.getpid()}").symlink_to("/dev/full")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("which", ["rank file", "model states"])
+def test_a_full_disk_mid_save_says_so_and_leaves_the_previous_checkpoint(
+    tmp_path, dist_info, monkeypatch, which
+):
+    """ENOSPC writing the rank file (torch's zip writer raised "unexpected pos ...") or
+    DeepSpeed's model states: CheckpointSaveError "no space left on device" naming the step
+    directory, which is removed; ``latest`` still names the previous checkpoint."""
+    trainer = Trainer(tiny_config(str(tmp_path)), dist_info)
+    _save_at(trainer, [2])
+    if which == "rank file":
+        _fill_rank_file(monkeypatch)
+    else:
+        _fill_model_states(trainer, monkeypatch)
+    with pytest.raises(OSError, match="no space left on device") as err:
+        _save_at(trainer, [3])
+    trainer.close()
+    ckpt_dir = tmp_path / "checkpoints"
+    assert isinstance(err.value, ckpt.CheckpointSaveError)
+    assert f"{ckpt_dir / 'step_00000003'}" in str(err.value)
+    assert "latest still names step_00000002" in str(err.value)
+    assert ckpt.checkpoint_tags(ckpt_dir) == [STEP2]  # step 3's directory is gone
+    assert (ckpt_dir / "latest").read_text() == STEP2
+    assert ckpt.choose_checkpoint(ckpt_dir) == STEP2
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_train_py_exits_2_on_a_full_disk(tmp_path, shards, monkeypatch, capsys):
+    _fill_rank_file(monkeypatch)
+    assert train.main(_train_args(shards, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "error: cannot save checkpoint" in err and "no space left on device" in err
+    assert "rank_00000.pt" in err
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
+
+
+# ------------------------------------------------------------- train.resume=<directory>
+def test_train_resume_naming_a_missing_directory_exits_2(tmp_path, shards, capsys):
+    """It was a FileNotFoundError traceback (exit 1) after the model was built, saying "no
+    manifest (the save did not finish)"."""
+    missing = tmp_path / "run" / "checkpoints" / "step_00000009"
+    rc = train.main(_train_args(shards, tmp_path / "run", f"train.resume={missing}"))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"train.resume: {missing} does not exist" in err and "did not finish" not in err
+
+
+def test_train_resume_naming_a_damaged_or_wrong_directory_exits_2(run_copy, shards, capsys):
+    """A checkpoint failing its CRC32, and a run directory given for a step directory: exit 2
+    in the pre-flight with what is wrong, not "the save did not finish"."""
+    _flip_a_byte(run_copy / "checkpoints" / STEP4)
+    tag_dir = run_copy / "checkpoints" / STEP4
+    assert train.main(_train_args(shards, run_copy, f"train.resume={tag_dir}")) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {tag_dir} is not usable: {ckpt.MODEL_STATES} fails its CRC32" in err
+
+    assert train.main(_train_args(shards, run_copy, f"train.resume={run_copy}")) == 2
+    err = capsys.readouterr().err
+    assert "not a checkpoint directory" in err and "did not finish" not in err
+    assert not (run_copy / "results.json").exists()
+
+
+def test_train_resume_naming_a_good_directory_passes_the_preflight(saved_run):
+    cfg = tiny_config(str(saved_run), **{"train.resume": f"{saved_run}/checkpoints/{STEP2}"})
+    ckpt.check_resume(cfg)
+    ckpt.check_resume(tiny_config(str(saved_run), **{"train.resume": "latest"}))
+    # no checkpoints at all: a fresh start, as before
+    ckpt.check_resume(tiny_config(str(saved_run / "none"), **{"train.resume": "latest"}))
