@@ -20,6 +20,7 @@ from aclip.data.skips import LoaderStalled, SkipLimitExceeded
 from aclip.interop import WeightsError
 from aclip.numerics import NonFiniteLoss
 from aclip.preflight import check_paths, check_resume
+from aclip.runlock import lock_output_dir, release_output_dir
 from aclip.safe_load import CheckpointError
 
 EXIT_STOPPED = 3  # stopped on a signal, checkpoint saved: run again with train.resume=latest
@@ -96,15 +97,29 @@ def after_stop(results: dict) -> int:
     return 0
 
 
+def lock_run(cfg: Config) -> str | None:
+    """Rank 0 takes the run lock of ``train.output_dir`` (:mod:`aclip.runlock`; OutputDirBusy
+    when another run holds it) and returns the directory; the other ranks share it: None."""
+    from aclip.distributed import launcher_ranks
+
+    if launcher_ranks(os.environ)[0] != 0:
+        return None
+    lock_output_dir(cfg.train.output_dir)
+    return cfg.train.output_dir
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: a bad config or path is refused before any model is built."""
     path, overrides = parse_args(argv)
+    locked = None
     try:
         cfg = load_config(path, overrides)
         check_paths(cfg)
+        locked = lock_run(cfg)  # before anything but the pre-flight's probe is written there
         check_resume(cfg)
     except (ConfigError, FileNotFoundError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
+        release_output_dir(locked)
         return 2
     try:
         results = run(cfg)
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             NonFiniteLoss, CheckpointSaveError) as err:  # fmt: skip
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        release_output_dir(locked)
     return after_stop(results) if "stopped" in results else 0
 
 

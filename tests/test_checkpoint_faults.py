@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,8 @@ import train
 from aclip import checkpoint as ckpt
 from aclip.config import ConfigError
 from aclip.data.synthetic import write_synthetic
+from aclip.distributed import single_process_env
+from aclip.runlock import LOCK_FILE, OutputDirBusy, lock_output_dir, release_output_dir
 from aclip.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,6 +261,81 @@ def test_train_py_exits_2_on_a_full_disk(tmp_path, shards, monkeypatch, capsys):
     assert "error: cannot save checkpoint" in err and "no space left on device" in err
     assert "rank_00000.pt" in err
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
+
+
+# ------------------------------------------------------------- one run per output directory
+_HOLD = """
+import sys, time
+from aclip.runlock import lock_output_dir
+lock_output_dir(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _python(code: str, *args: str, **popen) -> subprocess.Popen:
+    env = single_process_env(os.environ) | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, text=True,
+                            **popen)  # fmt: skip
+
+
+def test_a_second_train_py_on_a_locked_output_dir_exits_2_naming_the_holder(
+    tmp_path, shards, capsys
+):
+    """A process holds the run lock of train.output_dir: train.py exits 2 in its pre-flight,
+    naming that process's pid and host. Once it is gone (kill -9, as a preempted job), the lock
+    is free again."""
+    out = tmp_path / "run"
+    holder = _python(_HOLD, str(out), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert train.main(_train_args(shards, out)) == 2
+        err = capsys.readouterr().err
+        assert f"pid {holder.pid} on host" in err and "in use by another training run" in err
+        assert str(out / LOCK_FILE) in err
+        assert not (out / "config.yaml").exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    lock_output_dir(out)  # released with the process
+    release_output_dir(out)
+
+
+def test_train_py_holds_the_lock_for_the_run_and_releases_it(tmp_path, shards, monkeypatch):
+    """While train.py runs (its run() here starts a second train.py on the same directory),
+    the second exits 2 naming the first one's pid; after main returns the lock is free."""
+    out = tmp_path / "run"
+    seen: dict = {}
+
+    def second_train_py(cfg) -> dict:
+        script = "import sys, train; sys.exit(train.main(sys.argv[1:]))"
+        second = _python(script, *_train_args(shards, out), stderr=subprocess.PIPE)
+        seen["rc"], seen["err"] = second.wait(timeout=300), second.stderr.read()
+        return {"step": 0}
+
+    monkeypatch.setattr(train, "run", second_train_py)
+    assert train.main(_train_args(shards, out)) == 0
+    assert seen["rc"] == 2, seen["err"][-2000:]
+    assert f"pid {os.getpid()} on host" in seen["err"]
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    other = _python(_HOLD, str(out), stdout=subprocess.PIPE)  # free now: another takes it
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirBusy, match=f"pid {other.pid} "):
+            lock_output_dir(out)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = tiny_config(str(tmp_path / "run"))
+    assert train.lock_run(cfg) is None and not (tmp_path / "run" / LOCK_FILE).exists()
+    monkeypatch.setenv("RANK", "0")
+    assert train.lock_run(cfg) == str(tmp_path / "run")
+    release_output_dir(tmp_path / "run")
 
 
 # ------------------------------------------------------------- train.resume=<directory>
