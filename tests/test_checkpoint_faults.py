@@ -196,16 +196,16 @@ def test_pruning_reads_a_checkpoint_once(run_copy, monkeypatch):
 
 
 # ------------------------------------------------------------- a full disk
-def _fill_rank_file(monkeypatch) -> None:
-    """After DeepSpeed wrote its files, link the rank file to /dev/full: writing it fails with
-    the OS's ENOSPC (no space left on device), as on a disk that just filled up."""
+def _fill_rank_file(monkeypatch, rank: int = 0) -> None:
+    """After DeepSpeed wrote its files, link ``rank``'s rank file to /dev/full: writing it fails
+    with the OS's ENOSPC (no space left on device), as on a disk that just filled up."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     save = DeepSpeedEngine.save_checkpoint
 
     def save_then_fill(self, save_dir, tag=None, **kwargs):
         out = save(self, save_dir, tag=tag, **kwargs)
-        (Path(save_dir) / tag / "rank_00000.pt").symlink_to("/dev/full")
+        (Path(save_dir) / tag / f"rank_{rank:05d}.pt").symlink_to("/dev/full")
         return out
 
     monkeypatch.setattr(DeepSpeedEngine, "save_checkpoint", save_then_fill)
@@ -370,3 +370,42 @@ def test_train_resume_naming_a_good_directory_passes_the_preflight(saved_run):
     ckpt.check_resume(tiny_config(str(saved_run), **{"train.resume": "latest"}))
     # no checkpoints at all: a fresh start, as before
     ckpt.check_resume(tiny_config(str(saved_run / "none"), **{"train.resume": "latest"}))
+
+
+# ------------------------------------------------------------- a full disk on one rank of two
+def _save_with_rank_1_full(rank: int, port: int, out: str) -> None:
+    from helpers import fake_batch, rank_slice, set_rank_env
+
+    from aclip.distributed import init_distributed
+
+    set_rank_env(rank, 2, port)
+    trainer = Trainer(tiny_config(out, **{"train.zero_stage": 1}), init_distributed())
+    step = lambda i: trainer.train_step(rank_slice(fake_batch(trainer.cfg, 8, seed=i), rank, 2))  # noqa: E731
+    step(0)
+    trainer.save_checkpoint()  # step 1: whole
+    step(1)
+    if rank == 1:
+        import pytest as _pytest
+
+        _fill_rank_file(_pytest.MonkeyPatch(), rank=1)
+    try:
+        trainer.save_checkpoint()  # step 2: rank 1's file fails, rank 0's is written
+    except ckpt.CheckpointSaveError as err:
+        Path(out, f"rank{rank}.err").write_text(str(err))
+    trainer.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_on_one_rank_stops_every_rank_and_removes_the_save(tmp_path):
+    """Rank 1's write fails, rank 0's succeeds: both raise (neither waits forever at the
+    commit), rank 0 removed the half-written step directory, ``latest`` names step 1."""
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    mp.spawn(_save_with_rank_1_full, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert "no space left on device" in (tmp_path / "rank1.err").read_text()
+    assert "another rank failed" in (tmp_path / "rank0.err").read_text()
+    ckpt_dir = tmp_path / "checkpoints"
+    assert ckpt.checkpoint_tags(ckpt_dir) == ["step_00000001"]
+    assert (ckpt_dir / "latest").read_text() == "step_00000001"
