@@ -230,8 +230,10 @@ def manifest_problem(manifest: Any) -> str | None:
     """None if ``manifest`` (parsed ``manifest.json``) has the shape :func:`commit_checkpoint`
     writes: ``{"files": {name: {"size": int, "crc32": int}, ...}}``, non-empty, listing the
     model-states file, names inside the tag directory; otherwise what is wrong with it."""
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    if not isinstance(manifest, dict) or "files" not in manifest:
         return f"manifest is not a {{'files': {{...}}}} object (found {_kind(manifest)})"
+    if not isinstance(manifest["files"], dict):
+        return f"manifest's 'files' is not an object (found {_kind(manifest['files'])})"
     files = manifest["files"]
     if MODEL_STATES not in files:
         listed = f"lists {len(files)} files" if files else "is empty"
