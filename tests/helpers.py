@@ -30,6 +30,18 @@ TINY_MODEL = {
 }
 # the same tiny model as command-line overrides (train.py tests)
 TINY_MODEL_ARGS = [f"{key}={value}" for key, value in TINY_MODEL.items()]
+# a tiny fp32 run through train.py: the tiny model, batch 8, no ZeRO, no loader workers, no
+# progress bar (later overrides win: a test adds its own steps, checkpoints, precision)
+TINY_RUN_ARGS = [
+    *TINY_MODEL_ARGS,
+    "train.global_batch_size=8",
+    "train.precision=fp32",
+    "train.zero_stage=0",
+    "train.progress=false",
+    "data.workers=0",
+    "data.shuffle_buffer=16",
+    "eval.batch_size=16",
+]
 # the tiny model with a CLIP-architecture (open_clip-expressible) image tower
 CLIP_TINY_ARGS = [a for a in TINY_MODEL_ARGS if not a.startswith("model.vision_")] + [
     "model.vision_model=vit_base_patch16_clip_224",

@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL_ARGS
+from helpers import TINY_RUN_ARGS
 
 from aclip.config import ConfigError, load_config
 from aclip.data.shards import samples_per_epoch
@@ -22,19 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402
 
-TINY = [
-    *TINY_MODEL_ARGS,
-    "train.global_batch_size=8",
-    "train.precision=fp32",
-    "train.zero_stage=0",
-    "train.image_log_every=0",
-    "train.ckpt_every=0",
-    "train.progress=false",
-    "train.stop_at_step=1",
-    "data.workers=0",
-    "data.shuffle_buffer=16",
-    "eval.batch_size=16",
-]
+TINY = [*TINY_RUN_ARGS, "train.image_log_every=0", "train.ckpt_every=0", "train.stop_at_step=1"]
 
 
 @pytest.fixture(scope="module")

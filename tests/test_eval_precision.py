@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_MODEL_ARGS
+from helpers import TINY_MODEL_ARGS, TINY_RUN_ARGS
 
 from aclip.config import ConfigError, load_config
 from aclip.data.synthetic import write_synthetic
@@ -23,19 +23,8 @@ import train  # noqa: E402
 
 # a short run in bf16 autocast (fp32 weights): before issue 23 its final evaluation ran under
 # that autocast while the CLIs ran fp32, and results.json disagreed with aclip-zeroshot
-TINY_AMP = [
-    *TINY_MODEL_ARGS,
-    "train.global_batch_size=8",
-    "train.precision=amp_bf16",
-    "train.zero_stage=0",
-    "train.stop_at_step=3",
-    "train.ckpt_every=3",
-    "train.image_log_every=0",
-    "train.progress=false",
-    "data.workers=0",
-    "data.shuffle_buffer=16",
-    "eval.batch_size=16",
-]
+TINY_AMP = [*TINY_RUN_ARGS, "train.precision=amp_bf16", "train.stop_at_step=3",
+            "train.ckpt_every=3", "train.image_log_every=0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

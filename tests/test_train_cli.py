@@ -8,26 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL_ARGS
+from helpers import TINY_RUN_ARGS
 
 from aclip.data.synthetic import write_synthetic
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 
-TINY = [
-    *TINY_MODEL_ARGS,
-    "train.global_batch_size=8",
-    "train.precision=fp32",
-    "train.zero_stage=0",
-    "train.log_every=2",
-    "train.image_log_every=2",
-    "train.ckpt_every=2",
-    "train.progress=false",
-    "data.workers=0",
-    "data.shuffle_buffer=16",
-    "eval.batch_size=16",
-]
+TINY = [*TINY_RUN_ARGS, "train.log_every=2", "train.image_log_every=2", "train.ckpt_every=2"]
 
 
 @pytest.fixture(scope="module")
