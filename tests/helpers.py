@@ -62,6 +62,17 @@ CLIP_QUICKGELU_TINY_ARGS = [
 ]
 
 
+def write_cli_data(root: Path) -> Path:
+    """The synthetic shards and eval sets the tiny train.py runs read (64 training samples in
+    2 shards of 32, 48-px images, 20 classification and 8 retrieval samples); ``root``."""
+    from aclip.data.synthetic import write_synthetic
+
+    write_synthetic(
+        root, n_train=64, n_eval_cls=20, n_eval_ret=8, image_size=48, samples_per_shard=32, seed=0
+    )
+    return root
+
+
 def tiny_config(out_dir: str, **overrides: object) -> Config:
     """The tiny model, fp32, ZeRO 0, batch 8, one epoch of 800 samples: steps take milliseconds."""
     base = TINY_MODEL | {

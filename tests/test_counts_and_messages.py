@@ -12,11 +12,10 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers import TINY_RUN_ARGS
+from helpers import TINY_RUN_ARGS, write_cli_data
 
 from aclip.config import ConfigError, load_config
 from aclip.data.shards import samples_per_epoch
-from aclip.data.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -27,11 +26,7 @@ TINY = [*TINY_RUN_ARGS, "train.image_log_every=0", "train.ckpt_every=0", "train.
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(
-        root, n_train=64, n_eval_cls=20, n_eval_ret=8, image_size=48, samples_per_shard=32, seed=0
-    )
-    return root
+    return write_cli_data(tmp_path_factory.mktemp("synthetic"))
 
 
 def _main(data: Path, out: Path, shards: str, *extra: str) -> int:

@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_RUN_ARGS
-
-from aclip.data.synthetic import write_synthetic
+from helpers import TINY_RUN_ARGS, write_cli_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
@@ -20,11 +18,7 @@ TINY = [*TINY_RUN_ARGS, "train.log_every=2", "train.image_log_every=2", "train.c
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("synthetic")
-    write_synthetic(
-        root, n_train=64, n_eval_cls=20, n_eval_ret=8, image_size=48, samples_per_shard=32, seed=0
-    )
-    return root
+    return write_cli_data(tmp_path_factory.mktemp("synthetic"))
 
 
 def _args(data: Path, out: Path, *extra: str) -> list[str]:
