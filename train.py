@@ -14,14 +14,14 @@ import signal
 import subprocess
 import sys
 
-from aclip.checkpoint import CheckpointSaveError
 from aclip.config import Config, ConfigError, load_config
 from aclip.data.skips import LoaderStalled, SkipLimitExceeded
 from aclip.interop import WeightsError
-from aclip.numerics import NonFiniteLoss
-from aclip.preflight import check_paths, check_resume
-from aclip.runlock import lock_output_dir, release_output_dir
-from aclip.safe_load import CheckpointError
+from aclip.interop.safe_load import CheckpointError
+from aclip.train.checkpoint import CheckpointSaveError
+from aclip.train.numerics import NonFiniteLoss
+from aclip.train.preflight import check_paths, check_resume
+from aclip.train.runlock import lock_output_dir, release_output_dir
 
 EXIT_STOPPED = 3  # stopped on a signal, checkpoint saved: run again with train.resume=latest
 
@@ -41,7 +41,7 @@ def run(cfg: Config) -> dict:
     """Build everything, train (resuming when asked), evaluate, close. Returns the final metrics;
     after a stop signal, ``{"step": N, "stopped": <signal name>}`` without evaluating."""
     from aclip.distributed import init_distributed
-    from aclip.trainer import Trainer
+    from aclip.train.trainer import Trainer
 
     dist_info = init_distributed()
     if dist_info.is_main:
@@ -98,7 +98,7 @@ def after_stop(results: dict) -> int:
 
 
 def lock_run(cfg: Config) -> str | None:
-    """Rank 0 takes the run lock of ``train.output_dir`` (:mod:`aclip.runlock`; OutputDirBusy
+    """Rank 0 takes the run lock of ``train.output_dir`` (:mod:`aclip.train.runlock`; OutputDirBusy
     when another run holds it) and returns the directory; the other ranks share it: None."""
     from aclip.distributed import launcher_ranks
 

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
     """A configuration that cannot run: names the offending key and why."""
 
 
-# eval.precision and the eval CLIs' --precision (aclip.evaluation.eval_autocast)
+# eval.precision and the eval CLIs' --precision (aclip.eval.evaluate.eval_autocast)
 EVAL_PRECISIONS = ("fp32", "amp_bf16", "amp_fp16", "amp")
 
 
@@ -76,7 +76,7 @@ class LossConfig:
     w_caption_bow: float = 0.0
     w_text_bow: float = 0.0
     # weight each caption word by its inverse document frequency in the global batch
-    # (SuperClass's IDF; aclip.losses.batch_idf)
+    # (SuperClass's IDF; aclip.methods.losses.batch_idf)
     caption_bow_idf: bool = False
 
     @property
@@ -161,7 +161,7 @@ class EvalConfig:
     use_ema: bool = False
     # the evaluations' arithmetic (one rule with the eval CLIs' --precision): fp32 (the fp32
     # weights, no autocast), amp_bf16 / amp_fp16 (autocast to that dtype), amp (CLIP_benchmark's
-    # default: torch.autocast's dtype, fp16 on CUDA, bf16 on CPU); see aclip.evaluation
+    # default: torch.autocast's dtype, fp16 on CUDA, bf16 on CPU); see aclip.eval.evaluate
     precision: str = "fp32"
 
 
@@ -174,7 +174,8 @@ class AlphaConfig:
     label_smoothing: float = 0.1  # InfoNCE label smoothing (official code)
     # false (official code): the gathered features carry no gradient, so the images train
     # through the image->text term alone; true: both InfoNCE terms train the images (the exact
-    # gradient of the symmetric loss). The loss value is the same (aclip.losses.no_grad_columns)
+    # gradient of the symmetric loss). The loss value is the same
+    # (aclip.methods.losses.no_grad_columns)
     symmetric_grad: bool = False
 
 
@@ -195,7 +196,7 @@ class TrainConfig:
     signal_check_every: int = 10
     resume: str = ""
     # read a resumed or init_from checkpoint even if it holds types beyond weights and aclip's
-    # own (unpickling it can run code: only for files you trust; aclip.safe_load)
+    # own (unpickling it can run code: only for files you trust; aclip.interop.safe_load)
     trust_checkpoint: bool = False
     stop_at_step: int = 0  # stop early after this step, schedules unchanged (0: at their end)
     progress: bool = True

@@ -250,7 +250,7 @@ def deepspeed_config(
     accum_freq: int = 1,
 ) -> dict[str, Any]:
     """The DeepSpeed JSON config for one optimizer step per global batch, each rank's part in
-    ``accum_freq`` micro-batches (aclip.accumulation)."""
+    ``accum_freq`` micro-batches (aclip.train.accumulation)."""
     cfg: dict[str, Any] = {
         "train_batch_size": global_batch,
         "train_micro_batch_size_per_gpu": per_rank_batch // accum_freq,

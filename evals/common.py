@@ -2,7 +2,7 @@
 
 Every eval CLI evaluates any CLIP through :func:`load_model`: an aclip run (run directory, its
 ``checkpoints/``, a step directory or the model-states file; read by
-``aclip.checkpoint.load_eval_model``, ``--ema`` for the teacher's image side) or anything
+``aclip.train.checkpoint.load_eval_model``, ``--ema`` for the teacher's image side) or anything
 ``aclip.interop.load_clip`` reads: an open_clip folder (``local-dir:DIR`` or a folder holding
 ``open_clip_config.json``, e.g. an aclip export), an open_clip checkpoint with ``--model-name``
 (its registry name or its ``open_clip_config.json``), or an OpenAI release file.
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from aclip.checkpoint import MODEL_STATES, find_checkpoint, load_eval_model
 from aclip.config import EVAL_PRECISIONS, Config
 from aclip.interop import LOCAL_DIR, OPEN_CLIP_CONFIG, Preprocess, WeightsError, load_clip
+from aclip.interop.safe_load import add_trust_argument
 from aclip.model.clip import CLIP
-from aclip.safe_load import add_trust_argument
+from aclip.train.checkpoint import MODEL_STATES, find_checkpoint, load_eval_model
 
 ACLIP_RUN = (
     f"a run directory, its checkpoints/ or a step directory holding {MODEL_STATES}, or that file"
@@ -119,7 +119,7 @@ def load_model(
 
 def add_precision_arg(parser: argparse.ArgumentParser) -> None:
     """--precision: the evaluation's arithmetic, the rule of the trainer's ``eval.precision``
-    (``aclip.evaluation.eval_autocast``); the results JSON records it."""
+    (``aclip.eval.evaluate.eval_autocast``); the results JSON records it."""
     parser.add_argument(
         "--precision",
         choices=EVAL_PRECISIONS,

@@ -50,21 +50,21 @@ from pathlib import Path
 
 import torch
 
-from aclip.checkpoint import load_eval_model
-from aclip.data.evalsets import load_wds_classification
+from aclip.data.sets.wds import load_wds_classification
 from aclip.distributed import single_process_env
-from aclip.evaluation import (
+from aclip.eval.evaluate import (
     classification_metrics,
     eval_autocast,
     resolve_eval_precision,
     zero_shot_classifier,
     zero_shot_logits,
 )
-from aclip.masking import num_keep, random_keep, topk_keep
+from aclip.interop.safe_load import add_trust_argument
+from aclip.methods.masking import num_keep, random_keep, topk_keep
 from aclip.model.clip import CLIP
 from aclip.model.vision import VisionTower
-from aclip.safe_load import add_trust_argument
 from aclip.tokenizer import Tokenizer
+from aclip.train.checkpoint import load_eval_model
 from evals.common import EvalModel, add_precision_arg, check_model_source, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,10 +127,10 @@ def grid(
 
 def point_cost(point: GridPoint, config: str | None, extra: Sequence[str] = ()) -> dict:
     """The teacher's resolution (px) and the analytic model FLOPs per training sample
-    (``aclip.flops``; GFLOP) of a grid point's run, from its resolved config."""
+    (``aclip.methods.flops``; GFLOP) of a grid point's run, from its resolved config."""
     from aclip.config import load_config
-    from aclip.flops import config_step_flops
     from aclip.methods.aclip import teacher_image_size
+    from aclip.methods.flops import config_step_flops
 
     cfg = load_config(config, [*extra, *point.overrides()])
     flops = config_step_flops(cfg)
@@ -152,8 +152,8 @@ def _scale_to_all_token_budget(
     teacher (a cost that does not depend on the seed); a point as long as the config's run keeps
     ``steps`` 0 (the same run as in the equal-steps study, reused)."""
     from aclip.config import load_config
-    from aclip.optim import run_length
-    from aclip.preflight import resolve_epoch_size
+    from aclip.train.optim import run_length
+    from aclip.train.preflight import resolve_epoch_size
 
     base_cfg = load_config(config, list(extra))  # no point changes the run length
     base = run_length(base_cfg, resolve_epoch_size(base_cfg)).total_steps
@@ -173,11 +173,11 @@ def equal_cost_steps(
 ) -> list[GridPoint]:
     """The points with their run lengths set for equal training compute: each gets
     round(S x F_all / F) steps, where S is the config's run length, F the analytic model FLOPs
-    of one of its steps (``aclip.flops``) and F_all that of the all-token run with the same views
-    and teacher; a point as long as the config's run keeps ``steps`` 0 (the same run as in the
-    equal-steps study, reused)."""
+    of one of its steps (``aclip.methods.flops``) and F_all that of the all-token run with the
+    same views and teacher; a point as long as the config's run keeps ``steps`` 0 (the same run
+    as in the equal-steps study, reused)."""
     from aclip.config import load_config
-    from aclip.flops import config_step_flops
+    from aclip.methods.flops import config_step_flops
 
     def step_flops(point: GridPoint) -> float:
         return config_step_flops(load_config(config, [*extra, *point.overrides()])).total
@@ -451,7 +451,7 @@ def _plot(table: list[dict], path: Path, title: str) -> None:
     axes[1].set_ylabel("zero-shot top-1 (%)")
     axes[1].legend(fontsize="small")
     _finish(fig, [acc], path, title, extra_axes=[axes[1]],
-            extra_xlabel="training cost: model GFLOP per sample (aclip.flops)")  # fmt: skip
+            extra_xlabel="training cost: model GFLOP per sample (aclip.methods.flops)")  # fmt: skip
 
 
 def study(args: argparse.Namespace) -> int:
@@ -612,7 +612,7 @@ def checkpoint_sweep(
     precision: str = "fp32",
 ) -> list[dict]:
     """Zero-shot accuracy and speed of one model at each eval-time keep ratio and strategy,
-    the towers run at ``precision`` (``aclip.evaluation.eval_autocast``; each row records it).
+    the towers run at ``precision`` (``aclip.eval.evaluate.eval_autocast``; each row records it).
 
     The online model is evaluated on the wds classification set at ``data``; ``attentive``
     keeps the patches the checkpoint's EMA vision tower finds most relevant on the same image
@@ -624,7 +624,7 @@ def checkpoint_sweep(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from aclip.data.evalsets import check_eval_set
+    from aclip.data.sets.wds import check_eval_set
 
     precision = resolve_eval_precision(precision, device)
     check_model_source(checkpoint)  # refuse missing paths before loading any model
@@ -762,7 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         "--equal-cost",
         action="store_true",
         help="equal training compute instead of equal steps: each run's steps scaled so that "
-        "its model FLOPs (aclip.flops) equal those of the all-token run of the config's length",
+        "its model FLOPs (aclip.methods.flops) equal those of the all-token run of the config's "
+        "length",
     )
     budget.add_argument(
         "--equal-time",

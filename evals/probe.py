@@ -31,10 +31,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from aclip.data.evalsets import load_wds_classification, shard_paths
-from aclip.evaluation import eval_autocast, resolve_eval_precision, zero_shot_classifier
+from aclip.data.sets.wds import load_wds_classification, shard_paths
+from aclip.eval.evaluate import eval_autocast, resolve_eval_precision, zero_shot_classifier
+from aclip.eval.probe import linear_probe, prompt_similarity
 from aclip.model.clip import CLIP
-from aclip.probe import linear_probe, prompt_similarity
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args, check_model_source, load_model, report
 
@@ -72,7 +72,7 @@ def probe(
 ) -> dict:
     """Linear probe, class-prompt similarity and zero-shot top-1 of ``checkpoint`` on the wds
     classification set ``data`` (paths are checked before the model loads); the towers and the
-    prompt similarities run at ``precision`` (``aclip.evaluation.eval_autocast``), the linear
+    prompt similarities run at ``precision`` (``aclip.eval.evaluate.eval_autocast``), the linear
     probe and the zero-shot logits in fp32."""
     precision = resolve_eval_precision(precision, device)
     if features not in FEATURES:

@@ -4,7 +4,7 @@
     python -m evals.region --checkpoint runs/x --imagenet-s ImageNetS919 \\
                            [--split validation] [--classnames wordnet|openai|FILE]
 
-Rows (see ``aclip.region``): full image without alpha, all-ones alpha, the region cropped to
+Rows (see ``aclip.eval.region``): full image without alpha, all-ones alpha, the region cropped to
 its box, background blacked out, the region as alpha; each with mean per-class top-1 and top-5
 (%). A checkpoint without an alpha channel has no all-ones and alpha rows. Prints a table and
 the metrics as JSON (``--json`` writes them; ``precision``: ``--precision``, fp32 by default, as
@@ -18,11 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from aclip.checkpoint import find_checkpoint, load_eval_model
-from aclip.data.regionsets import ImageNetS, WdsRegionSet, imagenet_s_classnames
-from aclip.evaluation import eval_autocast, resolve_eval_precision
-from aclip.region import TEMPLATE, format_table, region_zeroshot
+from aclip.data.sets.regions import ImageNetS, WdsRegionSet, imagenet_s_classnames
+from aclip.eval.evaluate import eval_autocast, resolve_eval_precision
+from aclip.eval.region import TEMPLATE, format_table, region_zeroshot
 from aclip.tokenizer import Tokenizer
+from aclip.train.checkpoint import find_checkpoint, load_eval_model
 from evals.common import add_model_args
 
 
@@ -42,7 +42,7 @@ def region_eval(
     precision: str = "fp32",
 ) -> dict[str, object]:
     """The region rows of ``checkpoint`` on a wds region set ``data`` or an ImageNet-S root,
-    at ``precision`` (``aclip.evaluation.eval_autocast``, recorded in the result); the set is
+    at ``precision`` (``aclip.eval.evaluate.eval_autocast``, recorded in the result); the set is
     read and checked before the model loads."""
     precision = resolve_eval_precision(precision, device)
     if (data is None) == (imagenet_s is None):

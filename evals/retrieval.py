@@ -23,10 +23,10 @@ import sys
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from aclip.data.evalsets import check_eval_set, load_wds_retrieval, retrieval_collate
-from aclip.data.karpathy import KarpathyDataset, karpathy_entries
-from aclip.evaluation import eval_autocast, resolve_eval_precision
-from aclip.retrieval import evaluate_retrieval
+from aclip.data.sets.karpathy import KarpathyDataset, karpathy_entries
+from aclip.data.sets.wds import check_eval_set, load_wds_retrieval, retrieval_collate
+from aclip.eval.evaluate import eval_autocast, resolve_eval_precision
+from aclip.eval.retrieval import evaluate_retrieval
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args, check_model_source, load_model, report
 
@@ -67,7 +67,7 @@ def retrieval(
     """Recall@1/5/10 both ways of ``checkpoint`` (an aclip run or any CLIP
     ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on a
     CLIP_benchmark wds retrieval set (``data``) or a Karpathy split (``karpathy_json`` +
-    ``images``), plus the set's size and the ``precision`` (``aclip.evaluation.eval_autocast``).
+    ``images``), plus the set's size and the ``precision`` (``aclip.eval.evaluate.eval_autocast``).
 
     Every path is checked before the model is loaded.
     """

@@ -6,9 +6,9 @@
         [--reduce-zero-label]
 
 The model is read as every eval CLI reads it (``evals.common.load_model``): an aclip run (run dir,
-checkpoints dir, tag dir) by ``aclip.checkpoint.load_eval_model``; anything else (an open_clip
+checkpoints dir, tag dir) by ``aclip.train.checkpoint.load_eval_model``; anything else (an open_clip
 folder or checkpoint, an OpenAI release, an aclip export) by ``aclip.interop.load_clip``.
-Settings: ``aclip.segment.SegSettings`` defaults < the settings file (default
+Settings: ``aclip.dense.segment.SegSettings`` defaults < the settings file (default
 ``configs/dense/<dataset>.yaml``) < ``--set``. Metrics (mmseg's ``IoUMetric`` counts): ``mIoU``,
 ``aAcc`` (pixel accuracy), ``mAcc``, per-class IoU, ``n`` images, and the ``precision`` the
 model ran at (``--precision``: fp32 by default, as the trainer's ``eval.precision``).
@@ -28,11 +28,9 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from aclip.data.segsets import DATASETS, IGNORE_INDEX, SegmentationSet
-from aclip.dense import HEADS
-from aclip.evaluation import eval_autocast, resolve_eval_precision
-from aclip.safe_load import add_trust_argument
-from aclip.segment import (
+from aclip.data.sets.segmentation import DATASETS, IGNORE_INDEX, SegmentationSet
+from aclip.dense.heads import HEADS
+from aclip.dense.segment import (
     Segmenter,
     SegMetric,
     SegSettings,
@@ -40,6 +38,8 @@ from aclip.segment import (
     resolve_classnames,
     resolve_templates,
 )
+from aclip.eval.evaluate import eval_autocast, resolve_eval_precision
+from aclip.interop.safe_load import add_trust_argument
 from aclip.tokenizer import Tokenizer
 from evals.common import (  # noqa: F401 (is_aclip_run: re-exported)
     add_precision_arg,
@@ -51,7 +51,7 @@ SETTINGS_DIR = Path(__file__).resolve().parents[1] / "configs" / "dense"
 
 
 def parse_heads(spec: str) -> list[str]:
-    """``all``, one head, or a comma-separated list, each one of :data:`aclip.dense.HEADS`."""
+    """``all``, one head, or a comma-separated list, each one of :data:`aclip.dense.heads.HEADS`."""
     heads = list(HEADS) if spec == "all" else [h.strip() for h in spec.split(",") if h.strip()]
     bad = [h for h in heads if h not in HEADS]
     if bad or not heads:
@@ -128,7 +128,7 @@ def segmentation(
 ) -> dict[str, dict[str, Any]]:
     """Metrics per head (``{head: {mIoU, aAcc, mAcc, IoU, n, settings, precision, ...}}``) of
     ``checkpoint`` on the segmentation set ``dataset`` at ``root``, the model run at
-    ``precision`` (``aclip.evaluation.eval_autocast``). Paths and settings are checked first."""
+    ``precision`` (``aclip.eval.evaluate.eval_autocast``). Paths and settings are checked first."""
     precision = resolve_eval_precision(precision, device)
     heads = parse_heads(heads) if isinstance(heads, str) else list(heads)
     settings_file = settings_file or default_settings_file(dataset)
@@ -163,7 +163,7 @@ def segmentation(
 def _segmenter(clip, tokenizer, data, settings: SegSettings, mean, std, device, cache) -> Segmenter:
     sd = None
     if settings.refine != "none":
-        from aclip.dense_sd import SDAffinity
+        from aclip.dense.sd import SDAffinity
 
         sd = SDAffinity.from_folder(settings.sd_model, device, time_step=settings.sd_time_step,
                                     seed=settings.sd_seed)  # fmt: skip
@@ -202,7 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="aclip run, export or pretrained CLIP")
     p.add_argument("--model-name", help="open_clip model name or config for a weights file")
     p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--root", required=True, help="the dataset's folder (see aclip.data.segsets)")
+    p.add_argument(
+        "--root", required=True, help="the dataset's folder (see aclip.data.sets.segmentation)"
+    )
     p.add_argument("--split", help="split (default: the benchmark's validation split)")
     p.add_argument("--head", default="clearclip", help=f"{', '.join(HEADS)}, all, or a list")
     p.add_argument("--settings", help="settings YAML (default configs/dense/<dataset>.yaml)")

@@ -22,10 +22,10 @@ import sys
 import torch
 
 from aclip.config import load_config
-from aclip.data.evalsets import load_wds_classification
+from aclip.data.sets.wds import load_wds_classification
 from aclip.data.views import eval_transform
+from aclip.eval.probe import supervised_ceiling
 from aclip.model import build_vision
-from aclip.probe import supervised_ceiling
 from evals.common import report
 
 

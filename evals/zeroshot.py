@@ -27,9 +27,9 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from aclip.data.evalsets import load_wds_classification
-from aclip.data.imagefolder import load_imagefolder_classification
-from aclip.evaluation import eval_autocast, resolve_eval_precision, zero_shot_evaluate
+from aclip.data.sets.imagefolder import load_imagefolder_classification
+from aclip.data.sets.wds import load_wds_classification
+from aclip.eval.evaluate import eval_autocast, resolve_eval_precision, zero_shot_evaluate
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args, check_model_source, load_model, report
 
@@ -75,7 +75,7 @@ def zeroshot(
     """Top-1 / top-5 / mean per-class recall of ``checkpoint`` (an aclip run or any CLIP
     ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on the wds
     set ``data`` or the ImageFolder tree ``imagefolder``, plus the number of images and the
-    ``precision`` (``aclip.evaluation.eval_autocast``). Paths are checked first."""
+    ``precision`` (``aclip.eval.evaluate.eval_autocast``). Paths are checked first."""
     precision = resolve_eval_precision(precision, device)
     check_model_source(checkpoint)
     build_set = _set_builder(data, imagefolder, classnames, templates)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from helpers import fake_batch, tiny_config
 
-from aclip.accumulation import merge_rows, micro_losses, split_rows
-from aclip.trainer import Trainer
+from aclip.train.accumulation import merge_rows, micro_losses, split_rows
+from aclip.train.trainer import Trainer
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:

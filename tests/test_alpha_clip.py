@@ -28,9 +28,9 @@ from aclip.data.regions import RegionViews, decode_region, rle_of, sample_region
 from aclip.data.skips import BadSample
 from aclip.data.transform import SampleTransform
 from aclip.data.views import ACLIPViews
-from aclip.losses import clip_infonce
+from aclip.methods.losses import clip_infonce
 from aclip.model import build_clip, normalize_alpha
-from aclip.optim import build_optimizer, build_scheduler, lr_factor
+from aclip.train.optim import build_optimizer, build_scheduler, lr_factor
 
 LN100 = torch.tensor(math.log(100.0), dtype=torch.float32)
 
@@ -405,7 +405,8 @@ def test_alpha_clip_official_gradient_two_ranks_equals_one_rank(tmp_path):
         torch.testing.assert_close(res[rank]["loss"], res[rank]["official"], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(res[rank]["grad"], res[rank]["official_grad"], atol=1e-6,
                                    rtol=1e-5)  # fmt: skip
-        # rank r holds world_size x the one-rank gradient of its rows (aclip.losses docstring)
+        # rank r holds world_size x the one-rank gradient of its rows
+        # (aclip.methods.losses docstring)
         torch.testing.assert_close(res[rank]["grad"], 2 * grad[rows], atol=1e-6, rtol=1e-5)
         # the ranks' mean parameter gradient (DDP) is the one-rank gradient on the whole batch
         torch.testing.assert_close(res[rank]["theta_grad"], theta.grad, atol=1e-6, rtol=1e-5)
@@ -484,7 +485,7 @@ def region_data(tmp_path_factory):
 def test_alpha_clip_trains_with_frozen_text_and_fixed_temperature(
     region_data, tmp_path, dist_info, capsys
 ):
-    from aclip.trainer import Trainer
+    from aclip.train.trainer import Trainer
 
     cfg = tiny_config(str(tmp_path / "run"), **{
         "method": "alpha_clip", "model.alpha_channel": True,
@@ -558,8 +559,8 @@ def test_bad_mask_samples_are_skipped_and_counted(tmp_path):
 
 # ----------------------------------------------------------------------------- evaluation
 def test_region_rows_and_per_class_metrics(region_data):
-    from aclip.data.regionsets import WdsRegionSet
-    from aclip.region import (
+    from aclip.data.sets.regions import WdsRegionSet
+    from aclip.eval.region import (
         ROWS,
         RegionTransform,
         mean_per_class_topk,
@@ -596,7 +597,7 @@ def test_region_rows_and_per_class_metrics(region_data):
 
 
 def test_region_transform_centre_crops_image_and_mask_together():
-    from aclip.region import RegionTransform, centre_square, square_box
+    from aclip.eval.region import RegionTransform, centre_square, square_box
 
     img, mask = _image_with_its_mask(90, 60)
     sq_img, sq_mask = centre_square(img, mask)
@@ -631,7 +632,7 @@ def _imagenet_s(root, wnids, bad_id=None):
 
 
 def test_imagenet_s_reader_decodes_class_ids(tmp_path):
-    from aclip.data.regionsets import ImageNetS, imagenet_s_classnames
+    from aclip.data.sets.regions import ImageNetS, imagenet_s_classnames
 
     wnids = ["n01443537", "n01440764"]  # goldfish, tench: sorted -> tench is class id 1
     _imagenet_s(tmp_path, wnids)
@@ -729,7 +730,7 @@ def test_init_from_base_weights_and_export_refusal(tmp_path):
 @pytest.mark.parametrize("name", ["alpha_clip_vit_b16.yaml", "demo_alpha.yaml"])
 def test_shipped_alpha_configs_build_their_groups(name):
     from aclip.methods import build_method
-    from aclip.optim import apply_param_rules, param_groups
+    from aclip.train.optim import apply_param_rules, param_groups
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert cfg.method == "alpha_clip" and cfg.model.alpha_channel
@@ -755,11 +756,11 @@ def test_region_sets_are_checked_before_training_and_evaluated_during_it(
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from aclip.config import ConfigError
-    from aclip.data.regionsets import WdsRegionSet
+    from aclip.data.sets.regions import WdsRegionSet
     from aclip.data.synthetic import write_synthetic
-    from aclip.preflight import check_paths
-    from aclip.region import region_zeroshot
-    from aclip.trainer import Trainer
+    from aclip.eval.region import region_zeroshot
+    from aclip.train.preflight import check_paths
+    from aclip.train.trainer import Trainer
 
     over = {
         "method": "alpha_clip", "model.alpha_channel": True, "data.workers": 0,

@@ -282,7 +282,7 @@ def test_too_few_shards_for_ranks_and_workers_are_refused_at_build(good, tok, mo
 def test_preflight_refuses_a_split_that_leaves_a_worker_without_shards(good, tmp_path,
                                                                        monkeypatch):  # fmt: skip
     from aclip.config import ConfigError, load_config
-    from aclip.preflight import check_paths
+    from aclip.train.preflight import check_paths
 
     def cfg(*extra: str):
         base = [f"data.train_shards={good}/{{00000..00001}}.tar", f"train.output_dir={tmp_path}"]
@@ -302,7 +302,7 @@ def test_preflight_refuses_a_split_that_leaves_a_worker_without_shards(good, tmp
 
 def test_preflight_names_missing_shards(good, tmp_path):
     from aclip.config import load_config
-    from aclip.preflight import check_paths
+    from aclip.train.preflight import check_paths
 
     def cfg(spec: str):
         return load_config(None, [f"data.train_shards={spec}", f"train.output_dir={tmp_path}"])
@@ -396,7 +396,7 @@ def test_a_failing_loader_worker_stops_the_trainer_at_once(good, tmp_path, dist_
                                                            monkeypatch, failure):  # fmt: skip
     from helpers import tiny_config
 
-    from aclip.trainer import Trainer
+    from aclip.train.trainer import Trainer
 
     trainer = Trainer(tiny_config(str(tmp_path / "run")), dist_info)
     tokenizer: Any = Tokenizer(context_length=16)
@@ -419,7 +419,7 @@ def _rank_with_bad_data(rank: int, world: int, port: int, out: str) -> None:
     from helpers import fake_batch, rank_slice, set_rank_env, tiny_config
 
     from aclip.distributed import init_distributed
-    from aclip.trainer import Trainer
+    from aclip.train.trainer import Trainer
 
     set_rank_env(rank, world, port)
     trainer = Trainer(tiny_config(out, **{"train.stop_at_step": 50}), init_distributed())

@@ -14,9 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from aclip.bench import common
 from aclip.bench.__main__ import main
 from aclip.bench.step import StepOptions, bench_config, mode_flops, open_clip_model
-from aclip.flops import step_flops
-from aclip.losses import aclip_loss
-from aclip.masking import TokenSelector
+from aclip.methods.flops import step_flops
+from aclip.methods.losses import aclip_loss
+from aclip.methods.masking import TokenSelector
 from aclip.model import build_model
 
 ATEN = torch.ops.aten

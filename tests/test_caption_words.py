@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from helpers import fake_batch, tiny_config
 
 from aclip.config import ConfigError
-from aclip.flops import linear_flops, step_flops
-from aclip.losses import caption_bow_loss, caption_bow_targets, caption_word_losses
+from aclip.methods.flops import linear_flops, step_flops
+from aclip.methods.losses import caption_bow_loss, caption_bow_targets, caption_word_losses
 from aclip.model import build_model
 from aclip.tokenizer import Tokenizer
-from aclip.trainer import Trainer
+from aclip.train.trainer import Trainer
 
 VOCAB = 49408
 
@@ -197,9 +197,9 @@ def test_bad_weights_are_refused(tmp_path, override):
 
 
 def test_resume_refuses_a_checkpoint_without_the_head(tmp_path):
-    from aclip.checkpoint import CONFIG_FILE, check_compatible
     from aclip.config import to_yaml
     from aclip.methods import shape_fields
+    from aclip.train.checkpoint import CONFIG_FILE, check_compatible
 
     (tmp_path / CONFIG_FILE).write_text(to_yaml(tiny_config(str(tmp_path))))
     words = tiny_config(str(tmp_path), **{"loss.w_text_bow": 1.0})

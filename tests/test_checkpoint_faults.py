@@ -15,12 +15,12 @@ import pytest
 from helpers import TINY_MODEL_ARGS, tiny_config
 
 import train
-from aclip import checkpoint as ckpt
 from aclip.config import ConfigError
 from aclip.data.synthetic import write_synthetic
 from aclip.distributed import single_process_env
-from aclip.runlock import LOCK_FILE, OutputDirBusy, lock_output_dir, release_output_dir
-from aclip.trainer import Trainer
+from aclip.train import checkpoint as ckpt
+from aclip.train.runlock import LOCK_FILE, OutputDirBusy, lock_output_dir, release_output_dir
+from aclip.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP2, STEP4 = "step_00000002", "step_00000004"
@@ -266,7 +266,7 @@ def test_train_py_exits_2_on_a_full_disk(tmp_path, shards, monkeypatch, capsys):
 # ------------------------------------------------------------- one run per output directory
 _HOLD = """
 import sys, time
-from aclip.runlock import lock_output_dir
+from aclip.train.runlock import lock_output_dir
 lock_output_dir(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)

@@ -199,7 +199,7 @@ def test_shards_not_in_one_series_get_the_general_advice(data, tmp_path, capsys)
 
 
 def test_brace_spec_of_found_files(tmp_path):
-    from aclip.preflight import _brace_spec
+    from aclip.train.preflight import _brace_spec
 
     def spec(*names: str) -> str | None:
         return _brace_spec([tmp_path / n for n in names])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import save_untrained_run
 
-from aclip.checkpoint import has_ema_teacher
 from aclip.data.synthetic import write_synthetic
+from aclip.train.checkpoint import has_ema_teacher
 from evals import demo_report
 
 

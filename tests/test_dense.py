@@ -2,7 +2,7 @@
 map combination equal the written steps; position-embedding interpolation equals timm's own
 dynamic-size path; sliding windows reduce to one pass on a one-window image.
 
-References below never call aclip.dense: q/k/v come from the weights with explicit matmuls,
+References below never call aclip.dense.heads: q/k/v come from the weights with explicit matmuls,
 LayerNorms from their parameters, attention from written softmaxes.
 """
 
@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from aclip.config import ModelConfig
-from aclip.dense import HEADS, DenseHead, DenseOutput, embed_tokens, fuse_attention
-from aclip.interop import build_clip
-from aclip.segment import (
+from aclip.dense.heads import HEADS, DenseHead, DenseOutput, embed_tokens, fuse_attention
+from aclip.dense.segment import (
     SegSettings,
     cam_labels,
     cliper_maps,
@@ -29,6 +28,7 @@ from aclip.segment import (
     window_boxes,
     window_logits,
 )
+from aclip.interop import build_clip
 
 ATOL = 1e-5
 
@@ -210,7 +210,7 @@ def test_clearclip_has_no_residual_or_ffn_path() -> None:
     vit = clip.visual.vit
     with torch.no_grad():
         z = input_of_last(clip, x)
-        from aclip.dense import last_block
+        from aclip.dense.heads import last_block
 
         a = last_block("clearclip", vit.blocks[-1], z)
         b = last_block("clearclip", vit.blocks[-1], z + 3.0)
@@ -256,7 +256,7 @@ def test_ignore_residual_is_clearclips_comparison_row(head) -> None:
 
 
 def test_ignore_residual_setting_reaches_the_head() -> None:
-    from aclip.segment import Segmenter, load_settings
+    from aclip.dense.segment import Segmenter, load_settings
     from aclip.tokenizer import Tokenizer
 
     s = load_settings(None, "maskclip", {"ignore_residual": True})
@@ -393,7 +393,7 @@ def official_pos_embed(mode: str, pos_MD: torch.Tensor, rows: int, cols: int) ->
 
 
 def test_each_head_resamples_the_position_embedding_as_its_official_code() -> None:
-    from aclip.dense import resample_pos_embed
+    from aclip.dense.heads import resample_pos_embed
 
     clip = small_clip()
     vit = clip.visual.vit
@@ -421,7 +421,7 @@ def test_each_head_resamples_the_position_embedding_as_its_official_code() -> No
 
 
 def test_pos_interp_setting_reaches_the_head() -> None:
-    from aclip.segment import Segmenter, load_settings
+    from aclip.dense.segment import Segmenter, load_settings
     from aclip.tokenizer import Tokenizer
 
     def head_of(settings):

@@ -15,7 +15,7 @@ from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
-from aclip.dense_sd import (  # noqa: E402
+from aclip.dense.sd import (  # noqa: E402
     DEFAULT_LAYERS,
     SDAffinity,
     combine_maps,
@@ -131,7 +131,7 @@ def test_a_saved_folder_loads_back(tmp_path) -> None:
 
 
 def test_segmenter_with_the_refinement() -> None:
-    from aclip.segment import Segmenter, SegSettings
+    from aclip.dense.segment import Segmenter, SegSettings
     from aclip.tokenizer import Tokenizer
     from tests.test_dense import small_clip
 

@@ -1,4 +1,4 @@
-"""EMA teacher and momentum schedule (aclip/ema.py)."""
+"""EMA teacher and momentum schedule (aclip/methods/ema.py)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from aclip.ema import EMATeacher, ema_momentum
+from aclip.methods.ema import EMATeacher, ema_momentum
 
 
 def _student():

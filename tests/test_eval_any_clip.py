@@ -20,13 +20,13 @@ from helpers import CLIP_TINY_ARGS, quiet_logs
 from open_clip.model import build_model_from_openai_state_dict
 from safetensors.torch import save_file
 
-from aclip import export as export_cli
-from aclip.checkpoint import load_eval_model
-from aclip.data.evalsets import load_wds_classification
+from aclip.data.sets.wds import load_wds_classification
 from aclip.data.synthetic import write_synthetic
-from aclip.evaluation import classification_metrics, zero_shot_classifier
+from aclip.eval.evaluate import classification_metrics, zero_shot_classifier
+from aclip.interop import export as export_cli
 from aclip.interop import load_clip
 from aclip.tokenizer import Tokenizer
+from aclip.train.checkpoint import load_eval_model
 from evals import keep_ratio as keep_cli
 from evals import retrieval as ret_cli
 from evals import zeroshot as zs_cli
@@ -303,8 +303,8 @@ def test_imported_model_matches_load_clip(sources) -> None:
 
 # ------------------------------------------------------------------ the export command line
 def test_the_export_cli_replaces_its_folder_and_the_printed_lines_load_it(run, tmp_path, capsys):
-    """`python -m aclip.export --overwrite` exports a run as an open_clip folder (again on a second
-    call) and prints the lines that load it; run as printed, they give the run's features."""
+    """`python -m aclip.export --overwrite` exports a run as an open_clip folder (again on a
+    second call) and prints the lines that load it; run as printed, they give the run's features."""
     folder = tmp_path / "demo_out" / "open_clip"
     argv = ["--checkpoint", str(run), "--out", str(folder), "--overwrite"]
     for _ in range(2):  # the second call replaces the folder

@@ -93,7 +93,7 @@ def test_the_precision_changes_the_numbers(trained, data, tmp_path):
 
 
 def test_precision_names_and_autocast():
-    from aclip.evaluation import eval_autocast, resolve_eval_precision
+    from aclip.eval.evaluate import eval_autocast, resolve_eval_precision
 
     assert resolve_eval_precision("amp", "cpu") == "amp_bf16"  # torch.autocast's CPU dtype
     assert resolve_eval_precision("amp", "cuda") == "amp_fp16"  # CLIP_benchmark's --amp on GPUs
@@ -118,7 +118,7 @@ def test_bad_precision_is_refused_naming_the_key_or_flag(data, tmp_path, capsys)
 
 def test_every_eval_cli_takes_precision_and_records_it(trained, data, tmp_path, capsys):
     from aclip.data.synthetic import write_region_sets, write_segmentation_set
-    from aclip.dense import HEADS
+    from aclip.dense.heads import HEADS
     from evals import keep_ratio, probe, region, segmentation
 
     run, out = str(trained("fp32")), tmp_path / "out.json"

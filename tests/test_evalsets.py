@@ -1,4 +1,4 @@
-"""Tests for aclip.data.evalsets against the synthetic CLIP_benchmark-style sets."""
+"""Tests for aclip.data.sets.wds against the synthetic CLIP_benchmark-style sets."""
 
 import io
 import tarfile
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from aclip.data.evalsets import (
+from aclip.data.sets.wds import (
     check_eval_set,
     load_wds_classification,
     load_wds_retrieval,

@@ -12,13 +12,13 @@ import torch
 from helpers import CLIP_TINY_ARGS, TINY_MODEL_ARGS, quiet_logs
 from torch import nn
 
-from aclip import export as export_cli
-from aclip.checkpoint import MODEL_STATES, load_eval_model
 from aclip.config import load_config, to_yaml
 from aclip.data.synthetic import write_synthetic
+from aclip.interop import export as export_cli
 from aclip.interop import load_clip
 from aclip.model import build_model
 from aclip.tokenizer import Tokenizer
+from aclip.train.checkpoint import MODEL_STATES, load_eval_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402

@@ -19,11 +19,11 @@ from helpers import TINY_MODEL_ARGS, quiet_logs
 from open_clip.loss import ClipLoss
 
 from aclip import interop
-from aclip.checkpoint import load_eval_model
 from aclip.config import load_config
 from aclip.data.synthetic import write_synthetic
 from aclip.data.views import model_input
-from aclip.trainer import Trainer
+from aclip.train.checkpoint import load_eval_model
+from aclip.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402

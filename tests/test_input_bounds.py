@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import EpsImagePlugin, Image, ImageFile
 
-from aclip.data import evalsets, tars
+from aclip.data import tars
 from aclip.data.decode import decode_sample
 from aclip.data.pipeline import build_train_loader
 from aclip.data.regions import decode_region, sample_regions
+from aclip.data.sets import wds as evalsets
 from aclip.data.skips import BadSample, SkipCounter
 from aclip.data.views import ACLIPViews
 from aclip.tokenizer import Tokenizer
@@ -241,7 +242,7 @@ def test_local_image_files_open_with_their_extensions_decoder_only(tmp_path, mon
     from torchvision.datasets.folder import default_loader
 
     from aclip.data.decode import open_image_file
-    from aclip.data.imagefolder import load_imagefolder_classification
+    from aclip.data.sets.imagefolder import load_imagefolder_classification
 
     good, _, _ = load_imagefolder_classification(_image_tree(tmp_path / "good"))
     assert len(good) == 4
@@ -263,7 +264,8 @@ def test_local_image_files_open_with_their_extensions_decoder_only(tmp_path, mon
 
 
 def test_segmentation_labels_and_karpathy_images_refuse_other_formats(tmp_path, monkeypatch):
-    from aclip.data import karpathy, segsets
+    from aclip.data.sets import karpathy
+    from aclip.data.sets import segmentation as segsets
 
     opened = []
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(1))

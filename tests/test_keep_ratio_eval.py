@@ -12,15 +12,15 @@ from helpers import fake_batch, tiny_config
 from PIL import Image
 from torch import nn
 
-from aclip.checkpoint import MODEL_STATES, load_eval_model
 from aclip.config import to_yaml
-from aclip.data.evalsets import load_wds_classification
+from aclip.data.sets.wds import load_wds_classification
 from aclip.data.synthetic import write_synthetic
 from aclip.data.views import eval_transform
-from aclip.evaluation import zero_shot_on_wds
-from aclip.masking import num_keep
+from aclip.eval.evaluate import zero_shot_on_wds
+from aclip.methods.masking import num_keep
 from aclip.model import build_model
 from aclip.tokenizer import Tokenizer
+from aclip.train.checkpoint import MODEL_STATES, load_eval_model
 from evals.keep_ratio import checkpoint_sweep, keep_fn, main, write_checkpoint_outputs
 
 RATIOS = [1.0, 0.5, 0.25]
@@ -138,7 +138,7 @@ def test_periodic_eval_logs_zero_shot_metrics_to_tensorboard(tmp_path, eval_set)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from aclip.distributed import init_distributed
-    from aclip.trainer import Trainer
+    from aclip.train.trainer import Trainer
 
     overrides = {
         "train.stop_at_step": 4,

@@ -108,7 +108,7 @@ TINY = [
 
 def test_equal_cost_gives_cheaper_runs_more_steps_for_the_same_flops():
     from aclip.config import load_config
-    from aclip.flops import config_step_flops
+    from aclip.methods.flops import config_step_flops
 
     points = grid(["none", "random", "attentive"], [0.25, 0.5], [2], [0])
     scaled = equal_cost_steps(points, None, TINY)

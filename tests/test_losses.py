@@ -1,4 +1,4 @@
-"""Losses (aclip/losses.py): against open_clip, direct formulas, and a 2-process gloo run."""
+"""Losses (aclip/methods/losses.py): against open_clip, direct formulas, a 2-process gloo run."""
 
 import math
 import os
@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from aclip.losses import (
+from aclip.methods.losses import (
     LossOutput,
     aclip_loss,
     byol_loss,

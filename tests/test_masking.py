@@ -1,11 +1,11 @@
-"""Relevance mapping and token selection (aclip/masking.py)."""
+"""Relevance mapping and token selection (aclip/methods/masking.py)."""
 
 import itertools
 
 import pytest
 import torch
 
-from aclip.masking import (
+from aclip.methods.masking import (
     TokenSelector,
     map_relevance_to_views,
     num_keep,

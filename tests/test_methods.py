@@ -12,7 +12,7 @@ from aclip.config import ConfigError
 from aclip.methods import METHODS, get_method
 from aclip.methods.clip import CLIP
 from aclip.methods.registry import register
-from aclip.trainer import Trainer
+from aclip.train.trainer import Trainer
 
 ABLATION = {"mask.num_views": 1, "loss.w_simclr": 0, "loss.w_byol": 0}
 

@@ -13,8 +13,8 @@ from helpers import fake_batch, free_port, rank_slice, set_rank_env, tiny_config
 
 from aclip.distributed import init_distributed
 from aclip.methods.base import StepLoss
-from aclip.numerics import NonFiniteLoss, StepGuard, nonfinite_anywhere
-from aclip.trainer import Trainer
+from aclip.train.numerics import NonFiniteLoss, StepGuard, nonfinite_anywhere
+from aclip.train.trainer import Trainer
 
 
 def _tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:

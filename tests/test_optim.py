@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from aclip.config import OptimConfig
-from aclip.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from aclip.train.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 
 
 class _Toy(nn.Module):

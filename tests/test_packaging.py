@@ -95,9 +95,10 @@ def test_wheel_holds_the_segmentation_class_lists(installed, tmp_path):
     (wheel,) = (installed / "dist").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("voc21.clearclip.txt", "voc21.cliper.txt", "voc21.sclip.txt", "README.md"):
-        assert f"aclip/data/classnames/{name}" in names
+        assert f"aclip/data/sets/classnames/{name}" in names
     code = (
-        "from aclip.data.segsets import SETS; from aclip.segment import resolve_classnames; "
+        "from aclip.data.sets.segmentation import SETS; "
+        "from aclip.dense.segment import resolve_classnames; "
         "print(len(SETS['ade20k'].classnames), "
         "resolve_classnames('cliper', 'voc21', SETS['voc21'].classnames, 0)[15][0])"
     )

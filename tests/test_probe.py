@@ -13,7 +13,7 @@ from helpers import save_untrained_run
 
 import evals.probe as probe_cli
 from aclip.data.synthetic import write_synthetic
-from aclip.probe import (
+from aclip.eval.probe import (
     fit_logistic_regression,
     linear_probe,
     prompt_similarity,

@@ -15,9 +15,9 @@ import pytest
 import torch
 from helpers import TINY_MODEL_ARGS, tiny_config
 
-from aclip import checkpoint as ckpt
 from aclip.data.synthetic import write_synthetic
-from aclip.trainer import Trainer
+from aclip.train import checkpoint as ckpt
+from aclip.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ _SLOW_COMMIT = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import aclip.checkpoint as ck
+import aclip.train.checkpoint as ck
 commit = ck.commit_checkpoint
 def slow(ckpt_dir, tag):
     if tag == "step_00000006":
@@ -284,7 +284,7 @@ def test_a_stop_signal_to_the_whole_process_group_checkpoints_and_resumes(
 _TERM_WHILE_CLOSING = """
 import os, signal, sys
 import train
-from aclip.trainer import Trainer
+from aclip.train.trainer import Trainer
 close = Trainer.close
 def term_then_close(self):
     os.kill(os.getpid(), signal.SIGTERM)

@@ -12,12 +12,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from aclip.config import to_yaml
-from aclip.data.evalsets import load_wds_retrieval, retrieval_collate
-from aclip.data.karpathy import load_karpathy
+from aclip.data.sets.karpathy import load_karpathy
+from aclip.data.sets.wds import load_wds_retrieval, retrieval_collate
 from aclip.data.synthetic import write_synthetic
 from aclip.data.views import eval_transform
+from aclip.eval.retrieval import encode_retrieval_set, evaluate_retrieval, retrieval_metrics
 from aclip.model import build_model
-from aclip.retrieval import encode_retrieval_set, evaluate_retrieval, retrieval_metrics
 from aclip.tokenizer import Tokenizer
 from evals.retrieval import main as retrieval_main
 

@@ -1,6 +1,6 @@
-"""Reading a checkpoint never runs code (aclip.safe_load): planted payloads at every entry point
-that takes a run or a checkpoint are refused (exit 2, no marker), non-checkpoint files are named
-by their magic bytes, and real checkpoints still load bit-identically."""
+"""Reading a checkpoint never runs code (aclip.interop.safe_load): planted payloads at every entry
+point that takes a run or a checkpoint are refused (exit 2, no marker), non-checkpoint files are
+named by their magic bytes, and real checkpoints still load bit-identically."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from helpers import TINY_MODEL_ARGS, fake_batch, save_untrained_run, tiny_config
 from PIL import Image
 
-from aclip import checkpoint as ckpt
-from aclip import safe_load
 from aclip.data.synthetic import write_region_sets, write_synthetic
-from aclip.trainer import Trainer
+from aclip.interop import safe_load
+from aclip.train import checkpoint as ckpt
+from aclip.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -192,7 +192,7 @@ def test_demo_report_refuses_a_planted_run(data, tmp_path, marker, capsys) -> No
 
 
 def test_export_refuses_a_bare_payload_file_and_a_planted_run(tmp_path, marker, capsys) -> None:
-    from aclip import export as export_cli
+    from aclip.interop import export as export_cli
 
     evil = tmp_path / "evil.pt"
     torch.save({"module": {}, "config": "", "x": Payload(marker)}, evil)
@@ -306,7 +306,7 @@ def test_zero_to_fp32_refuses_planted_optimizer_states(bf16_tag, data, tmp_path,
 
 # ------------------------------------------------------------------ what the user sees
 def test_a_jpeg_given_as_a_checkpoint_is_named(data, tmp_path, capsys) -> None:
-    from aclip import export as export_cli
+    from aclip.interop import export as export_cli
     from evals import zeroshot
 
     photo = tmp_path / "photo.jpg"

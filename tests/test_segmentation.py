@@ -18,12 +18,11 @@ from PIL import Image
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from aclip.config import load_config
-from aclip.data import segclasses
-from aclip.data.segsets import DATASETS, SETS, SegmentationSet, reduce_zero_label
+from aclip.data.sets import segclasses
+from aclip.data.sets.segmentation import DATASETS, SETS, SegmentationSet, reduce_zero_label
 from aclip.data.synthetic import COLOURS, seg_classnames, write_segmentation_set
-from aclip.dense import HEADS
-from aclip.model import build_model
-from aclip.segment import (
+from aclip.dense.heads import HEADS
+from aclip.dense.segment import (
     Queries,
     SegMetric,
     SegSettings,
@@ -34,6 +33,7 @@ from aclip.segment import (
     patch_rounded_size,
     resolve_classnames,
 )
+from aclip.model import build_model
 from evals import segmentation as cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -480,8 +480,8 @@ def test_ten_image_run_of_each_layout(tmp_path, dataset) -> None:
 def test_open_clip_vit_b16_every_head_at_448_with_sliding_windows(tmp_path) -> None:
     """Randomly initialised open_clip ViT-B-16, imported through aclip.interop; every head on a
     375 x 500 image at short side 448 (448 x 597: two 448 windows, stride 224)."""
+    from aclip.dense.segment import Segmenter
     from aclip.interop import load_clip
-    from aclip.segment import Segmenter
     from aclip.tokenizer import Tokenizer
 
     torch.manual_seed(0)

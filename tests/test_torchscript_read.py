@@ -18,7 +18,7 @@ from torch import nn
 
 from aclip import interop
 from aclip.data.synthetic import write_synthetic
-from aclip.torchscript_read import TorchScriptReadError, read_torchscript_state_dict
+from aclip.interop.torchscript import TorchScriptReadError, read_torchscript_state_dict
 from evals import zeroshot as zeroshot_cli
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

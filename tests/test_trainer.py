@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from helpers import fake_batch, free_port, rank_slice, set_rank_env, tiny_config
 
 from aclip.distributed import init_distributed
-from aclip.trainer import Trainer
+from aclip.train.trainer import Trainer
 
 
 def test_a_few_deepspeed_steps_lower_the_loss(tmp_path, dist_info):
@@ -235,7 +235,7 @@ def test_bf16_runs_are_evaluated_and_saved_for_eval_from_the_fp32_master_weights
     and load_eval_model (evals, export) use the optimizer's fp32 master weights."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from aclip.checkpoint import load_eval_model
+    from aclip.train.checkpoint import load_eval_model
 
     cfg = tiny_config(str(tmp_path), **{"train.zero_stage": stage, "train.precision": "bf16"})
     trainer = Trainer(cfg, dist_info)

@@ -316,8 +316,8 @@ def test_conv_stem_flops_and_export_refusal() -> None:
     stem's convolutions, and exports that rebuild the ViT's own patch conv refuse it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from aclip.flops import ViTDims
     from aclip.interop import NotExpressible, clip_vision_problems, to_timm_model
+    from aclip.methods.flops import ViTDims
     from aclip.model.clip import CLIP
     from aclip.model.text import TextTransformer
 

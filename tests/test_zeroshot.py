@@ -14,13 +14,13 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from PIL import Image
 
 import evals.zeroshot as zs_cli
-from aclip.data.imagefolder import (
+from aclip.data.sets.imagefolder import (
     is_imagenet_tree,
     load_imagefolder_classification,
     load_templates,
     tree_classnames,
 )
-from aclip.evaluation import (
+from aclip.eval.evaluate import (
     classification_metrics,
     mean_average_precision,
     zero_shot_classifier,
@@ -261,9 +261,9 @@ def test_cli_multilabel_set_reports_clip_benchmark_map(tiny, cb_sets, capsys):
 
     import numpy as np
 
-    from aclip.data.evalsets import load_wds_classification
+    from aclip.data.sets.wds import load_wds_classification
     from aclip.data.views import eval_transform
-    from aclip.evaluation import zero_shot_logits
+    from aclip.eval.evaluate import zero_shot_logits
 
     run, clip, cfg = tiny
     data = cb_sets["cb_multilabel"]
@@ -318,7 +318,7 @@ def test_cli_names_a_model_states_file_of_another_project(tree, tmp_path, capsys
 
 def test_evaluate_sets_records_a_failing_set_and_runs_the_others(tiny, tmp_path, capsys):
     from aclip.data.synthetic import write_synthetic
-    from aclip.evaluation import evaluate_sets
+    from aclip.eval.evaluate import evaluate_sets
 
     _, clip, cfg = tiny
     write_synthetic(tmp_path, n_train=0, n_eval_cls=6, n_eval_ret=4, image_size=32,

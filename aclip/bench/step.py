@@ -4,7 +4,7 @@ Every mode runs in this one process on the same synthetic batch (already on the 
 is built in turn and runs its warm-up steps (peak memory is measured over that, above what the
 modes built before hold); then all are timed together, one step of each per round, the device
 synchronised around every step, so that load from other processes falls on all alike. Our
-modes go through the real ``aclip.trainer.Trainer.train_step`` (DeepSpeed engine, EMA teacher,
+modes go through the real ``aclip.train.trainer.Trainer.train_step`` (DeepSpeed engine, EMA teacher,
 losses); open_clip's step is its model, ``ClipLoss`` and ``torch.optim.AdamW`` in its training
 loop (bf16 autocast on GPU, fp32 on the CPU); ``clip_torch`` puts our plain CLIP model in that
 same loop, which separates the model's cost from the engine's.
@@ -24,7 +24,7 @@ import torch
 from aclip.bench import common
 from aclip.config import Config, ModelConfig, load_config
 from aclip.distributed import DistInfo, init_distributed
-from aclip.flops import StepFlops, TextDims, ViTDims, config_step_flops
+from aclip.methods.flops import StepFlops, TextDims, ViTDims, config_step_flops
 from aclip.model import ACLIPModel, build_model
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -181,7 +181,7 @@ def mode_flops(cfg: Config, batch: int, world_size: int = 1) -> StepFlops:
 
 def trainer_runner(cfg: Config, dist_info: DistInfo, batch: dict) -> Runner:
     """Our ``Trainer.train_step`` on ``batch`` under ``cfg``."""
-    from aclip.trainer import Trainer
+    from aclip.train.trainer import Trainer
 
     trainer = Trainer(cfg, dist_info)
     data = mode_batch(batch, cfg)
@@ -288,7 +288,7 @@ def openclip_runner(cfg: Config, preset: str, device: torch.device, batch: dict)
 def clip_torch_runner(cfg: Config, device: torch.device, batch: dict) -> Runner:
     """Our plain CLIP model and InfoNCE in that same plain PyTorch loop (no Trainer, no
     DeepSpeed): tells the model's cost from the engine's."""
-    from aclip.losses import clip_infonce
+    from aclip.methods.losses import clip_infonce
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, cfg.loss).to(device).train()

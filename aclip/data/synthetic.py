@@ -12,7 +12,7 @@ Every sample is drawn from its own seeded RNG, so the output bytes depend only o
                                    [--n-eval-seg N [--seg-only]]
 
 ``--n-eval-seg N`` also writes ``eval_seg/``: N scenes with per-pixel masks (background and one
-class per colour) in the generic segmentation layout of ``aclip.data.segsets``.
+class per colour) in the generic segmentation layout of ``aclip.data.sets.segmentation``.
 
 ``--n-train-region N`` / ``--n-eval-region N`` also write Alpha-CLIP's region data: scenes of
 2-4 objects of different shapes and colours in an overlapping cluster, so that neither the whole
@@ -437,7 +437,7 @@ def write_segmentation_set(
 ) -> Path:
     """``n`` scenes with per-pixel masks in the generic segmentation layout under ``out``
     (``images/sNNNNNNN.jpg``, ``masks/sNNNNNNN.png``, ``classnames.txt``, ``templates.txt``),
-    as ``aclip.data.segsets`` reads it (``generic``). Returns ``out``."""
+    as ``aclip.data.sets.segmentation`` reads it (``generic``). Returns ``out``."""
     if n < 1 or image_size < 16:
         raise ValueError("n must be >= 1 and image_size >= 16")
     root = Path(out)

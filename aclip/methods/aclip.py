@@ -31,13 +31,13 @@ from torch.nn import functional as F
 
 from aclip.config import Config, ConfigError
 from aclip.data.views import model_input
-from aclip.ema import EMATeacher, ema_momentum
-from aclip.losses import aclip_loss
-from aclip.masking import TokenSelector, map_relevance_to_views, num_keep
 from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
+from aclip.methods.ema import EMATeacher, ema_momentum
+from aclip.methods.losses import aclip_loss
+from aclip.methods.masking import TokenSelector, map_relevance_to_views, num_keep
 from aclip.methods.registry import register
+from aclip.methods.visualize import kept_tokens_grid
 from aclip.model import build_model
-from aclip.visualize import kept_tokens_grid
 
 HEAD_SIZE_KEYS = ("simclr_hidden", "simclr_out", "byol_hidden", "byol_out")
 

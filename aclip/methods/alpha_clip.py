@@ -15,7 +15,7 @@ One step, top to bottom (sources: the paper and its official code, SunzeY/AlphaC
    ``alpha.label_smoothing`` (0.1, official) at a fixed temperature: the logit scale is ln 100
    and not trained (official ``log_scale`` 4.6052, ln 100 rounded; we keep ln 100 exactly,
    the clamp of every aclip CLIP). Its gradient is the official one: the gathered features
-   carry none (``aclip.losses.no_grad_columns``), so only the image->text term trains the
+   carry none (``aclip.methods.losses.no_grad_columns``), so only the image->text term trains the
    vision tower; ``alpha.symmetric_grad=true`` lets the text->image term train it too.
 4. What trains: the whole vision tower and the image projection (the official code trains
    ``model.visual``, whose ``proj`` is our ``image_proj``); the text tower, its projection and
@@ -35,8 +35,8 @@ from torch import nn
 from aclip.config import Config, ConfigError
 from aclip.data.regions import RegionViews
 from aclip.data.views import model_input
-from aclip.losses import multi_view_infonce
 from aclip.methods.base import Cost, Forward, Method, StepLoss, Views
+from aclip.methods.losses import multi_view_infonce
 from aclip.methods.registry import register
 from aclip.model import build_clip, build_student, normalize_alpha
 

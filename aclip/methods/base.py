@@ -19,7 +19,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from aclip.config import Config
-from aclip.losses import caption_word_losses
+from aclip.methods.losses import caption_word_losses
 
 # ModelConfig keys that do not decide the shapes of the weights: free to change on resume
 RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile", "init_from", "init_from_name")
@@ -45,7 +45,7 @@ class RunContext:
 
 @dataclass(frozen=True)
 class Cost:
-    """What decides the FLOPs of one step of a method (see aclip.flops)."""
+    """What decides the FLOPs of one step of a method (see aclip.methods.flops)."""
 
     num_views: int  # online views per sample through the student's vision tower
     kept: int | None  # patches each view keeps (None: all)
@@ -91,7 +91,7 @@ class Method:
     # ------------------------------------------------------------------ one step
     # A step's loss is prepare (no gradients: the batch on the device, a teacher's targets,
     # token selection) -> forward (the student, through the engine) -> loss_from (the loss of
-    # the outputs). Gradient accumulation (aclip.accumulation) splits the prepared batch into
+    # the outputs). Gradient accumulation (aclip.train.accumulation) splits the prepared batch into
     # micro-batches along dim 0, runs forward on each and concatenates their outputs along dim
     # 0 (but for the keys in ``whole_outputs``), so every tensor of the prepared batch and of the
     # outputs must be per sample (or per sample and view), in the batch's order.
@@ -113,7 +113,7 @@ class Method:
         self, loss: StepLoss, outputs: Mapping[str, Tensor], tokens_BL: Tensor
     ) -> StepLoss:
         """``loss`` plus the caption-word terms (``loss.w_caption_bow`` x image term +
-        ``loss.w_text_bow`` x text term, :func:`aclip.losses.caption_word_losses`) when the
+        ``loss.w_text_bow`` x text term, :func:`aclip.methods.losses.caption_word_losses`) when the
         student has the word head; both terms are named (zero without the head)."""
         zero = loss.total.new_zeros(())
         terms = dict(loss.terms) | {"caption_bow": zero, "text_bow": zero}

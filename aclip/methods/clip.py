@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from aclip.config import Config
 from aclip.data.views import model_input
-from aclip.losses import multi_view_infonce
-from aclip.masking import TokenSelector, num_keep
 from aclip.methods.aclip import mask_generator
 from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
+from aclip.methods.losses import multi_view_infonce
+from aclip.methods.masking import TokenSelector, num_keep
 from aclip.methods.registry import register
 from aclip.model import build_clip, build_student, caption_word_head
 

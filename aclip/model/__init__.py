@@ -99,7 +99,8 @@ def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
 
 def caption_word_head(model_cfg: ModelConfig, loss_cfg: LossConfig) -> nn.Linear | None:
     """The linear head from the joint space to the vocabulary that ``loss.w_caption_bow`` and
-    ``loss.w_text_bow`` train (:func:`aclip.losses.caption_word_losses`); None when both are 0."""
+    ``loss.w_text_bow`` train (:func:`aclip.methods.losses.caption_word_losses`); None when both
+    are 0."""
     if not loss_cfg.caption_words:
         return None
     return nn.Linear(model_cfg.embed_dim, model_cfg.vocab_size)

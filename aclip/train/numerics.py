@@ -112,7 +112,7 @@ def apply_step(engine: Any, model: nn.Module, losses: Iterable[Any]) -> tuple[An
     step asks (all ranks together) whether the loss was at fault. A plain fp32 optimizer (ZeRO 0)
     has no such check: loss and gradients (all-reduced in backward) are checked together before
     stepping (one sync). Gradients of the micro-batches add up (no division by their number:
-    each micro-batch's loss is the whole batch's, see aclip.accumulation); DeepSpeed steps the
+    each micro-batch's loss is the whole batch's, see aclip.train.accumulation); DeepSpeed steps the
     optimizer at the last one.
     """
     counters = engine_counters(engine)

@@ -15,9 +15,9 @@ from aclip.config import Config, ConfigError
 def check_paths(cfg: Config) -> None:
     """Raise with a message naming the problem when the method's settings cannot run, an input is
     missing or of the wrong kind, the epoch size is unknown or the output unwritable."""
-    from aclip.checkpoint import will_resume
     from aclip.data.shards import expand_urls
     from aclip.methods import get_method
+    from aclip.train.checkpoint import will_resume
 
     get_method(cfg.method).validate(cfg)
     _check_image_size(cfg)
@@ -64,8 +64,8 @@ def _check_image_size(cfg: Config) -> None:
 def _check_eval_sets(cfg: Config) -> None:
     """Refuse an eval set that is missing, of the wrong kind or laid out wrong, naming the key
     (the final evaluation would otherwise find it only after training)."""
-    from aclip.data.evalsets import check_eval_set
-    from aclip.data.regionsets import WdsRegionSet
+    from aclip.data.sets.regions import WdsRegionSet
+    from aclip.data.sets.wds import check_eval_set
 
     checks = (
         ("eval.zeroshot_sets", cfg.eval.zeroshot_sets, partial(check_eval_set, task="zeroshot")),
@@ -189,12 +189,13 @@ def _check_split(sources: list[list[str]], cfg: Config) -> None:
 
 def check_resume(cfg: Config) -> None:
     """Refuse ``train.resume`` naming a checkpoint that is missing or damaged, or ``latest``
-    when checkpoints exist and none can be resumed (:func:`aclip.checkpoint.check_resume`); run
-    it holding the output directory's lock (:mod:`aclip.runlock`). With several ranks each runs
+    when checkpoints exist and none can be resumed
+    (:func:`aclip.train.checkpoint.check_resume`); run it holding the output directory's lock
+    (:mod:`aclip.train.runlock`). With several ranks each runs
     this: sizes only, as N ranks reading every file over a shared file system multiplies the
     I/O; the trainer's rank 0 reads the CRC32s and every rank stops alike."""
-    from aclip import checkpoint
     from aclip.distributed import launcher_ranks
+    from aclip.train import checkpoint
 
     checkpoint.check_resume(cfg, crc=launcher_ranks(os.environ)[1] == 1)
 

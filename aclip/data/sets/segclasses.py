@@ -1,5 +1,5 @@
 """Class-name lists of the standard open-vocabulary segmentation benchmarks, read from the text
-files in ``aclip/data/classnames/`` (byte-for-byte copies of the methods' own files: their
+files in ``aclip/data/sets/classnames/`` (byte-for-byte copies of the methods' own files: their
 sources, and how each method reads them, are in that folder's ``README.md``).
 
 ``VOC21`` ... ``CITYSCAPES``: ClearCLIP's lists (``<set>.clearclip.txt``), one entry per class in

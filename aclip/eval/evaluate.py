@@ -184,7 +184,7 @@ def zero_shot_on_wds(
     workers: int = 0,
 ) -> dict[str, float]:
     """Zero-shot metrics of ``model`` on a CLIP_benchmark wds classification set at ``root``."""
-    from aclip.data.evalsets import load_wds_classification
+    from aclip.data.sets.wds import load_wds_classification
     from aclip.data.views import eval_transform
 
     dataset, classnames, templates = load_wds_classification(root, eval_transform(image_size))
@@ -203,9 +203,9 @@ def retrieval_on_wds(
     progress: bool = False,
 ) -> dict[str, float]:
     """Image<->text recall@1/5/10 of ``model`` on a CLIP_benchmark wds retrieval set."""
-    from aclip.data.evalsets import load_wds_retrieval, retrieval_collate
+    from aclip.data.sets.wds import load_wds_retrieval, retrieval_collate
     from aclip.data.views import eval_transform
-    from aclip.retrieval import evaluate_retrieval
+    from aclip.eval.retrieval import evaluate_retrieval
 
     dataset = load_wds_retrieval(root, eval_transform(image_size))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=retrieval_collate)

@@ -41,15 +41,15 @@ import torch
 
 from aclip import distributed as dist_utils
 from aclip.config import Config, ConfigError, config_from_yaml
-from aclip.model import build_clip
-from aclip.model.clip import CLIP
-from aclip.safe_load import (
+from aclip.interop.safe_load import (
     CheckpointError,
     UnsafeCheckpointError,
     deepspeed_reads_safe,
     numpy_rng_globals,
 )
-from aclip.safe_load import load as safe_load
+from aclip.interop.safe_load import load as safe_load
+from aclip.model import build_clip
+from aclip.model.clip import CLIP
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 IMAGE_SIDE = ("visual", "image_proj")
@@ -76,7 +76,7 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def read_model_states(file: Path) -> dict:
     """The dict an aclip checkpoint's model-states file holds (``module``, ``config``, ...), read
-    without running code (:mod:`aclip.safe_load`). CheckpointError (a ValueError) naming
+    without running code (:mod:`aclip.interop.safe_load`). CheckpointError (a ValueError) naming
     ``file`` when it is not one (another project's checkpoint, a bare state dict, an image or
     other non-checkpoint file, said by its magic bytes) or holds types that could run code
     (UnsafeCheckpointError)."""
@@ -417,7 +417,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "python": random.getstate(),
         # numpy's uint32 key array as an int64 tensor: read back exactly, and without numpy types
-        # (which a checkpoint read by aclip.safe_load must not need)
+        # (which a checkpoint read by aclip.interop.safe_load must not need)
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from aclip.evaluation import Template, _format
+from aclip.eval.evaluate import Template, _format
 
 
 def stratified_split(

@@ -9,7 +9,7 @@ In: ``read_weights`` turns any of
 - an open_clip checkpoint (``.pt``/``.bin``/``.pth``/``.safetensors``; ``state_dict`` wrappers and
   ``module.`` prefixes are unwrapped) with its model name or its ``open_clip_config.json``,
 - an open_clip ``local-dir`` folder (``open_clip_config.json`` + weights),
-- an aclip run (through ``aclip.checkpoint.load_eval_model``)
+- an aclip run (through ``aclip.train.checkpoint.load_eval_model``)
 
 into aclip's ``CLIP`` state-dict layout plus the ``ModelConfig`` that represents the model exactly
 (vision tower as a timm ``vit_*_clip_*`` model, text tower sizes and activation). ``load_clip``
@@ -46,11 +46,11 @@ from timm.layers import Attention, Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
-from aclip import safe_load
 from aclip.config import ConfigError, ModelConfig
+from aclip.interop import safe_load
+from aclip.interop.torchscript import TorchScriptReadError, read_torchscript_state_dict
 from aclip.model import build_clip
 from aclip.model.clip import CLIP
-from aclip.torchscript_read import TorchScriptReadError, read_torchscript_state_dict
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -603,7 +603,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, Tensor], bool]:
     """A checkpoint file's tensors, unwrapped: (state dict, whether it was a TorchScript archive).
 
     ``.safetensors`` by safetensors; TorchScript archives (OpenAI's releases) as data, nothing in
-    them run (``aclip.torchscript_read``; the keys of ``torch.jit.load(path).state_dict()``, the
+    them run (``aclip.interop.torchscript``; the keys of ``torch.jit.load(path).state_dict()``, the
     non-weight ones dropped); anything else by ``torch.load(weights_only=True)``, taking
     ``state_dict`` / ``model`` / ``module`` wrappers and stripping ``module.`` / ``_orig_mod.``.
     """
@@ -702,7 +702,7 @@ def _preprocess_from(cfg: Mapping[str, Any] | None, size: int) -> Preprocess:
 
 
 def _aclip_run(path: Path) -> bool:
-    from aclip.checkpoint import MODEL_STATES
+    from aclip.train.checkpoint import MODEL_STATES
 
     if path.is_file():
         return path.name == MODEL_STATES
@@ -794,7 +794,7 @@ def _from_open_clip_cfg(
 
 
 def _read_aclip_run(path: Path, use_ema: bool) -> Weights:
-    from aclip.checkpoint import load_eval_model
+    from aclip.train.checkpoint import load_eval_model
 
     clip, cfg = load_eval_model(path, use_ema=use_ema)
     sd = {k: v.detach().clone() for k, v in clip.state_dict().items()}

@@ -27,7 +27,7 @@ Heads (formulas in the functions below; d = head width, s = d^-1/2):
   input ``norm1_i(x_i)`` of block i < L, and the raw input of the last block) goes through the last
   block's ``norm1``, value projection, the fused attention and the out projection (no residual, no
   FFN). The returned per-layer embeddings and the fused affinity feed CLIPer's map combination in
-  ``aclip.segment``.
+  ``aclip.dense.segment``.
 
 ``ignore_residual`` (ClearCLIP's ``base_config.py`` sets it for every ``model_type``, so its
 vanilla, MaskCLIP and SCLIP comparison rows run so): ``vanilla``, ``maskclip`` and ``sclip`` give

@@ -24,15 +24,15 @@ and propagated by the stitched attention, averaged 1:1 with the whole-image maps
 selected layer's map, thresholded at ``attention_thr`` × its max (in place, as the official code,
 so the layer mean sees the thresholded map), propagated by the fused affinity, plus the mean of
 the per-layer maps; optionally refined by a Stable Diffusion self-attention affinity (``refine``,
-:mod:`aclip.dense_sd`); each class map is rescaled to peak at its image score and labelled by
+:mod:`aclip.dense.sd`); each class map is rescaled to peak at its image score and labelled by
 ``cam_to_label`` (``score_thd``, ``bkg_thd``, ``cam_normalize``).
 
 The position embedding is resampled as each head's official code does (``pos_interp: head``;
-:func:`aclip.dense.resample_pos_embed`): bicubic with ClearCLIP's and SCLIP's ``(n + 0.1) / n0``
-scale factor for ``vanilla``, ``sclip``, ``clearclip``, MaskCLIP's bicubic to the size for
-``maskclip``, bilinear for ``cliper``. Small differences from the official code, all in fp32 here
-(theirs run fp16): images are resized with PIL (bilinear for the CLIP protocol where mmcv uses
-OpenCV's, bicubic for CLIPer as its code).
+:func:`aclip.dense.heads.resample_pos_embed`): bicubic with ClearCLIP's and SCLIP's
+``(n + 0.1) / n0`` scale factor for ``vanilla``, ``sclip``, ``clearclip``, MaskCLIP's bicubic
+to the size for ``maskclip``, bilinear for ``cliper``. Small differences from the official
+code, all in fp32 here (theirs run fp16): images are resized with PIL (bilinear for the CLIP
+protocol where mmcv uses OpenCV's, bicubic for CLIPer as its code).
 """
 
 from __future__ import annotations
@@ -51,12 +51,12 @@ import yaml
 from PIL import Image
 from torch import Tensor
 
-from aclip.data import segclasses
-from aclip.data.imagefolder import load_templates
-from aclip.data.segclasses import ClassEntry
-from aclip.data.segsets import IGNORE_INDEX, split_names
-from aclip.dense import HEADS, POS_INTERP, DenseHead
-from aclip.evaluation import zero_shot_classifier
+from aclip.data.sets import segclasses
+from aclip.data.sets.imagefolder import load_templates
+from aclip.data.sets.segclasses import ClassEntry
+from aclip.data.sets.segmentation import IGNORE_INDEX, split_names
+from aclip.dense.heads import HEADS, POS_INTERP, DenseHead
+from aclip.eval.evaluate import zero_shot_classifier
 from aclip.model.clip import CLIP
 
 Template = str | Callable[[str], str]
@@ -93,7 +93,7 @@ class SegSettings:
     # and FFN (its base_config.py ignore_residual=True); clearclip and cliper never have them
     ignore_residual: bool = False
     # position embedding on another grid: head (each head's official code's), clearclip,
-    # maskclip, cliper or timm (aclip.dense.resample_pos_embed)
+    # maskclip, cliper or timm (aclip.dense.heads.resample_pos_embed)
     pos_interp: str = "head"
     # cliper
     select_layer: int = -1
@@ -103,7 +103,7 @@ class SegSettings:
     bkg_thd: float = 0.0
     cam_normalize: bool = False
     background_names: list[str] = field(default_factory=list)  # [] = the background class's names
-    refine: str = "none"  # none | sfsa | mean (Stable Diffusion self-attention, aclip.dense_sd)
+    refine: str = "none"  # none | sfsa | mean (Stable Diffusion self-attention, aclip.dense.sd)
     sd_model: str = ""  # a local diffusers folder (SD 2.1-base for the paper's setting)
     sd_time_step: int = 45
     sd_seed: int = 0
@@ -227,7 +227,7 @@ def resolve_classnames(
             raise ValueError(f"classnames: cliper lists {len(names)} classes for {dataset}, "
                              f"the dataset has {len(default)}")  # fmt: skip
         return tuple(default) if names is None else names
-    from aclip.data.segsets import read_classnames
+    from aclip.data.sets.segmentation import read_classnames
 
     names = read_classnames(spec)
     if len(names) != len(default):
@@ -504,7 +504,7 @@ class Segmenter:
 
     ``classnames``: one entry per class (:meth:`Queries.from_classnames`). ``mean`` / ``std``:
     the model's input normalisation. ``background``: the set's background class index (or None).
-    ``sd``: an :class:`aclip.dense_sd.SDAffinity` for ``refine``. ``text_cache``: a dict shared
+    ``sd``: an :class:`aclip.dense.sd.SDAffinity` for ``refine``. ``text_cache``: a dict shared
     by segmenters of the same model (text embedded once).
     """
 

@@ -8,7 +8,7 @@ Two layouts:
   id of class *i* being 1 + its wnid's index among the sorted wnids (the ImageNet-S README).
   One sample per annotated image: the image's own class (its folder), its pixels as the
   region. An image whose mask has no pixel of its own class is left out and counted.
-- a **CLIP_benchmark-style wds set** (``aclip.data.evalsets``' classification layout) whose
+- a **CLIP_benchmark-style wds set** (``aclip.data.sets.wds``' classification layout) whose
   samples also hold a ``.mask.png`` (the region, the image's size; grey levels / 255, a palette
   image's non-zero indices as 1), as ``aclip.data.synthetic --n-eval-region`` writes it.
 
@@ -28,7 +28,8 @@ import webdataset as wds
 from PIL import Image
 
 from aclip.data.decode import open_image_file
-from aclip.data.evalsets import (
+from aclip.data.regions import MASK_MEMBER, _png_mask
+from aclip.data.sets.wds import (
     _image,
     _LabelReader,
     _members,
@@ -37,7 +38,6 @@ from aclip.data.evalsets import (
     first_sample,
     shard_paths,
 )
-from aclip.data.regions import MASK_MEMBER, _png_mask
 from aclip.data.tars import tarfile_to_samples
 
 IMAGENET_S_OTHER, IMAGENET_S_IGNORE = 0, 1000

@@ -37,8 +37,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from aclip.data import segclasses as names
 from aclip.data.decode import open_image_file
+from aclip.data.sets import segclasses as names
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -35,7 +35,7 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from aclip.data.views import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from aclip.evaluation import zero_shot_classifier
+from aclip.eval.evaluate import zero_shot_classifier
 from aclip.model import normalize_alpha
 from aclip.model.clip import CLIP
 
@@ -221,7 +221,7 @@ def region_on_wds(
 ) -> dict[str, float]:
     """The region rows on a wds region set, flat (``<row>/top1``, ``<row>/top5``, ``n``), for
     evaluation during training (``eval.region_sets``)."""
-    from aclip.data.regionsets import WdsRegionSet
+    from aclip.data.sets.regions import WdsRegionSet
 
     dataset = WdsRegionSet(root)
     rows = region_zeroshot(model, tokenizer, dataset, dataset.classnames, image_size,

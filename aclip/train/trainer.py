@@ -4,8 +4,9 @@ It knows no method. The method (:mod:`aclip.methods`) builds the student, its pe
 anything kept beside the student (an EMA teacher) and the loss of a step; the trainer builds the
 DeepSpeed engine around the student and runs the loop: batches from the data stream
 (:mod:`aclip.data.stream`), one optimizer step per batch with non-finite steps skipped on every
-rank alike (:mod:`aclip.numerics`), the method's after-step update, metrics and pictures,
-periodic evaluation, stop signals (:mod:`aclip.signals`) and checkpoints (:mod:`aclip.checkpoint`).
+rank alike (:mod:`aclip.train.numerics`), the method's after-step update, metrics and pictures,
+periodic evaluation, stop signals (:mod:`aclip.train.signals`) and checkpoints
+(:mod:`aclip.train.checkpoint`).
 """
 
 from __future__ import annotations
@@ -18,21 +19,21 @@ from typing import Any
 import torch
 
 from aclip import distributed as dist_utils
-from aclip.accumulation import micro_losses
-from aclip.checkpoint import Checkpointer, Counters, seed_everything, will_resume
 from aclip.config import Config, check_world_size, to_yaml
 from aclip.data.stream import TrainStream
 from aclip.distributed import DistInfo
+from aclip.interop.safe_load import trusting
 from aclip.methods import RunContext, build_method, shape_fields
-from aclip.metrics import TrainMetrics
 from aclip.model import build_clip
 from aclip.model.clip import LOGIT_SCALE_MAX
-from aclip.numerics import NonFiniteLoss, StepGuard, apply_step
-from aclip.optim import build_optimizer, build_scheduler, run_length
-from aclip.preflight import resolve_epoch_size
-from aclip.safe_load import trusting
-from aclip.signals import StopSignals
 from aclip.tokenizer import Tokenizer
+from aclip.train.accumulation import micro_losses
+from aclip.train.checkpoint import Checkpointer, Counters, seed_everything, will_resume
+from aclip.train.metrics import TrainMetrics
+from aclip.train.numerics import NonFiniteLoss, StepGuard, apply_step
+from aclip.train.optim import build_optimizer, build_scheduler, run_length
+from aclip.train.preflight import resolve_epoch_size
+from aclip.train.signals import StopSignals
 
 
 def _scalar_name(key: str) -> str:
@@ -305,8 +306,8 @@ class Trainer:
         results: dict[str, dict[str, float]] = {}
         clip = self.eval_clip()
         if self.dist.is_main:
-            from aclip.evaluation import evaluate_sets
-            from aclip.region import region_on_wds
+            from aclip.eval.evaluate import evaluate_sets
+            from aclip.eval.region import region_on_wds
 
             ev = self.cfg.eval
             results = evaluate_sets(
@@ -337,7 +338,8 @@ class Trainer:
         dist_utils.barrier()
 
     def save_checkpoint(self) -> Path:
-        """Save this step (see :class:`aclip.checkpoint.Checkpointer`); returns its directory."""
+        """Save this step (see :class:`aclip.train.checkpoint.Checkpointer`); returns its
+        directory."""
         return self.checkpointer.save(self.engine, self.counters, self.method, self.stream,
                                       to_yaml(self.cfg))  # fmt: skip
 

@@ -1,0 +1,5 @@
+"""``python -m aclip.interop``: describe the CLIP a weights file or folder holds."""
+
+from aclip.interop import main
+
+raise SystemExit(main())
