@@ -526,3 +526,36 @@ def test_registers_and_layer_scale_towers_run() -> None:
             out = DenseHead(clip, head)(x)
             assert out.emb_LBNE.shape[-2:] == (16, 32) and torch.isfinite(out.emb_LBNE).all()
     assert clip.visual.vit.num_prefix_tokens == 3
+
+
+def test_a_head_registered_from_a_new_file_runs_through_densehead() -> None:
+    """A head is one registered HeadSpec: a new one (here: key-key attention, GEM-like, no
+    residual) runs through DenseHead unchanged and equals its formula written out; a name taken
+    twice is refused and an unknown one lists the registered heads."""
+    from aclip.dense.heads import base, get_head, register_head
+    from aclip.dense.tower import softmax_affinity
+
+    spec = base.HeadSpec(
+        "test_kk",
+        pos_interp="clearclip",
+        attention=lambda attn, q, k: softmax_affinity(k, k, attn.scale),
+        residual=False,
+    )
+    register_head(spec)
+    try:
+        clip, x = small_clip(), images()
+        with torch.no_grad():
+            got = DenseHead(clip, "test_kk")(x).emb_LBNE[0]
+            h = input_of_last(clip, x)
+            blk = clip.visual.vit.blocks[-1]
+            _, k, v = qkv(blk, ln(h, blk.norm1))
+            out = out_proj(blk, softmax_rows(k @ k.transpose(-2, -1) * blk.attn.scale) @ v)
+            want = joint(clip, out)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="registered twice"):
+            register_head(spec)
+        assert get_head("test_kk") is spec
+    finally:
+        base._HEADS.pop("test_kk")
+    with pytest.raises(ValueError, match="vanilla, maskclip, sclip, clearclip, cliper"):
+        DenseHead(small_clip(), "test_kk")
