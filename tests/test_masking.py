@@ -1,11 +1,11 @@
-"""Relevance mapping and token selection (aclip/methods/masking.py)."""
+"""Relevance mapping and token selection (aclip/methods/tokens/base.py)."""
 
 import itertools
 
 import pytest
 import torch
 
-from aclip.methods.masking import (
+from aclip.methods.tokens.base import (
     TokenSelector,
     map_relevance_to_views,
     num_keep,

@@ -34,8 +34,8 @@ from aclip.data.views import model_input
 from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
 from aclip.methods.ema import EMATeacher, ema_momentum
 from aclip.methods.losses import aclip_loss
-from aclip.methods.masking import TokenSelector, map_relevance_to_views, num_keep
 from aclip.methods.registry import register
+from aclip.methods.tokens.base import TokenSelector, map_relevance_to_views, num_keep
 from aclip.methods.visualize import kept_tokens_grid
 from aclip.model import build_model
 

@@ -1,0 +1,1 @@
+"""Token strategies: which patch tokens of each online view the student encodes."""
