@@ -60,7 +60,7 @@ from aclip.eval.evaluate import (
     zero_shot_logits,
 )
 from aclip.interop.safe_load import add_trust_argument
-from aclip.methods.tokens.base import num_keep, random_keep, topk_keep
+from aclip.methods.tokens import num_keep, random_keep, topk_keep
 from aclip.model.clip import CLIP
 from aclip.model.vision import VisionTower
 from aclip.tokenizer import Tokenizer

@@ -16,7 +16,7 @@ from aclip.bench.__main__ import main
 from aclip.bench.step import StepOptions, bench_config, mode_flops, open_clip_model
 from aclip.methods.flops import step_flops
 from aclip.methods.losses import aclip_loss
-from aclip.methods.tokens.base import TokenSelector
+from aclip.methods.tokens import TokenSelector
 from aclip.model import build_model
 
 ATEN = torch.ops.aten

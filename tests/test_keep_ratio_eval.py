@@ -17,7 +17,7 @@ from aclip.data.sets.wds import load_wds_classification
 from aclip.data.synthetic import write_synthetic
 from aclip.data.views import eval_transform
 from aclip.eval.evaluate import zero_shot_on_wds
-from aclip.methods.tokens.base import num_keep
+from aclip.methods.tokens import num_keep
 from aclip.model import build_model
 from aclip.tokenizer import Tokenizer
 from aclip.train.checkpoint import MODEL_STATES, load_eval_model

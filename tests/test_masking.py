@@ -1,15 +1,21 @@
-"""Relevance mapping and token selection (aclip/methods/tokens/base.py)."""
+"""Relevance mapping and token selection (aclip/methods/tokens/)."""
 
+import importlib
 import itertools
+import sys
 
 import pytest
 import torch
 
-from aclip.methods.tokens.base import (
+from aclip.methods.tokens import (
+    STRATEGIES,
     TokenSelector,
+    TokenStrategy,
+    get_strategy,
     map_relevance_to_views,
     num_keep,
     random_keep,
+    register_strategy,
     topk_keep,
 )
 
@@ -214,3 +220,81 @@ def test_selector_attentive_equals_topk_and_random_is_seeded():
     a = rnd.select(None, 6, generator=torch.Generator().manual_seed(5))
     b = random_keep(6, 64, 32, (8, 8), generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.shape == (6, 32)
+
+
+# ----------------------------------------------------------------------------- strategy registry
+
+PLUGIN_FILE = '''
+import torch
+
+from aclip.methods.tokens.base import TokenStrategy, register_strategy
+
+
+@register_strategy
+class LeastRelevant(TokenStrategy):
+    """The k least relevant patches: a strategy living outside aclip/methods/tokens/."""
+
+    name = "test_least_relevant"
+    needs_relevance = True
+
+    def keep(self, relevance_BVN, batch, generator, device):
+        return (-relevance_BVN).topk(self.k, dim=1).indices.sort(dim=1).values
+'''
+
+
+@pytest.fixture
+def plugin_strategy(tmp_path, monkeypatch):
+    """A token strategy registered by importing a new file, unregistered afterwards."""
+    (tmp_path / "my_strategy.py").write_text(PLUGIN_FILE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_strategy", raising=False)
+    try:
+        yield importlib.import_module("my_strategy").LeastRelevant
+    finally:
+        STRATEGIES.pop("test_least_relevant", None)
+        sys.modules.pop("my_strategy", None)
+
+
+def test_strategy_from_a_new_file_is_usable_by_the_selector(plugin_strategy):
+    assert get_strategy("test_least_relevant") is plugin_strategy
+    sel = TokenSelector("test_least_relevant", 0.25, (4, 4))
+    assert sel.needs_relevance and sel.k == 4
+    relevance = torch.arange(32.0).reshape(2, 16)
+    relevance[1] = relevance[1].flip(0)
+    keep = sel.select(relevance, 2)
+    assert keep.tolist() == [[0, 1, 2, 3], [12, 13, 14, 15]]
+    with pytest.raises(ValueError, match="test_least_relevant token selection needs"):
+        sel.select(None, 2)
+    # keep ratio 1 keeps every token without asking the strategy
+    assert TokenSelector("test_least_relevant", 1.0, (4, 4)).select(None, 2) is None
+
+
+def test_unknown_strategy_lists_the_registered_ones(plugin_strategy):
+    with pytest.raises(ValueError, match="expected one of") as err:
+        TokenSelector("topk", 0.5, (4, 4))
+    message = str(err.value)
+    assert "'topk'" in message
+    for name in ("attentive", "none", "random", "test_least_relevant"):
+        assert name in message
+
+
+def test_register_strategy_refuses_a_taken_or_empty_name():
+    class Twin(TokenStrategy):
+        name = "random"
+
+    class Nameless(TokenStrategy):
+        pass
+
+    for cls in (Twin, Nameless):
+        with pytest.raises(ValueError, match="empty or taken"):
+            register_strategy(cls)
+    assert STRATEGIES["random"] is not Twin
+
+
+def test_builtin_strategies_flags_and_keep_all_indices():
+    assert {"none", "random", "attentive"} <= set(STRATEGIES)
+    assert get_strategy("none").keeps_every_token
+    assert get_strategy("attentive").needs_relevance
+    assert not get_strategy("random").needs_relevance
+    keep_all = get_strategy("none")(16, (4, 4), 1)
+    assert keep_all.keep(None, 2, None, None).tolist() == [list(range(16))] * 2

@@ -18,7 +18,7 @@ from aclip.data.views import ACLIPViews, image_tensor, resize_box, union_box
 from aclip.methods import get_method
 from aclip.methods.base import RunContext
 from aclip.methods.flops import config_step_flops, step_flops
-from aclip.methods.tokens.base import map_relevance_to_views
+from aclip.methods.tokens import map_relevance_to_views
 from aclip.model import build_model
 from aclip.model.vision import VisionTower
 

@@ -35,7 +35,7 @@ from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, View
 from aclip.methods.ema import EMATeacher, ema_momentum
 from aclip.methods.losses import aclip_loss
 from aclip.methods.registry import register
-from aclip.methods.tokens.base import TokenSelector, map_relevance_to_views, num_keep
+from aclip.methods.tokens import TokenSelector, map_relevance_to_views, num_keep
 from aclip.methods.visualize import kept_tokens_grid
 from aclip.model import build_model
 

@@ -18,7 +18,7 @@ from aclip.methods.aclip import mask_generator
 from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
 from aclip.methods.losses import multi_view_infonce
 from aclip.methods.registry import register
-from aclip.methods.tokens.base import TokenSelector, num_keep
+from aclip.methods.tokens import TokenSelector, num_keep
 from aclip.model import build_clip, build_student, caption_word_head
 
 

@@ -1,9 +1,12 @@
-"""Token selection for the online views: relevance mapping and keep strategies.
+"""What every token strategy shares: the strategy registry and the helpers of selection.
 
-A-CLIP (docs/design.md, steps 3-4): the EMA teacher yields a relevance score per patch of the EMA
-view; each online view's box is cropped out of that map and resampled onto the view's patch grid,
-and the top-k patches of each view are kept. ``random`` (FLIP) keeps a uniformly random subset
-instead and ``none`` keeps every token.
+A token strategy (``mask.strategy``) chooses which patch tokens of each online view the student
+encodes; each lives in its own file of this package (``none``, ``random`` = FLIP, ``attentive`` =
+A-CLIP) as a :class:`TokenStrategy` subclass decorated with :func:`register_strategy`, and
+:class:`~aclip.methods.tokens.selector.TokenSelector` picks one by name. This module holds the
+registry, the kept-token count (:func:`num_keep`), the mapping of the teacher's relevance onto the
+views (:func:`map_relevance_to_views`, A-CLIP step 3 in docs/design.md) and the grid / block
+helpers the strategies use.
 
 Patch indices are row-major over ``grid_hw``; every returned index tensor is sorted ascending so
 the kept tokens stay in raster order.
@@ -12,12 +15,11 @@ the kept tokens stay in raster order.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
-
-STRATEGIES = ("none", "random", "attentive")
 
 
 def num_keep(num_patches: int, keep_ratio: float) -> int:
@@ -65,7 +67,9 @@ def map_relevance_to_views(
     return out_K1hw.reshape(batch, views, out_hw[0] * out_hw[1])
 
 
-def _block_patch_offsets(grid_hw: tuple[int, int], block_size: int, device) -> Tensor:
+def block_patch_offsets(
+    grid_hw: tuple[int, int], block_size: int, device: torch.device | str | None
+) -> Tensor:
     """Patch indices of every block, Tensor[M, b*b] for M = (gh/b)*(gw/b) blocks (row-major)."""
     grid_h, grid_w = grid_hw
     b = block_size
@@ -79,7 +83,9 @@ def _block_patch_offsets(grid_hw: tuple[int, int], block_size: int, device) -> T
     return top_left_M[:, None] + inner_bb[None, :]
 
 
-def _check_grid(num_patches: int, grid_hw: tuple[int, int], k: int, block_size: int) -> None:
+def check_grid(num_patches: int, grid_hw: tuple[int, int], k: int, block_size: int) -> None:
+    """ValueError unless ``grid_hw`` has ``num_patches`` patches, 1 <= k <= num_patches and the
+    grid divides into ``block_size`` x ``block_size`` blocks."""
     grid_h, grid_w = grid_hw
     if grid_h * grid_w != num_patches:
         raise ValueError(f"grid {grid_hw} does not match {num_patches} patches")
@@ -89,7 +95,7 @@ def _check_grid(num_patches: int, grid_hw: tuple[int, int], k: int, block_size: 
         raise ValueError(f"grid {grid_hw} is not divisible by block_size={block_size}")
 
 
-def _keep_by_blocks(
+def keep_by_blocks(
     block_scores_BM: Tensor,
     patch_scores_BN: Tensor,
     k: int,
@@ -100,7 +106,7 @@ def _keep_by_blocks(
     b2 = block_size * block_size
     n_blocks = math.ceil(k / b2)
     top_blocks_BJ = block_scores_BM.topk(n_blocks, dim=1).indices
-    offsets_Mb = _block_patch_offsets(grid_hw, block_size, block_scores_BM.device)
+    offsets_Mb = block_patch_offsets(grid_hw, block_size, block_scores_BM.device)
     cand_BC = offsets_Mb[top_blocks_BJ].flatten(1)  # C = n_blocks * b^2 >= k
     if cand_BC.shape[1] > k:
         cand_scores_BC = patch_scores_BN.gather(1, cand_BC)
@@ -108,106 +114,57 @@ def _keep_by_blocks(
     return cand_BC.sort(dim=1).values
 
 
-def topk_keep(scores_BN: Tensor, k: int, grid_hw: tuple[int, int], block_size: int = 1) -> Tensor:
-    """Indices of the k highest-scoring patches per row, LongTensor[B, k] sorted ascending.
+class TokenStrategy:
+    """One way of choosing the kept patch tokens, built for one patch grid and keep count.
 
-    With ``block_size`` b > 1 the scores are averaged over non-overlapping b x b blocks, the top
-    ceil(k / b^2) blocks are kept and expanded to their patches, and if that gives more than k
-    patches the lowest-scoring of them are dropped.
-    """
-    batch, num_patches = scores_BN.shape
-    _check_grid(num_patches, grid_hw, k, block_size)
-    scores_BN = scores_BN.float()
-    if block_size == 1:
-        return scores_BN.topk(k, dim=1).indices.sort(dim=1).values
-    offsets_Mb = _block_patch_offsets(grid_hw, block_size, scores_BN.device)
-    block_scores_BM = scores_BN[:, offsets_Mb].mean(dim=2)
-    return _keep_by_blocks(block_scores_BM, scores_BN, k, grid_hw, block_size)
-
-
-def random_keep(
-    batch: int,
-    num_patches: int,
-    k: int,
-    grid_hw: tuple[int, int],
-    block_size: int = 1,
-    generator: torch.Generator | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Uniformly random k distinct patches per row (FLIP), LongTensor[batch, k] sorted ascending.
-
-    Random numbers are drawn on the generator's device (so a seeded CPU generator gives the same
-    indices whatever ``device`` is) and the result is moved to ``device``. With ``block_size`` > 1
-    whole random blocks are kept (then trimmed to k at random).
-    """
-    _check_grid(num_patches, grid_hw, k, block_size)
-    draw_device = generator.device if generator is not None else device
-    noise_BN = torch.rand(batch, num_patches, generator=generator, device=draw_device)
-    if block_size == 1:
-        keep_BK = noise_BN.topk(k, dim=1).indices.sort(dim=1).values
-    else:
-        n_blocks = num_patches // (block_size * block_size)
-        block_noise_BM = torch.rand(batch, n_blocks, generator=generator, device=draw_device)
-        keep_BK = _keep_by_blocks(block_noise_BM, noise_BN, k, grid_hw, block_size)
-    return keep_BK.to(device) if device is not None else keep_BK
-
-
-class TokenSelector:
-    """Chooses which patch tokens of each online view the student encodes.
-
-    ``strategy``: "none" (all tokens), "random" (FLIP) or "attentive" (A-CLIP, top-k relevance).
+    Adding a strategy: a new file in this package with a subclass that sets ``name`` (the
+    ``mask.strategy`` value), implements :meth:`keep` and is decorated with
+    :func:`register_strategy`, and its import in ``aclip/methods/tokens/__init__.py``.
+    ``keeps_every_token`` marks a strategy that never drops tokens (the selector then encodes all
+    of them without calling :meth:`keep`); ``needs_relevance`` one whose :meth:`keep` reads the
+    EMA teacher's relevance mapped onto the views.
     """
 
-    def __init__(
-        self,
-        strategy: str,
-        keep_ratio: float,
-        grid_hw: tuple[int, int],
-        block_size: int = 1,
-    ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"unknown token strategy {strategy!r}; expected one of {STRATEGIES}")
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-        self.strategy = strategy
-        self.keep_ratio = keep_ratio
-        self.grid_hw = (int(grid_hw[0]), int(grid_hw[1]))
+    name: ClassVar[str] = ""
+    keeps_every_token: ClassVar[bool] = False
+    needs_relevance: ClassVar[bool] = False
+
+    def __init__(self, k: int, grid_hw: tuple[int, int], block_size: int) -> None:
+        self.k = k
+        self.grid_hw = grid_hw
         self.block_size = block_size
-        self.num_patches = self.grid_hw[0] * self.grid_hw[1]
-        self.k = num_keep(self.num_patches, keep_ratio)
-        self.keeps_all = strategy == "none" or self.k == self.num_patches
-        if not self.keeps_all:
-            _check_grid(self.num_patches, self.grid_hw, self.k, block_size)
+        self.num_patches = grid_hw[0] * grid_hw[1]
 
-    @property
-    def needs_relevance(self) -> bool:
-        """True when ``select`` needs the teacher's relevance (attentive strategy, masking on)."""
-        return self.strategy == "attentive" and not self.keeps_all
-
-    def select(
+    def keep(
         self,
         relevance_BVN: Tensor | None,
         batch: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> Tensor | None:
-        """Kept patch indices, LongTensor[batch, k], or None to encode every token.
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
+    ) -> Tensor:
+        """Kept patch indices, LongTensor[batch, k] sorted ascending, on ``device`` (if given).
 
-        For "attentive", ``relevance_BVN`` is the relevance already mapped onto the view grid and
-        flattened over views ([B*V, N]); ``batch`` is its number of rows (B*V).
+        ``relevance_BVN`` ([batch, N], checked by the selector) is given to strategies that
+        need it and None otherwise; random draws come from ``generator``.
         """
-        if self.keeps_all:
-            return None
-        if self.strategy == "random":
-            return random_keep(
-                batch, self.num_patches, self.k, self.grid_hw, self.block_size, generator, device
-            )
-        if relevance_BVN is None:
-            raise ValueError("attentive token selection needs relevance_BVN")
-        if relevance_BVN.shape != (batch, self.num_patches):
-            raise ValueError(
-                f"relevance_BVN has shape {tuple(relevance_BVN.shape)}, "
-                f"expected ({batch}, {self.num_patches})"
-            )
-        keep_BK = topk_keep(relevance_BVN, self.k, self.grid_hw, self.block_size)
-        return keep_BK.to(device) if device is not None else keep_BK
+        raise NotImplementedError
+
+
+STRATEGIES: dict[str, type[TokenStrategy]] = {}
+
+
+def register_strategy(cls: type[TokenStrategy]) -> type[TokenStrategy]:
+    """Class decorator: make ``cls`` selectable as ``mask.strategy=<cls.name>``."""
+    if not cls.name or cls.name in STRATEGIES:
+        raise ValueError(f"token strategy name {cls.name!r} is empty or taken")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str) -> type[TokenStrategy]:
+    """The strategy class registered as ``name``; ValueError naming the registered ones."""
+    if name not in STRATEGIES:
+        raise ValueError(
+            f"unknown token strategy {name!r}; expected one of {', '.join(sorted(STRATEGIES))}"
+        )
+    return STRATEGIES[name]
