@@ -1,4 +1,4 @@
-# aclip — make demo | make demo-alpha | make test | make test-fast | make test-slurm | make bench | make lint | make install
+# aclip — make demo | make demo-alpha | make test | make test-fast | make test-slurm | make bench | make lint | make layers | make install
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO   ?= demo_out
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: install demo demo-dense demo-alpha test test-fast test-slurm lint clean
+.PHONY: install demo demo-dense demo-alpha test test-fast test-slurm lint layers clean
 
 install: $(STAMP)
 
@@ -76,6 +76,11 @@ test-slurm: install
 lint: install
 	$(PY) -m ruff check aclip evals tests train.py
 	$(PY) -m ruff format --check aclip evals tests train.py
+
+# the package graph, and a failure naming each broken house rule (layers, cycles, module sizes);
+# standard library only, so no install needed
+layers:
+	$(PYTHON) tools/layers.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
