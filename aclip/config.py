@@ -295,11 +295,6 @@ def validate(cfg: Config) -> None:
     """Refuse values that type checks cannot catch, naming the key."""
     checks = [
         (
-            cfg.mask.strategy in ("none", "random", "attentive"),
-            "mask.strategy",
-            f"must be one of none, random, attentive (got {cfg.mask.strategy!r})",
-        ),
-        (
             0.0 < cfg.mask.keep_ratio <= 1.0,
             "mask.keep_ratio",
             f"must be in (0, 1] (got {cfg.mask.keep_ratio})",

@@ -35,7 +35,6 @@ def test_defaults_then_yaml_then_overrides(tmp_path):
         ("model.image_size=big", "model.image_size"),
         ("mask.keep_ratio=0", "mask.keep_ratio"),
         ("mask.keep_ratio=1.01", "mask.keep_ratio"),
-        ("mask.strategy=magic", "mask.strategy"),
         ("train.zero_stage=3", "train.zero_stage"),
         ("model.init_temperature=0.005", "model.init_temperature"),
         ("model.text_token_drop=1.0", "model.text_token_drop"),

@@ -130,3 +130,16 @@ def test_the_byol_target_uses_the_ema_batchs_statistics(tmp_path, dist_info):
     again = trainer.method.teacher_pass(ema, boxes, step=0)[1]
     assert torch.equal(target, again)  # no dropout / drop-path in the teacher
     assert not teacher["visual"].training and norm.training and not norm.track_running_stats
+
+
+@pytest.mark.parametrize("method", ["aclip", "clip", "flip", "alpha_clip"])
+def test_an_unknown_token_strategy_is_refused_by_every_method(method):
+    """mask.strategy is checked against the token-strategy registry (aclip.methods.tokens), in
+    the methods layer, so that a strategy is one new file: a ConfigError naming the key and the
+    registered strategies, from every method's validate (as pre-flight and build_method call it)."""
+    from aclip.config import load_config
+
+    overrides = ["mask.strategy=magic"] + (["model.alpha_channel=true"] * (method == "alpha_clip"))
+    cfg = load_config(overrides=overrides)
+    with pytest.raises(ConfigError, match=r"'mask.strategy'.*attentive, none, random.*'magic'"):
+        get_method(method).validate(cfg)

@@ -35,7 +35,7 @@ from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, View
 from aclip.methods.ema import EMATeacher, ema_momentum
 from aclip.methods.losses import aclip_loss
 from aclip.methods.registry import register
-from aclip.methods.tokens import TokenSelector, map_relevance_to_views, num_keep
+from aclip.methods.tokens import TokenSelector, get_strategy, map_relevance_to_views, num_keep
 from aclip.methods.visualize import kept_tokens_grid
 from aclip.model import build_model
 
@@ -45,8 +45,9 @@ HEAD_SIZE_KEYS = ("simclr_hidden", "simclr_out", "byol_hidden", "byol_out")
 def runs_teacher(cfg: Config, num_patches: int) -> bool:
     """Whether A-CLIP keeps (and runs, every step) an EMA teacher: for attentive selection that
     drops tokens, for the BYOL target, or when ``eval.use_ema`` asks for one."""
-    selects = cfg.mask.strategy == "attentive" and num_keep(num_patches, cfg.mask.keep_ratio) < (
-        num_patches
+    selects = (
+        get_strategy(cfg.mask.strategy).needs_relevance
+        and num_keep(num_patches, cfg.mask.keep_ratio) < num_patches
     )
     return selects or cfg.loss.w_byol > 0 or cfg.eval.use_ema
 
@@ -228,6 +229,7 @@ class ACLIP(Method):
     @classmethod
     def validate(cls, cfg: Config) -> None:
         """SimCLR compares two views: it needs ``mask.num_views`` >= 2."""
+        super().validate(cfg)
         if cfg.loss.w_simclr > 0 and cfg.mask.num_views < 2:
             raise ConfigError("config key 'loss.w_simclr': SimCLR needs mask.num_views >= 2")
 

@@ -103,6 +103,7 @@ class AlphaCLIP(Method):
     @classmethod
     def validate(cls, cfg: Config) -> None:
         """Alpha-CLIP needs the alpha conv."""
+        super().validate(cfg)
         if not cfg.model.alpha_channel:
             raise ConfigError(
                 "config key 'model.alpha_channel': method=alpha_clip needs model.alpha_channel=true"

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from aclip.config import Config
+from aclip.config import Config, ConfigError
 from aclip.methods.losses import caption_word_losses
+from aclip.methods.tokens import STRATEGIES
 
 # ModelConfig keys that do not decide the shapes of the weights: free to change on resume
 RUNTIME_MODEL_KEYS = ("grad_checkpointing", "compile", "init_from", "init_from_name")
@@ -153,7 +154,14 @@ class Method:
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
-        """Refuse (ConfigError, naming the key) settings this method cannot run."""
+        """Refuse (ConfigError, naming the key) settings this method cannot run: here, a
+        ``mask.strategy`` no token-strategy file registers (the check lives with the registry,
+        above the config, so a new strategy is one new file)."""
+        if cfg.mask.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"config key 'mask.strategy': must be one of {', '.join(sorted(STRATEGIES))} "
+                f"(got {cfg.mask.strategy!r})"
+            )
 
     @classmethod
     def shape_fields(cls, cfg: Config) -> dict[str, Any]:
