@@ -358,7 +358,7 @@ def test_synthetic_segmentation_set(tmp_path) -> None:
 
 
 def test_synthetic_cli_seg_only_leaves_other_parts_alone(tmp_path) -> None:
-    from aclip.data.synthetic import main
+    from aclip.data.synthetic.__main__ import main
 
     main(["--out", str(tmp_path), "--n-eval-seg", "3", "--seg-only", "--image-size", "32"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval_seg"]

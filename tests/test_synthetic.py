@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aclip.data import synthetic
-from aclip.data.synthetic import COLOURS, SHAPES, make_sample, write_synthetic
+from aclip.data.synthetic import COLOURS, SHAPES, make_sample, scenes, write_synthetic
+from aclip.data.synthetic.__main__ import main
 
 
 def _members(path):
@@ -123,7 +123,7 @@ def test_cls_sample_single_object_and_background_is_muted():
 def test_shapes_are_distinct_outlines():
     areas = {}
     for shape in SHAPES:
-        pts = synthetic._unit_outline(shape)
+        pts = scenes._unit_outline(shape)
         x, y = pts[:, 0], pts[:, 1]
         areas[shape] = 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
         assert np.abs(pts).max() <= 1.0 + 1e-6
@@ -133,7 +133,7 @@ def test_shapes_are_distinct_outlines():
 
 
 def test_cli(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--n-train", "3", "--n-eval-cls", "2",
+    main(["--out", str(tmp_path), "--n-train", "3", "--n-eval-cls", "2",
                     "--n-eval-ret", "2", "--image-size", "32", "--workers", "1"])  # fmt: skip
     assert (tmp_path / "train" / "00000.tar").exists()
     assert "wrote" in capsys.readouterr().out
@@ -144,7 +144,7 @@ def test_object_radius_option(tmp_path) -> None:
     leaves the demo's bytes as they were; a range outside (0, 0.5] is refused."""
     import numpy as np
 
-    from aclip.data.synthetic import _place
+    from aclip.data.synthetic.scenes import _place
 
     placed = _place(np.random.default_rng(0), 100, 3, (0.2, 0.25))
     assert all(20 <= r <= 25 for _, _, r in placed)
