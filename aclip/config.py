@@ -1,6 +1,8 @@
 """Typed run configuration: one dataclass per component.
 
 Layers merge as defaults < YAML file < dotted command-line overrides (``model.image_size=64``).
+A YAML file may name another as its ``base:`` (a path relative to the file) and give only its
+differences; the base's own base is read first, and so on (defaults < base chain < file).
 OmegaConf structured configs give the type checks: an unknown key or a value of the wrong type is
 refused, naming the key, before any heavy work starts.
 """
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -221,17 +223,19 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Merge defaults < YAML ``path`` < dotted ``overrides`` and validate the result.
+    """Merge defaults < ``path``'s ``base:`` chain < YAML ``path`` < dotted ``overrides`` and
+    validate the result.
 
     Raises:
-        ConfigError: on an unknown key, a wrong type, a missing file or an invalid value.
+        ConfigError: on an unknown key, a wrong type, a missing file, a base that is missing or
+            makes a cycle, or an invalid value.
     """
     layers = [OmegaConf.structured(Config)]
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        layers.append(_refuse_removed_keys(OmegaConf.load(path), str(path)))
+        layers.extend(_file_layers(path))
     if overrides:
         _check_override_syntax(overrides)
         layers.append(_refuse_removed_keys(OmegaConf.from_dotlist(list(overrides)), "overrides"))
@@ -242,6 +246,40 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_describe(err)) from None
     validate(cfg)
     return cfg
+
+
+BASE_KEY = "base"  # a config file's parent: ``base: demo.yaml`` (relative to the file)
+
+
+def _file_layers(path: Path) -> list[Any]:
+    """The YAML layers of config file ``path``: its ``base:`` chain, the farthest base first and
+    ``path`` last, each without its ``base`` key. A missing base or a cycle is a ConfigError
+    naming the file that names the base and the base."""
+    layers: list[Any] = []
+    seen: list[Path] = []
+    current: Path | None = path
+    while current is not None:
+        seen.append(current.resolve())
+        layer = _refuse_removed_keys(OmegaConf.load(current), str(current))
+        base = layer.pop(BASE_KEY, None) if isinstance(layer, DictConfig) else None
+        layers.insert(0, layer)
+        current = None if base is None else _base_path(current, base, seen)
+    return layers
+
+
+def _base_path(child: Path, base: Any, seen: list[Path]) -> Path:
+    """The file ``child``'s ``base:`` names, checked: a path string, an existing file, not
+    already in the chain."""
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"config file {child}: '{BASE_KEY}' must name a YAML file (got {base!r})")
+    path = child.parent / base
+    if not path.is_file():
+        raise ConfigError(f"config file {child}: its base {path} is not found")
+    if path.resolve() in seen:
+        raise ConfigError(
+            f"config file {child}: its base {path} is already in the chain it starts (a cycle)"
+        )
+    return path
 
 
 # keys of earlier versions: what to use instead (a user's config naming one is refused)
@@ -373,8 +411,6 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {why}")
     _check_param_groups(cfg.optim.param_groups)
-    if cfg.data.weights is not None:
-        _check_weights(cfg.data.weights, cfg.data.train_shards)
 
 
 def _alpha_checks(alpha: AlphaConfig) -> list[tuple[bool, str, str]]:
@@ -395,21 +431,6 @@ def _check_param_groups(rules: list[ParamGroupConfig]) -> None:
             raise ConfigError(f"config key '{key}.lr_scale': must be >= 0 (got {rule.lr_scale})")
         if rule.weight_decay is not None and rule.weight_decay < 0:
             raise ConfigError(f"config key '{key}.weight_decay': must be >= 0")
-
-
-def _check_weights(weights: list[float], spec: str) -> None:
-    """One weight per source of the spec (counted as the loader counts them)."""
-    from aclip.data.shards import source_count
-
-    try:
-        sources = source_count(spec)
-    except ValueError as err:
-        raise ConfigError(f"config key 'data.weights': {err}") from None
-    if len(weights) != sources:
-        raise ConfigError(
-            f"config key 'data.weights': {len(weights)} weights for {sources} '::'-joined "
-            f"source(s) of data.train_shards"
-        )
 
 
 def check_world_size(cfg: Config, world_size: int) -> int:

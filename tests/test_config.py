@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from aclip.config import (
+    Config,
     ConfigError,
     check_world_size,
     config_from_yaml,
@@ -60,10 +62,82 @@ def test_global_batch_must_divide_over_ranks():
         check_world_size(cfg, 4)
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "yfcc15m_vit_b16.yaml"])
+def _run_configs() -> list[str]:
+    """configs/*.yaml that are run configs (every top-level key a Config section or ``base``;
+    the recipe study's variants file is not one)."""
+    import yaml
+
+    sections = {f.name for f in dataclasses.fields(Config)} | {"base"}
+    return sorted(
+        p.name for p in CONFIGS.glob("*.yaml") if set(yaml.safe_load(p.read_text())) <= sections
+    )
+
+
+def test_every_shipped_run_config_is_found():
+    shipped = {"alpha_clip_vit_b16.yaml", "demo.yaml", "demo_alpha.yaml", "yfcc15m_vit_b16.yaml"}
+    shipped |= {"finetune_aclip_vit_b16.yaml", "recipe_study_base.yaml"}
+    assert shipped <= set(_run_configs())
+
+
+@pytest.mark.parametrize("name", _run_configs())
 def test_shipped_configs_load_and_round_trip(name):
     cfg = load_config(CONFIGS / name)
     assert config_from_yaml(to_yaml(cfg)) == cfg
+
+
+def test_a_config_file_inherits_its_base_chain(tmp_path):
+    (tmp_path / "root.yaml").write_text("mask:\n  keep_ratio: 0.25\ntrain:\n  seed: 3\n")
+    (tmp_path / "mid.yaml").write_text("base: root.yaml\ntrain:\n  seed: 4\n  log_every: 7\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../mid.yaml  # relative to this file\ntrain:\n  log_every: 9\n")
+    cfg = load_config(child, ["mask.num_views=3"])
+    assert cfg.mask.keep_ratio == 0.25  # from the chain's root
+    assert cfg.train.seed == 4  # the middle file overrides the root
+    assert cfg.train.log_every == 9  # the file overrides its base
+    assert cfg.mask.num_views == 3  # overrides beat every file
+    assert cfg.loss.w_byol == 2.0  # defaults under all of them
+    saved = to_yaml(cfg)
+    assert "base:" not in saved and config_from_yaml(saved) == cfg
+
+
+def test_a_base_that_is_missing_or_makes_a_cycle_is_refused_naming_both_files(tmp_path):
+    a, b, c = (tmp_path / f"{n}.yaml" for n in "abc")
+    a.write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: its base .*nope\.yaml is not found"):
+        load_config(a)
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: c.yaml\n")
+    c.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: its base .*a\.yaml is already in the chain"):
+        load_config(a)
+    a.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: its base .*a\.yaml .*cycle"):
+        load_config(a)
+    a.write_text("base: [b.yaml]\n")
+    with pytest.raises(ConfigError, match=r"a\.yaml: 'base' must name a YAML file"):
+        load_config(a)
+
+
+def test_a_removed_key_in_a_base_is_refused_naming_the_base(tmp_path):
+    (tmp_path / "old.yaml").write_text("train:\n  max_steps: 5\n")
+    (tmp_path / "new.yaml").write_text("base: old.yaml\n")
+    with pytest.raises(ConfigError, match=r"train\.max_steps' \(.*old\.yaml\) was removed"):
+        load_config(tmp_path / "new.yaml")
+
+
+def test_data_weights_are_checked_by_the_preflight_with_the_same_message(tmp_path):
+    """aclip.config (a foundation) imports no aclip.data: the weights-per-source check is
+    preflight's, and train.py runs it before anything else it checks."""
+    from aclip.train.preflight import check_paths
+
+    spec = f"{tmp_path}/a/{{0..1}}.tar::{tmp_path}/b/0.tar"
+    cfg = load_config(None, [f"data.train_shards={spec}", "data.weights=[1.0]"])
+    with pytest.raises(ConfigError, match=r"'data.weights': 1 weights for 2 '::'-joined source"):
+        check_paths(cfg)
+    cfg = load_config(None, ["data.train_shards='::'", "data.weights=[1.0]"])
+    with pytest.raises(ConfigError, match=r"'data.weights': the data spec '::' names no shard"):
+        check_paths(cfg)
 
 
 def test_yfcc_config_holds_the_paper_recipe():

@@ -13,12 +13,15 @@ from aclip.config import Config, ConfigError
 
 
 def check_paths(cfg: Config) -> None:
-    """Raise with a message naming the problem when the method's settings cannot run, an input is
-    missing or of the wrong kind, the epoch size is unknown or the output unwritable."""
+    """Raise with a message naming the problem when data.weights do not match the sources, the
+    method's settings cannot run, an input is missing or of the wrong kind, the epoch size is
+    unknown or the output unwritable."""
     from aclip.data.shards import expand_urls
     from aclip.methods import get_method
     from aclip.train.checkpoint import will_resume
 
+    if cfg.data.weights is not None:
+        _check_weights(cfg.data.weights, cfg.data.train_shards)
     get_method(cfg.method).validate(cfg)
     _check_image_size(cfg)
     pretrained = cfg.model.init_from.removeprefix("local-dir:")
@@ -40,6 +43,21 @@ def check_paths(cfg: Config) -> None:
     resolve_epoch_size(cfg)
     _check_eval_sets(cfg)
     _check_writable(Path(cfg.train.output_dir))
+
+
+def _check_weights(weights: list[float], spec: str) -> None:
+    """One weight per source of the spec (counted as the loader counts them)."""
+    from aclip.data.shards import source_count
+
+    try:
+        sources = source_count(spec)
+    except ValueError as err:
+        raise ConfigError(f"config key 'data.weights': {err}") from None
+    if len(weights) != sources:
+        raise ConfigError(
+            f"config key 'data.weights': {len(weights)} weights for {sources} '::'-joined "
+            f"source(s) of data.train_shards"
+        )
 
 
 def _check_image_size(cfg: Config) -> None:
