@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from aclip.config import ModelConfig
 from aclip.dense.heads import HEADS, DenseHead, DenseOutput, embed_tokens, fuse_attention
-from aclip.dense.segment import (
-    SegSettings,
+from aclip.dense.protocols import (
     cam_labels,
     cliper_maps,
     cliper_slide,
@@ -28,6 +27,7 @@ from aclip.dense.segment import (
     window_boxes,
     window_logits,
 )
+from aclip.dense.settings import SegSettings
 from aclip.interop import build_clip
 
 ATOL = 1e-5
@@ -256,7 +256,8 @@ def test_ignore_residual_is_clearclips_comparison_row(head) -> None:
 
 
 def test_ignore_residual_setting_reaches_the_head() -> None:
-    from aclip.dense.segment import Segmenter, load_settings
+    from aclip.dense.segment import Segmenter
+    from aclip.dense.settings import load_settings
     from aclip.tokenizer import Tokenizer
 
     s = load_settings(None, "maskclip", {"ignore_residual": True})
@@ -421,7 +422,8 @@ def test_each_head_resamples_the_position_embedding_as_its_official_code() -> No
 
 
 def test_pos_interp_setting_reaches_the_head() -> None:
-    from aclip.dense.segment import Segmenter, load_settings
+    from aclip.dense.segment import Segmenter
+    from aclip.dense.settings import load_settings
     from aclip.tokenizer import Tokenizer
 
     def head_of(settings):

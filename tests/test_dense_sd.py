@@ -131,7 +131,8 @@ def test_a_saved_folder_loads_back(tmp_path) -> None:
 
 
 def test_segmenter_with_the_refinement() -> None:
-    from aclip.dense.segment import Segmenter, SegSettings
+    from aclip.dense.segment import Segmenter
+    from aclip.dense.settings import SegSettings
     from aclip.tokenizer import Tokenizer
     from tests.test_dense import small_clip
 

@@ -98,7 +98,7 @@ def test_wheel_holds_the_segmentation_class_lists(installed, tmp_path):
         assert f"aclip/data/sets/classnames/{name}" in names
     code = (
         "from aclip.data.sets.segmentation import SETS; "
-        "from aclip.dense.segment import resolve_classnames; "
+        "from aclip.dense.settings import resolve_classnames; "
         "print(len(SETS['ade20k'].classnames), "
         "resolve_classnames('cliper', 'voc21', SETS['voc21'].classnames, 0)[15][0])"
     )

@@ -22,15 +22,13 @@ from aclip.data.sets import segclasses
 from aclip.data.sets.segmentation import DATASETS, SETS, SegmentationSet, reduce_zero_label
 from aclip.data.synthetic import COLOURS, seg_classnames, write_segmentation_set
 from aclip.dense.heads import HEADS
-from aclip.dense.segment import (
+from aclip.dense.metric import SegMetric
+from aclip.dense.protocols import clip_labels, mmseg_size, patch_rounded_size
+from aclip.dense.settings import (
     Queries,
-    SegMetric,
     SegSettings,
     class_max,
-    clip_labels,
     load_settings,
-    mmseg_size,
-    patch_rounded_size,
     resolve_classnames,
 )
 from aclip.model import build_model

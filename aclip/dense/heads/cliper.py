@@ -4,7 +4,7 @@ last are summed and normalised (:func:`fuse_attention`); every layer's embedding
 input ``norm1_i(x_i)`` of block i < L, and the raw input of the last block) goes through the last
 block's ``norm1``, value projection, the fused attention and the out projection (no residual, no
 FFN). The returned per-layer embeddings and the fused affinity feed CLIPer's map combination in
-``aclip.dense.segment``. Position embedding: bilinear to the size
+``aclip.dense.protocols``. Position embedding: bilinear to the size
 (``modified_clip/model.py:165-174``).
 """
 
