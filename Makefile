@@ -60,12 +60,14 @@ demo-alpha: install
 		--no-progress --json $(DEMO)/region_alpha.json
 
 test: install
-	$(PY) -m ruff check aclip evals tests train.py
+	$(PY) -m ruff check aclip evals tests train.py tools
+	$(PY) tools/layers.py
 	$(PY) -m pytest -q -m "not slurm"
 
 # the inner loop: no multi-process or other slow tests (marker slow), under ~2 minutes
 test-fast: install
-	$(PY) -m ruff check aclip evals tests train.py
+	$(PY) -m ruff check aclip evals tests train.py tools
+	$(PY) tools/layers.py
 	$(PY) -m pytest -q -m "not slurm and not slow"
 
 # the real-SLURM tests: needs root on Debian (installs and starts slurm-wlm + munge if missing)
@@ -74,8 +76,9 @@ test-slurm: install
 	ACLIP_REQUIRE_SLURM=1 $(PY) -m pytest -q -m slurm tests/test_slurm.py
 
 lint: install
-	$(PY) -m ruff check aclip evals tests train.py
-	$(PY) -m ruff format --check aclip evals tests train.py
+	$(PY) -m ruff check aclip evals tests train.py tools
+	$(PY) tools/layers.py
+	$(PY) -m ruff format --check aclip evals tests train.py tools
 
 # the package graph, and a failure naming each broken house rule (layers, cycles, module sizes);
 # standard library only, so no install needed
