@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from aclip.interop.run import has_ema_teacher
 from aclip.interop.safe_load import add_trust_argument
-from aclip.train.checkpoint import has_ema_teacher
 from evals.retrieval import retrieval
 from evals.zeroshot import zeroshot
 

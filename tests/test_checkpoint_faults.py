@@ -18,7 +18,9 @@ import train
 from aclip.config import ConfigError
 from aclip.data.synthetic import write_synthetic
 from aclip.distributed import single_process_env
+from aclip.interop import run as run_reader
 from aclip.train import checkpoint as ckpt
+from aclip.train import checkpoint_files as ckpt_files
 from aclip.train.runlock import LOCK_FILE, OutputDirBusy, lock_output_dir, release_output_dir
 from aclip.train.trainer import Trainer
 
@@ -62,7 +64,7 @@ def run_copy(saved_run, tmp_path) -> Path:
 
 def _flip_a_byte(tag_dir: Path) -> None:
     """Damage the model states: same size, one byte flipped (fails the CRC32 only)."""
-    states = tag_dir / ckpt.MODEL_STATES
+    states = tag_dir / run_reader.MODEL_STATES
     data = bytearray(states.read_bytes())
     data[len(data) // 2] ^= 0xFF
     states.write_bytes(bytes(data))
@@ -80,7 +82,7 @@ def _train_args(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 # ------------------------------------------------------------- manifests of the wrong shape
-_STATES = ckpt.MODEL_STATES
+_STATES = run_reader.MODEL_STATES
 BAD_MANIFESTS = {
     "list": [],
     "null": None,
@@ -105,18 +107,18 @@ def test_a_manifest_of_the_wrong_shape_is_a_problem_and_passed_over(run_copy, ma
     ``null``, an entry without ``size``) or pass (``{"files": {}}``: nothing to check); now it
     is a problem like any damage, and the previous checkpoint is chosen."""
     ckpt_dir = run_copy / "checkpoints"
-    (ckpt_dir / STEP4 / ckpt.MANIFEST).write_text(json.dumps(manifest))
-    problem = ckpt.verify_checkpoint(ckpt_dir / STEP4)
+    (ckpt_dir / STEP4 / ckpt_files.MANIFEST).write_text(json.dumps(manifest))
+    problem = ckpt_files.verify_checkpoint(ckpt_dir / STEP4)
     assert problem and "manifest" in problem
     warnings: list[str] = []
-    assert ckpt.choose_checkpoint(ckpt_dir, warnings.append) == STEP2
+    assert ckpt_files.choose_checkpoint(ckpt_dir, warnings.append) == STEP2
     assert STEP4 in warnings[0]
 
 
 def test_the_manifest_commit_writes_has_the_checked_shape(saved_run):
-    manifest = json.loads((saved_run / "checkpoints" / STEP4 / ckpt.MANIFEST).read_text())
-    assert ckpt.manifest_problem(manifest) is None
-    assert ckpt.verify_checkpoint(saved_run / "checkpoints" / STEP4) is None
+    manifest = json.loads((saved_run / "checkpoints" / STEP4 / ckpt_files.MANIFEST).read_text())
+    assert ckpt_files.manifest_problem(manifest) is None
+    assert ckpt_files.verify_checkpoint(saved_run / "checkpoints" / STEP4) is None
 
 
 # ------------------------------------------------------------- every checkpoint damaged
@@ -156,9 +158,9 @@ def test_pruning_keeps_a_good_checkpoint_rather_than_a_damaged_newer_one(run_cop
     leaving only the damaged one)."""
     ckpt_dir = run_copy / "checkpoints"
     _flip_a_byte(ckpt_dir / STEP4)
-    assert ckpt.prune_checkpoints(ckpt_dir, keep=1) == []
-    assert ckpt.checkpoint_tags(ckpt_dir) == [STEP4, STEP2]
-    assert ckpt.verify_checkpoint(ckpt_dir / STEP2) is None
+    assert ckpt_files.prune_checkpoints(ckpt_dir, keep=1) == []
+    assert ckpt_files.checkpoint_tags(ckpt_dir) == [STEP4, STEP2]
+    assert ckpt_files.verify_checkpoint(ckpt_dir / STEP2) is None
     out = capsys.readouterr().out
     assert "damaged" in out and STEP4 in out
 
@@ -172,27 +174,32 @@ def test_a_save_next_to_a_damaged_checkpoint_keeps_the_good_ones(run_copy, dist_
     trainer = Trainer(tiny_config(str(run_copy), **{"train.keep_checkpoints": 2}), dist_info)
     assert trainer.resume("latest") and trainer.step == 2
     _save_at(trainer, [3])
-    assert ckpt.checkpoint_tags(ckpt_dir) == [STEP4, "step_00000003", STEP2]
+    assert ckpt_files.checkpoint_tags(ckpt_dir) == [STEP4, "step_00000003", STEP2]
     _save_at(trainer, [4, 5])  # step 4 rewritten whole; 5 and 4 kept
     trainer.close()
-    assert ckpt.checkpoint_tags(ckpt_dir) == ["step_00000005", STEP4]
-    assert all(ckpt.verify_checkpoint(ckpt_dir / t) is None for t in ckpt.checkpoint_tags(ckpt_dir))
+    assert ckpt_files.checkpoint_tags(ckpt_dir) == ["step_00000005", STEP4]
+    assert all(
+        ckpt_files.verify_checkpoint(ckpt_dir / t) is None
+        for t in ckpt_files.checkpoint_tags(ckpt_dir)
+    )
 
 
 def test_pruning_reads_a_checkpoint_once(run_copy, monkeypatch):
     """The CRC32s of a checkpoint are read once per process (a save prunes every time)."""
     ckpt_dir = run_copy / "checkpoints"
     reads: list[Path] = []
-    digest = ckpt._file_digest
-    monkeypatch.setattr(ckpt, "_file_digest", lambda p, sync=False: reads.append(p) or digest(p))
-    ckpt.prune_checkpoints(ckpt_dir, keep=2)
+    digest = ckpt_files._file_digest
+    monkeypatch.setattr(
+        ckpt_files, "_file_digest", lambda p, sync=False: reads.append(p) or digest(p)
+    )
+    ckpt_files.prune_checkpoints(ckpt_dir, keep=2)
     assert reads  # the copies are new to this process: read once
     reads.clear()
-    ckpt.prune_checkpoints(ckpt_dir, keep=2)
+    ckpt_files.prune_checkpoints(ckpt_dir, keep=2)
     assert reads == []
     _flip_a_byte(ckpt_dir / STEP2)  # a file rewritten since is read again
-    assert ckpt.prune_checkpoints(ckpt_dir, keep=2, log=lambda _: None) == []
-    assert {p.parent.name for p in reads} == {STEP2} and reads[-1].name == ckpt.MODEL_STATES
+    assert ckpt_files.prune_checkpoints(ckpt_dir, keep=2, log=lambda _: None) == []
+    assert {p.parent.name for p in reads} == {STEP2} and reads[-1].name == run_reader.MODEL_STATES
 
 
 # ------------------------------------------------------------- a full disk
@@ -217,7 +224,7 @@ def _fill_model_states(trainer: Trainer, monkeypatch) -> None:
     save = engine.save
 
     def full_then_save(state_dict, path):
-        if Path(path).name == ckpt.MODEL_STATES:
+        if Path(path).name == run_reader.MODEL_STATES:
             Path(path).symlink_to("/dev/full")
         return save(state_dict, path)
 
@@ -248,9 +255,9 @@ def test_a_full_disk_mid_save_says_so_and_leaves_the_previous_checkpoint(
     assert isinstance(err.value, ckpt.CheckpointSaveError)
     assert f"{ckpt_dir / 'step_00000003'}" in str(err.value)
     assert "latest still names step_00000002" in str(err.value)
-    assert ckpt.checkpoint_tags(ckpt_dir) == [STEP2]  # step 3's directory is gone
+    assert ckpt_files.checkpoint_tags(ckpt_dir) == [STEP2]  # step 3's directory is gone
     assert (ckpt_dir / "latest").read_text() == STEP2
-    assert ckpt.choose_checkpoint(ckpt_dir) == STEP2
+    assert ckpt_files.choose_checkpoint(ckpt_dir) == STEP2
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
@@ -356,7 +363,7 @@ def test_train_resume_naming_a_damaged_or_wrong_directory_exits_2(run_copy, shar
     tag_dir = run_copy / "checkpoints" / STEP4
     assert train.main(_train_args(shards, run_copy, f"train.resume={tag_dir}")) == 2
     err = capsys.readouterr().err
-    assert f"checkpoint {tag_dir} is not usable: {ckpt.MODEL_STATES} fails its CRC32" in err
+    assert f"checkpoint {tag_dir} is not usable: {run_reader.MODEL_STATES} fails its CRC32" in err
 
     assert train.main(_train_args(shards, run_copy, f"train.resume={run_copy}")) == 2
     err = capsys.readouterr().err
@@ -407,5 +414,5 @@ def test_a_full_disk_on_one_rank_stops_every_rank_and_removes_the_save(tmp_path)
     assert "no space left on device" in (tmp_path / "rank1.err").read_text()
     assert "another rank failed" in (tmp_path / "rank0.err").read_text()
     ckpt_dir = tmp_path / "checkpoints"
-    assert ckpt.checkpoint_tags(ckpt_dir) == ["step_00000001"]
+    assert ckpt_files.checkpoint_tags(ckpt_dir) == ["step_00000001"]
     assert (ckpt_dir / "latest").read_text() == "step_00000001"

@@ -10,7 +10,7 @@ import torch
 from helpers import save_untrained_run
 
 from aclip.data.synthetic import write_synthetic
-from aclip.train.checkpoint import has_ema_teacher
+from aclip.interop.run import has_ema_teacher
 from evals import demo_report
 
 

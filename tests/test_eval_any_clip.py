@@ -25,8 +25,8 @@ from aclip.data.synthetic import write_synthetic
 from aclip.eval.evaluate import classification_metrics, zero_shot_classifier
 from aclip.interop import export as export_cli
 from aclip.interop import load_clip
+from aclip.interop.run import load_eval_model
 from aclip.tokenizer import Tokenizer
-from aclip.train.checkpoint import load_eval_model
 from evals import keep_ratio as keep_cli
 from evals import retrieval as ret_cli
 from evals import zeroshot as zs_cli

@@ -16,9 +16,9 @@ from aclip.config import load_config, to_yaml
 from aclip.data.synthetic import write_synthetic
 from aclip.interop import export as export_cli
 from aclip.interop import load_clip
+from aclip.interop.run import MODEL_STATES, load_eval_model
 from aclip.model import build_model
 from aclip.tokenizer import Tokenizer
-from aclip.train.checkpoint import MODEL_STATES, load_eval_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402

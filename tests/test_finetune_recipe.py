@@ -22,8 +22,8 @@ from open_clip.model import CLIP as OpenClipCLIP
 from aclip import interop
 from aclip.config import load_config
 from aclip.data.synthetic import write_synthetic
+from aclip.interop.run import load_eval_model
 from aclip.model import build_model
-from aclip.train.checkpoint import load_eval_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402

@@ -22,7 +22,7 @@ from aclip import interop
 from aclip.config import load_config
 from aclip.data.synthetic import write_synthetic
 from aclip.data.views import model_input
-from aclip.train.checkpoint import load_eval_model
+from aclip.interop.run import load_eval_model
 from aclip.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -16,7 +16,8 @@ import torch
 from helpers import TINY_MODEL_ARGS, tiny_config
 
 from aclip.data.synthetic import write_synthetic
-from aclip.train import checkpoint as ckpt
+from aclip.interop import run as run_reader
+from aclip.train import checkpoint_files as ckpt_files
 from aclip.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,7 +113,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_the_previous_one(tmp_path, dist
     _save_at(first, [2])
     at_two = _weights(first)
     _save_at(first, [4])
-    states = tmp_path / "checkpoints" / "step_00000004" / ckpt.MODEL_STATES
+    states = tmp_path / "checkpoints" / "step_00000004" / run_reader.MODEL_STATES
     data = bytearray(states.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, fails the CRC
     states.write_bytes(bytes(data))
@@ -129,18 +130,19 @@ def test_a_save_that_never_finished_is_invisible_and_cleaned_up(tmp_path, dist_i
     trainer = Trainer(cfg, dist_info)
     _save_at(trainer, [1, 2, 3])
     ckpt_dir = tmp_path / "checkpoints"
-    (ckpt_dir / "step_00000003" / ckpt.MANIFEST).unlink()  # as if killed before the commit
+    (ckpt_dir / "step_00000003" / ckpt_files.MANIFEST).unlink()  # as if killed before the commit
     (ckpt_dir / "latest").write_text("step_00000002")
-    assert ckpt.choose_checkpoint(ckpt_dir) == "step_00000002"
-    assert [t for t in ckpt.checkpoint_tags(ckpt_dir)] == ["step_00000003", "step_00000002"]
+    assert ckpt_files.choose_checkpoint(ckpt_dir) == "step_00000002"
+    assert [t for t in ckpt_files.checkpoint_tags(ckpt_dir)] == ["step_00000003", "step_00000002"]
 
     again = Trainer(cfg, dist_info)
     assert again.resume("latest") and again.step == 2
     _save_at(again, [4], batch_seed=50)
     # the unfinished step 3 is gone; two whole checkpoints kept
-    assert ckpt.checkpoint_tags(ckpt_dir) == ["step_00000004", "step_00000002"]
+    assert ckpt_files.checkpoint_tags(ckpt_dir) == ["step_00000004", "step_00000002"]
     assert all(
-        ckpt.verify_checkpoint(ckpt_dir / t) is None for t in ("step_00000004", "step_00000002")
+        ckpt_files.verify_checkpoint(ckpt_dir / t) is None
+        for t in ("step_00000004", "step_00000002")
     )
 
 
@@ -237,14 +239,14 @@ def test_kill_9_then_the_next_start_resumes_from_the_last_whole_checkpoint(
     assert (ckpt_dir / "latest").read_text() == "step_00000003"
     if moment == "mid-save":
         assert (ckpt_dir / "step_00000006").is_dir()
-        assert not (ckpt_dir / "step_00000006" / ckpt.MANIFEST).exists()
+        assert not (ckpt_dir / "step_00000006" / ckpt_files.MANIFEST).exists()
 
     text = _finish(shards, out, log)
     assert "resumed at step 3" in text
     assert json.loads((out / "results.json").read_text())["step"] == 14
     assert (ckpt_dir / "latest").read_text() == "step_00000014"
-    for tag in ckpt.checkpoint_tags(ckpt_dir):  # everything left is whole
-        assert ckpt.verify_checkpoint(ckpt_dir / tag) is None, tag
+    for tag in ckpt_files.checkpoint_tags(ckpt_dir):  # everything left is whole
+        assert ckpt_files.verify_checkpoint(ckpt_dir / tag) is None, tag
 
 
 @pytest.mark.slow

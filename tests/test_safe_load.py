@@ -16,8 +16,10 @@ from helpers import TINY_MODEL_ARGS, fake_batch, save_untrained_run, tiny_config
 from PIL import Image
 
 from aclip.data.synthetic import write_region_sets, write_synthetic
+from aclip.interop import run as run_reader
 from aclip.interop import safe_load
 from aclip.train import checkpoint as ckpt
+from aclip.train import checkpoint_files as ckpt_files
 from aclip.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +42,7 @@ def plant_run(run: Path, marker: Path) -> Path:
     tag = run / "checkpoints" / "step_00000001"
     tag.mkdir(parents=True)
     states = {"module": {}, "config": "method: aclip\n", "payload": Payload(marker)}
-    torch.save(states, tag / ckpt.MODEL_STATES)
+    torch.save(states, tag / run_reader.MODEL_STATES)
     (run / "checkpoints" / "latest").write_text(tag.name)
     return run
 
@@ -180,7 +182,9 @@ def test_eval_clis_refuse_a_planted_checkpoint(cli, data, tmp_path, marker, caps
     run = plant_run(tmp_path / "run", marker)
     main = importlib.import_module(f"evals.{cli}").main
     code = main(_eval_argvs(run, data, tmp_path / "out")[cli])
-    assert_refused(code, capsys, marker, ckpt.MODEL_STATES, "posix.mkdir", "--trust-checkpoint")
+    assert_refused(
+        code, capsys, marker, run_reader.MODEL_STATES, "posix.mkdir", "--trust-checkpoint"
+    )
 
 
 def test_demo_report_refuses_a_planted_run(data, tmp_path, marker, capsys) -> None:
@@ -237,7 +241,7 @@ def test_resume_latest_refuses_planted_optimizer_states(data, tmp_path, marker, 
     tag = ckpt_dir / (ckpt_dir / "latest").read_text()
     (optim,) = tag.glob("*optim_states.pt")
     add_payload(optim, marker)
-    ckpt.commit_checkpoint(ckpt_dir, tag.name)  # the manifest agrees: only safety can refuse
+    ckpt_files.commit_checkpoint(ckpt_dir, tag.name)  # the manifest agrees: only safety can refuse
     code = train.main(_train_argv(data, out, "train.zero_stage=1", "train.resume=latest",
                                   "train.stop_at_step=3"))  # fmt: skip
     assert_refused(code, capsys, marker, optim.name, "posix.mkdir")
@@ -250,7 +254,7 @@ def test_resume_refuses_a_planted_rank_file(tmp_path, dist_info, marker) -> None
     tag = trainer.save_checkpoint()
     trainer.close()
     add_payload(tag / "rank_00000.pt", marker)
-    ckpt.commit_checkpoint(tag.parent, tag.name)
+    ckpt_files.commit_checkpoint(tag.parent, tag.name)
     resumed = Trainer(cfg, dist_info)
     with pytest.raises(safe_load.UnsafeCheckpointError, match="rank_00000.pt"):
         resumed.resume("latest")
@@ -275,7 +279,7 @@ def test_bf16_fp32_weights_read_safely_equal_deepspeeds_unrestricted_read(bf16_t
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     unsafe = get_fp32_state_dict_from_zero_checkpoint(str(bf16_tag.parent), tag=bf16_tag.name)
-    clip, _ = ckpt.load_eval_model(bf16_tag)
+    clip, _ = run_reader.load_eval_model(bf16_tag)
     ours = clip.state_dict()
     clip_keys = [k for k in unsafe if k.startswith("clip.")]
     assert clip_keys and set(ours) == {k[5:] for k in clip_keys}
@@ -297,7 +301,7 @@ def test_zero_to_fp32_refuses_planted_optimizer_states(bf16_tag, data, tmp_path,
     (optim,) = tag.glob("*optim_states.pt")
     add_payload(optim, marker)
     with pytest.raises(safe_load.UnsafeCheckpointError, match=optim.name):
-        ckpt.load_eval_model(tag)
+        run_reader.load_eval_model(tag)
     assert not marker.exists()
     code = zeroshot.main(["--checkpoint", str(tmp_path), "--data", str(data / "eval_cls"),
                           "--no-progress"])  # fmt: skip
@@ -331,7 +335,7 @@ def test_trust_checkpoint_reads_what_it_otherwise_refuses(cli, data, tmp_path, m
     main = importlib.import_module(f"evals.{cli}").main
     run = tmp_path / "run"
     save_untrained_run(run)
-    add_payload(run / "checkpoints" / "global_step0" / ckpt.MODEL_STATES, marker)
+    add_payload(run / "checkpoints" / "global_step0" / run_reader.MODEL_STATES, marker)
     argv = _eval_argvs(run, data, tmp_path / "out")[cli]
     assert main([*argv, "--trust-checkpoint"]) == 0
     assert marker.is_dir() and "declared trusted" in capsys.readouterr().err
@@ -364,9 +368,9 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_exits_2(data, tmp_path
     tag = tmp_path / "run" / "checkpoints" / "step_00000001"
     tag.mkdir(parents=True)
     torch.save(
-        {"module": {}, "config": to_yaml(tiny_config(str(tmp_path)))}, tag / ckpt.MODEL_STATES
+        {"module": {}, "config": to_yaml(tiny_config(str(tmp_path)))}, tag / run_reader.MODEL_STATES
     )
     code = zeroshot.main(["--checkpoint", str(tag), "--data", str(data / "eval_cls")])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert f"{tag / ckpt.MODEL_STATES}: its weights do not fit the model" in err
+    assert f"{tag / run_reader.MODEL_STATES}: its weights do not fit the model" in err

@@ -131,7 +131,7 @@ def test_short_run_writes_everything_and_resumes(data, tmp_path, monkeypatch):
 def test_eval_model_loads_online_and_ema_weights(data, tmp_path, monkeypatch):
     import torch
 
-    from aclip.train.checkpoint import find_checkpoint, load_eval_model
+    from aclip.interop.run import find_checkpoint, load_eval_model
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     out = tmp_path / "run"

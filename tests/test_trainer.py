@@ -235,7 +235,7 @@ def test_bf16_runs_are_evaluated_and_saved_for_eval_from_the_fp32_master_weights
     and load_eval_model (evals, export) use the optimizer's fp32 master weights."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from aclip.train.checkpoint import load_eval_model
+    from aclip.interop.run import load_eval_model
 
     cfg = tiny_config(str(tmp_path), **{"train.zero_stage": stage, "train.precision": "bf16"})
     trainer = Trainer(cfg, dist_info)

@@ -1,5 +1,7 @@
 """Training checkpoints: what one holds, saving it whole or not at all, choosing one, verifying
-it, resuming from it, and reading one outside the trainer (evaluation, export, studies).
+it and resuming from it. The file side (manifest, verification, choice, pruning) is
+:mod:`aclip.train.checkpoint_files`; reading one outside the trainer (evaluation, export,
+studies) is :mod:`aclip.interop.run`.
 
 What a checkpoint holds, in the DeepSpeed tag directory ``checkpoints/step_NNNNNNNN/``:
 
@@ -26,11 +28,9 @@ number of loader workers agree too, else the data stream restarts at the samples
 from __future__ import annotations
 
 import errno
-import json
 import os
 import random
 import shutil
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,366 +41,27 @@ import torch
 
 from aclip import distributed as dist_utils
 from aclip.config import Config, ConfigError, config_from_yaml
-from aclip.interop.safe_load import (
-    CheckpointError,
-    UnsafeCheckpointError,
-    deepspeed_reads_safe,
-    numpy_rng_globals,
+
+# the run reader's old path, for the command lines that import it from here
+from aclip.interop.run import (  # noqa: F401
+    MODEL_STATES,
+    find_checkpoint,
+    has_ema_teacher,
+    load_eval_model,
+    read_model_states,
 )
+from aclip.interop.safe_load import deepspeed_reads_safe, numpy_rng_globals
 from aclip.interop.safe_load import load as safe_load
-from aclip.model import build_clip
-from aclip.model.clip import CLIP
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
-IMAGE_SIDE = ("visual", "image_proj")
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The model-states file behind ``path``: a run dir, its checkpoints dir, a tag dir or the file.
-
-    A directory holding a ``latest`` file (DeepSpeed's pointer) resolves to the tag it names.
-    """
-    path = Path(path)
-    if path.is_file():
-        return path
-    for candidate in (path / "checkpoints", path):
-        latest = candidate / "latest"
-        if latest.is_file():
-            path = candidate / latest.read_text().strip()
-            break
-    states = path / MODEL_STATES
-    if not states.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (looked for {MODEL_STATES} or 'latest')")
-    return states
-
-
-def read_model_states(file: Path) -> dict:
-    """The dict an aclip checkpoint's model-states file holds (``module``, ``config``, ...), read
-    without running code (:mod:`aclip.interop.safe_load`). CheckpointError (a ValueError) naming
-    ``file`` when it is not one (another project's checkpoint, a bare state dict, an image or
-    other non-checkpoint file, said by its magic bytes) or holds types that could run code
-    (UnsafeCheckpointError)."""
-    try:
-        states = safe_load(file)
-    except UnsafeCheckpointError:
-        raise  # names the file and the types it would build
-    except CheckpointError as err:
-        raise CheckpointError(
-            f"not an aclip checkpoint: {err}; expected a run directory, its checkpoints/ or a "
-            f"step directory holding {MODEL_STATES}"
-        ) from None
-    missing = [k for k in ("module", "config") if not isinstance(states, dict) or k not in states]
-    if missing:
-        found = sorted(states)[:8] if isinstance(states, dict) else type(states).__name__
-        raise CheckpointError(
-            f"{file} is not an aclip checkpoint: it lacks {' and '.join(map(repr, missing))} "
-            f"(found {found}); expected the {MODEL_STATES} that aclip's trainer saves"
-        )
-    return states
-
-
-def has_ema_teacher(path: str | Path) -> bool:
-    """Whether the aclip checkpoint at ``path`` (run, checkpoints or step directory) holds an
-    EMA teacher (a method without one, such as ``clip``, saves none)."""
-    return read_model_states(find_checkpoint(path)).get("ema") is not None
-
-
-def load_eval_model(
-    path: str | Path, use_ema: bool = False, device: str | torch.device = "cpu"
-) -> tuple[CLIP, Config]:
-    """The CLIP model of a checkpoint, fp32, in eval mode, with the run's config. A bf16/fp16
-    run's weights are the fp32 master weights its optimizer kept, not the rounded module copies.
-
-    With ``use_ema`` the image side (vision tower and image projection) comes from the EMA
-    teacher; the text side is always the online one.
-    """
-    states_file = find_checkpoint(path)
-    states = read_model_states(states_file)
-    cfg = config_from_yaml(states["config"])
-    clip = build_clip(cfg.model)
-    module = _fp32_module(states["module"], states_file.parent)
-    try:
-        clip.load_state_dict({k[5:]: v.float() for k, v in module.items() if k.startswith("clip.")})
-    except RuntimeError as err:  # missing, unexpected or misshapen keys: a damaged checkpoint
-        raise ValueError(f"{states_file}: its weights do not fit the model its config "
-                         f"describes ({str(err).splitlines()[0]} ...)") from None  # fmt: skip
-    if use_ema:
-        ema = states.get("ema")
-        if ema is None:
-            raise ValueError(f"checkpoint {path} holds no EMA teacher (trained without one)")
-        image_side = {k: v.float() for k, v in ema.items() if k.split(".")[0] in IMAGE_SIDE}
-        missing = clip.load_state_dict(image_side, strict=False).missing_keys
-        if any(k.split(".")[0] in IMAGE_SIDE for k in missing):
-            raise ValueError(f"EMA teacher in {path} lacks image-side weights: {missing[:3]}")
-    return clip.float().eval().to(device), cfg
-
-
-def _fp32_module(module: dict[str, torch.Tensor], tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The student's weights at full precision: as saved for an fp32 run; for a bf16/fp16 run
-    (whose saved module holds rounded copies) the fp32 master weights the optimizer kept,
-    merged from every rank's ZeRO shards by DeepSpeed's own ``zero_to_fp32``."""
-    half = (torch.bfloat16, torch.float16)
-    if not any(v.dtype in half for v in module.values() if torch.is_tensor(v)):
-        return module
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    try:
-        with deepspeed_reads_safe():  # zero_to_fp32 unpickles without restriction otherwise
-            return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    except CheckpointError:
-        raise
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        raise ValueError(
-            f"{tag_dir} holds half-precision weights and its fp32 master weights (the ZeRO "
-            f"optimizer states) cannot be read: {err}"
-        ) from None
-
-
-# ---------------------------------------------------------------- whole-or-invisible saves
-MANIFEST = "manifest.json"
-LATEST = "latest"
-_CHUNK = 1 << 22
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new content, never a mix:
-    a temporary file beside it, flushed to disk, renamed over it, directory synced."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no stray temporary file
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _file_digest(path: Path, sync: bool = False) -> dict[str, int]:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-        if sync:
-            os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "crc32": crc}
-
-
-def _payload_files(tag_dir: Path) -> list[Path]:
-    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def commit_checkpoint(ckpt_dir: Path, tag: str) -> None:
-    """Make a fully written checkpoint visible: sync its files to disk, record their sizes and
-    CRC32 in ``manifest.json``, then point ``latest`` at it. Call once, after every rank wrote.
-
-    A crash before the manifest leaves an unlisted directory that ``latest`` never names.
-    """
-    tag_dir = ckpt_dir / tag
-    files = {p.relative_to(tag_dir).as_posix(): _file_digest(p, sync=True)
-             for p in _payload_files(tag_dir)}  # fmt: skip
-    atomic_write_text(tag_dir / MANIFEST, json.dumps({"tag": tag, "files": files}, indent=1))
-    _CRC_CHECKED[_crc_key(tag_dir, files)] = None  # its CRC32s were just read from its files
-    atomic_write_text(ckpt_dir / LATEST, tag)
-
-
-# The CRC32 verdict (None: all match; else the problem) on checkpoints this process wrote or
-# read once, keyed by the tag directory and every file's name, size and mtime: a file rewritten
-# since (damaged, repaired) no longer matches the key and is read again. Re-reading every older
-# checkpoint's CRC32s at each save (pruning) would cost gigabytes per save.
-_CRC_CHECKED: dict[tuple, str | None] = {}
-
-
-def _crc_key(tag_dir: Path, files: dict[str, Any]) -> tuple:
-    stats = [(name, (tag_dir / name).stat()) for name in sorted(files)]
-    return (str(tag_dir.resolve()), *((n, st.st_size, st.st_mtime_ns) for n, st in stats))
-
-
-def manifest_problem(manifest: Any) -> str | None:
-    """None if ``manifest`` (parsed ``manifest.json``) has the shape :func:`commit_checkpoint`
-    writes: ``{"files": {name: {"size": int, "crc32": int}, ...}}``, non-empty, listing the
-    model-states file, names inside the tag directory; otherwise what is wrong with it."""
-    if not isinstance(manifest, dict) or "files" not in manifest:
-        return f"manifest is not a {{'files': {{...}}}} object (found {_kind(manifest)})"
-    if not isinstance(manifest["files"], dict):
-        return f"manifest's 'files' is not an object (found {_kind(manifest['files'])})"
-    files = manifest["files"]
-    if MODEL_STATES not in files:
-        listed = f"lists {len(files)} files" if files else "is empty"
-        return f"manifest {listed} without {MODEL_STATES}"
-    for name, entry in files.items():
-        parts = Path(name).parts
-        if not parts or Path(name).is_absolute() or ".." in parts:
-            return f"manifest names {name!r}, not a file inside the checkpoint"
-        fields = entry if isinstance(entry, dict) else {}
-        if not all(type(fields.get(k)) is int for k in ("size", "crc32")):
-            return f"manifest entry for {name} is not {{'size': int, 'crc32': int}} ({entry!r})"
-    return None
-
-
-def _kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return f"keys {sorted(map(str, value))[:5]}"
-    return "null" if value is None else type(value).__name__
-
-
-def verify_checkpoint(tag_dir: Path, crc: bool = True) -> str | None:
-    """None if ``tag_dir`` holds exactly the files its manifest lists, with their sizes and
-    CRC32; otherwise what is wrong (no manifest: the save did not finish; a manifest of the
-    wrong shape: see :func:`manifest_problem`). ``crc=False`` checks the sizes only (no file
-    is read); a checkpoint whose CRC32s matched in this process is not read again."""
-    manifest = tag_dir / MANIFEST
-    if not manifest.is_file():
-        return _no_manifest(tag_dir)
-    try:
-        parsed = json.loads(manifest.read_text())
-    except (ValueError, OSError) as err:
-        return f"unreadable manifest: {err}"
-    problem = manifest_problem(parsed)
-    if problem:
-        return problem
-    files = parsed["files"]
-    for name, want in files.items():
-        path = tag_dir / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {want['size']}"
-    if not crc:
-        return None
-    key = _crc_key(tag_dir, files)
-    if key not in _CRC_CHECKED:
-        bad = (
-            n for n, want in files.items() if _file_digest(tag_dir / n)["crc32"] != want["crc32"]
-        )
-        name = next(bad, None)
-        _CRC_CHECKED[key] = None if name is None else f"{name} fails its CRC32 check"
-    return _CRC_CHECKED[key]
-
-
-def _no_manifest(tag_dir: Path) -> str:
-    """Why ``tag_dir`` has no manifest: it does not exist, holds no checkpoint, or its save did
-    not finish (a checkpoint's files without the manifest written last)."""
-    if not tag_dir.exists():
-        return "no manifest: the directory does not exist"
-    if not tag_dir.is_dir():
-        return "no manifest: not a directory (a checkpoint is a step_NNNNNNNN directory)"
-    if not (tag_dir / MODEL_STATES).is_file():
-        return (f"no manifest: not a checkpoint directory (no {MANIFEST}, no {MODEL_STATES}; "
-                "a checkpoint is a checkpoints/step_NNNNNNNN directory)")  # fmt: skip
-    return "no manifest (the save did not finish)"
-
-
-def step_of(tag: str) -> int:
-    """The step number of a ``step_NNNNNNNN`` tag (-1 for other names)."""
-    digits = tag.removeprefix("step_")
-    return int(digits) if digits.isdigit() else -1
-
-
-def checkpoint_tags(ckpt_dir: Path) -> list[str]:
-    """Every ``step_*`` directory, newest step first (whole or not)."""
-    tags = [p.name for p in ckpt_dir.glob("step_*") if p.is_dir()]
-    return sorted(tags, key=step_of, reverse=True)
-
-
-def resume_candidates(ckpt_dir: Path) -> list[str]:
-    """Tags to try, best first: the one ``latest`` names, then the other whole ones, newest
-    first. A ``latest`` tag without a manifest (a checkpoint from before manifests) is kept."""
-    latest = ckpt_dir / LATEST
-    named = latest.read_text().strip() if latest.is_file() else None
-    tags = [t for t in checkpoint_tags(ckpt_dir) if (ckpt_dir / t / MANIFEST).is_file()]
-    if named and (ckpt_dir / named).is_dir():
-        tags = [named] + [t for t in tags if t != named]
-    return tags
-
-
-def checkpoint_problem(tag_dir: Path, crc: bool = True) -> str | None:
-    """None if ``tag_dir`` can be resumed from: it verifies against its manifest, or it is a
-    DeepSpeed checkpoint from before manifests; otherwise what is wrong with it. ``crc``: as in
-    :func:`verify_checkpoint`."""
-    problem = verify_checkpoint(tag_dir, crc)
-    if problem and problem.startswith("no manifest") and _is_legacy(tag_dir):
-        return None
-    return problem
-
-
-def choose_checkpoint(ckpt_dir: Path, log: Callable[[str], None] = print) -> str | None:
-    """The newest checkpoint that verifies (see :func:`resume_candidates`); broken ones are
-    reported through ``log`` and passed over. None when there is none."""
-    return _choose(ckpt_dir, log)[0]
-
-
-def _choose(
-    ckpt_dir: Path, log: Callable[[str], None] = print, crc: bool = True
-) -> tuple[str | None, dict[str, str]]:
-    """:func:`choose_checkpoint`'s tag, and the problem of each candidate passed over."""
-    problems: dict[str, str] = {}
-    for tag in resume_candidates(ckpt_dir):
-        problem = checkpoint_problem(ckpt_dir / tag, crc)
-        if problem is None:
-            return tag, problems
-        problems[tag] = problem
-        log(f"warning: checkpoint {ckpt_dir / tag} is not usable ({problem}); "
-            "trying the previous one")  # fmt: skip
-    return None, problems
-
-
-def none_usable_message(ckpt_dir: Path, problems: dict[str, str]) -> str:
-    """Why ``train.resume=latest`` refuses to start when every checkpoint in ``ckpt_dir`` is
-    damaged (starting at step 0 then would silently throw the run away), and the way out."""
-    listed = "; ".join(f"{tag}: {problem}" for tag, problem in problems.items())
-    return (
-        f"train.resume=latest: none of the {len(problems)} checkpoints in {ckpt_dir} can be "
-        f"resumed from ({listed}). Nothing was started. To start afresh at step 0, move them "
-        f"aside (mv {ckpt_dir} {ckpt_dir}.damaged) and run again; to resume one of them, repair "
-        "it and give train.resume=<its step directory>"
-    )
-
-
-def _is_legacy(tag_dir: Path) -> bool:
-    """A DeepSpeed checkpoint written before manifests existed (model states, no rank files)."""
-    return (tag_dir / MODEL_STATES).is_file() and not any(tag_dir.glob("rank_*.pt"))
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int, log: Callable[[str], None] = print) -> list[str]:
-    """Delete unfinished checkpoint directories, and every checkpoint older than the newest
-    ``keep`` ones that verify (``keep`` <= 0 keeps every whole one). A damaged checkpoint is not
-    counted among those kept, so a good older one is not deleted for it; it goes once ``keep``
-    newer good ones exist. Call only while no save is being written.
-
-    Cost: the checkpoint just saved and those this process verified or wrote before are known
-    good (:data:`_CRC_CHECKED`; their sizes and dates are checked, nothing is read); only one
-    written before this process started is read for its CRC32s, once."""
-    latest = ckpt_dir / LATEST
-    named = latest.read_text().strip() if latest.is_file() else None
-    tags = checkpoint_tags(ckpt_dir)
-    whole = [t for t in tags if (ckpt_dir / t / MANIFEST).is_file()]
-    doomed = [t for t in tags if t not in whole]
-    good = 0
-    for i, tag in enumerate(whole if keep > 0 else []):
-        if good == keep:
-            doomed += whole[i:]
-            break
-        problem = checkpoint_problem(ckpt_dir / tag)
-        if problem is None:
-            good += 1
-        else:
-            log(f"warning: checkpoint {ckpt_dir / tag} is damaged ({problem}); not counted "
-                f"among the {keep} kept")  # fmt: skip
-    doomed = [t for t in doomed if t != named]
-    for tag in doomed:
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
-    return doomed
+from aclip.train.checkpoint_files import (
+    LATEST,
+    MANIFEST,
+    _choose,
+    checkpoint_problem,
+    commit_checkpoint,
+    none_usable_message,
+    prune_checkpoints,
+    resume_candidates,
+)
 
 
 # ---------------------------------------------------------------- RNG
