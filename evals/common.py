@@ -1,11 +1,12 @@
 """What the evaluation command lines share: the model to evaluate, model options, the JSON report.
 
-Every eval CLI evaluates any CLIP through :func:`load_model`: an aclip run (run directory, its
-``checkpoints/``, a step directory or the model-states file; read by
-``aclip.train.checkpoint.load_eval_model``, ``--ema`` for the teacher's image side) or anything
-``aclip.interop.load_clip`` reads: an open_clip folder (``local-dir:DIR`` or a folder holding
-``open_clip_config.json``, e.g. an aclip export), an open_clip checkpoint with ``--model-name``
-(its registry name or its ``open_clip_config.json``), or an OpenAI release file.
+Every eval CLI evaluates any CLIP through :func:`load_model`, the one reader
+(:func:`aclip.interop.reader.load_model`): an aclip run (run directory, its ``checkpoints/``, a
+step directory or the model-states file; ``--ema`` for the teacher's image side) or anything
+``aclip.interop.load_clip`` reads: an open_clip folder (``local-dir:DIR``, ``hf-hub:org/name``
+from the local Hugging Face cache, or a folder holding ``open_clip_config.json``, e.g. an aclip
+export), an open_clip checkpoint with ``--model-name`` (its registry name or its
+``open_clip_config.json``), or an OpenAI release file.
 """
 
 from __future__ import annotations
@@ -14,107 +15,25 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from aclip.config import EVAL_PRECISIONS, Config
-from aclip.interop import LOCAL_DIR, OPEN_CLIP_CONFIG, Preprocess, WeightsError, load_clip
+from aclip.config import EVAL_PRECISIONS
+from aclip.interop.reader import EvalModel, LoadedModel, check_model_source, load_model
 from aclip.interop.safe_load import add_trust_argument
-from aclip.model.clip import CLIP
-from aclip.train.checkpoint import MODEL_STATES, find_checkpoint, load_eval_model
+from aclip.interop.source import is_aclip_run
 
-ACLIP_RUN = (
-    f"a run directory, its checkpoints/ or a step directory holding {MODEL_STATES}, or that file"
-)
-
-
-@dataclass
-class EvalModel:
-    """A CLIP to evaluate (fp32, eval mode) with what its inputs need."""
-
-    clip: CLIP
-    context_length: int
-    preprocess: Preprocess  # image size, normalisation, resize
-    source: str  # aclip (a training run) | openai | open_clip
-    run_config: Config | None = None  # the run's config (aclip runs)
-
-    @property
-    def transform(self) -> Callable:
-        """The evaluation transform of a PIL image (aclip's for aclip runs; the model's own
-        ``preprocess_cfg`` for an imported one)."""
-        return self.preprocess.transform()
-
-    @property
-    def is_aclip_run(self) -> bool:
-        """Whether the model is an aclip training run (which has an EMA teacher to select with)."""
-        return self.source == "aclip"
-
-
-def is_aclip_run(path: str | Path) -> bool:
-    """Whether ``path`` is an aclip training checkpoint (run, checkpoints or tag directory, or
-    the model-states file) rather than a file or folder for ``aclip.interop.load_clip``."""
-    path = Path(path)
-    if path.is_file():
-        return path.name == MODEL_STATES
-    try:
-        find_checkpoint(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def check_model_source(checkpoint: str | Path) -> None:
-    """Refuse a model path that does not exist (before any data or model is read)."""
-    if not is_aclip_run(checkpoint) and not Path(str(checkpoint).removeprefix(LOCAL_DIR)).exists():
-        raise FileNotFoundError(
-            f"no checkpoint at {checkpoint}: expected an aclip run ({ACLIP_RUN}), an open_clip "
-            "folder, an open_clip checkpoint (with --model-name) or an OpenAI release file"
-        )
-
-
-def load_model(
-    checkpoint: str | Path,
-    model_name: str | None = None,
-    use_ema: bool = False,
-    device: str | torch.device = "cpu",
-) -> EvalModel:
-    """The CLIP at ``checkpoint``: an aclip run or any CLIP ``aclip.interop.load_clip`` reads.
-
-    Raises:
-        FileNotFoundError: nothing at ``checkpoint``.
-        ValueError: ``use_ema`` or ``model_name`` where they do not apply; a file or folder that
-            is neither an aclip checkpoint nor CLIP weights aclip.interop reads (with why).
-    """
-    if is_aclip_run(checkpoint):
-        if model_name:
-            raise ValueError(
-                f"--model-name names the architecture of a bare weights file; {checkpoint} is an "
-                "aclip run, which carries its own config"
-            )
-        clip, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
-        preprocess = Preprocess(cfg.model.image_size)  # aclip's eval transform: OpenAI's stats
-        return EvalModel(clip, cfg.model.context_length, preprocess, "aclip", cfg)
-    check_model_source(checkpoint)
-    folder = Path(str(checkpoint).removeprefix(LOCAL_DIR))
-    if use_ema:
-        raise ValueError(f"--ema takes the EMA teacher of an aclip run; {checkpoint} is not one")
-    if model_name and (str(checkpoint).startswith(LOCAL_DIR) or folder.is_dir()):
-        raise ValueError(
-            f"--model-name is for a bare weights file; the folder {checkpoint} names its model in "
-            f"its {OPEN_CLIP_CONFIG}"
-        )
-    try:
-        weights = load_clip(checkpoint, model_name, device=device)
-    except WeightsError as err:
-        raise WeightsError(
-            f"cannot evaluate {checkpoint}: not an aclip checkpoint ({ACLIP_RUN}), and "
-            f"aclip.interop cannot read it as CLIP weights: {err}"
-        ) from None
-    clip, cfg, preprocess = weights
-    source = "open_clip" if model_name or folder.is_dir() else "openai"
-    return EvalModel(clip, cfg.context_length, preprocess, source)
+__all__ = [
+    "EvalModel",
+    "LoadedModel",
+    "add_model_args",
+    "add_precision_arg",
+    "check_model_source",
+    "is_aclip_run",
+    "load_model",
+    "report",
+]
 
 
 def add_precision_arg(parser: argparse.ArgumentParser) -> None:
@@ -136,7 +55,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--checkpoint",
         required=True,
         help="aclip run (run dir, checkpoints dir or step dir), open_clip folder (e.g. an aclip "
-        "export), open_clip checkpoint (with --model-name) or OpenAI release file",
+        "export; local-dir:DIR, hf-hub:org/name from the local cache), open_clip checkpoint "
+        "(with --model-name) or OpenAI release file",
     )
     parser.add_argument(
         "--model-name",

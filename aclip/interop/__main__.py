@@ -1,5 +1,5 @@
 """``python -m aclip.interop``: describe the CLIP a weights file or folder holds."""
 
-from aclip.interop import main
+from aclip.interop.describe import main
 
 raise SystemExit(main())

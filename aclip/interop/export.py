@@ -1,4 +1,5 @@
-"""Export an aclip run's CLIP for open_clip, OpenAI-layout tools or timm.
+"""Export an aclip run's CLIP (or any CLIP the one reader, ``aclip.interop.reader``, reads) for
+open_clip, OpenAI-layout tools or timm.
 
     python -m aclip.interop.export --checkpoint RUN_OR_TAG --out DIR [--ema] \\
         [--format open_clip|openai|timm] [--overwrite] [--no-verify]
@@ -28,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from aclip.data.views import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from aclip.interop import (
     NotExpressible,
     Preprocess,
@@ -38,10 +38,10 @@ from aclip.interop import (
     to_aclip_state_dict,
     to_openai_state_dict,
 )
+from aclip.interop.reader import load_model
 from aclip.interop.safe_load import add_trust_argument
 from aclip.model.clip import CLIP
 from aclip.tokenizer import Tokenizer
-from aclip.train.checkpoint import load_eval_model
 
 FORMATS = ("open_clip", "openai", "timm")
 OPENAI_FILE = "openai_clip.pt"
@@ -143,15 +143,15 @@ def export(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
-    clip, cfg = load_eval_model(checkpoint, use_ema=use_ema)
-    preprocess = Preprocess(cfg.model.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    loaded = load_model(checkpoint, use_ema=use_ema, action="export")
+    clip, preprocess = loaded.clip, loaded.preprocess  # a run's: OpenAI's mean and std
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         _write(fmt, clip, partial, preprocess)
         diff = None
         if verify:
-            probe = _probe(cfg.model.image_size, cfg.model.context_length)
+            probe = _probe(preprocess.size, loaded.context_length)
             diff = VERIFY[fmt](clip, partial, *probe)
             if not diff <= VERIFY_ATOL:
                 raise RuntimeError(
@@ -187,7 +187,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or tag dir")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="run dir, checkpoints dir or tag dir (or an open_clip folder, an OpenAI file)",
+    )
     parser.add_argument("--out", required=True, help="folder to write")
     parser.add_argument("--format", default="open_clip", choices=FORMATS)
     parser.add_argument("--ema", action="store_true", help="image side from the EMA teacher")
