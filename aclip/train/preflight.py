@@ -18,19 +18,12 @@ def check_paths(cfg: Config) -> None:
     unknown or the output unwritable."""
     from aclip.data.shards import expand_urls
     from aclip.methods import get_method
-    from aclip.train.checkpoint import will_resume
 
     if cfg.data.weights is not None:
         _check_weights(cfg.data.weights, cfg.data.train_shards)
     get_method(cfg.method).validate(cfg)
     _check_image_size(cfg)
-    pretrained = cfg.model.init_from.removeprefix("local-dir:")
-    if pretrained and not will_resume(cfg) and not Path(pretrained).exists():
-        raise FileNotFoundError(
-            f"model.init_from: no such file or folder: {cfg.model.init_from} (give the pretrained "
-            "weights to start from: an OpenAI release file, an open_clip checkpoint or folder, or "
-            "an aclip run; nothing is downloaded)"
-        )
+    _check_pretrained(cfg)
     if not cfg.data.train_shards:
         raise ConfigError("config key 'data.train_shards': no training shards given")
     try:
@@ -57,6 +50,29 @@ def _check_weights(weights: list[float], spec: str) -> None:
         raise ConfigError(
             f"config key 'data.weights': {len(weights)} weights for {sources} '::'-joined "
             f"source(s) of data.train_shards"
+        )
+
+
+def _check_pretrained(cfg: Config) -> None:
+    """Refuse a ``model.init_from`` that names nothing (a resumed run does not read it): no such
+    file or folder, or an ``hf-hub:`` name that is not in the local Hugging Face cache."""
+    from aclip.interop.source import HF_HUB, hf_hub_folder
+    from aclip.interop.weights import WeightsError
+    from aclip.train.checkpoint import will_resume
+
+    pretrained = cfg.model.init_from.removeprefix("local-dir:")
+    if not pretrained or will_resume(cfg):
+        return
+    if pretrained.startswith(HF_HUB):
+        try:
+            hf_hub_folder(pretrained)
+        except WeightsError as err:
+            raise FileNotFoundError(f"model.init_from: {err}") from None
+    elif not Path(pretrained).exists():
+        raise FileNotFoundError(
+            f"model.init_from: no such file or folder: {cfg.model.init_from} (give the pretrained "
+            "weights to start from: an OpenAI release file, an open_clip checkpoint or folder, or "
+            "an aclip run; nothing is downloaded)"
         )
 
 
