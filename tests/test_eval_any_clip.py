@@ -26,6 +26,7 @@ from aclip.eval.evaluate import classification_metrics, zero_shot_classifier
 from aclip.interop import export as export_cli
 from aclip.interop import load_clip
 from aclip.interop.run import load_eval_model
+from aclip.studies.keep_ratio import checkpoint_sweep
 from aclip.tokenizer import Tokenizer
 from evals import keep_ratio as keep_cli
 from evals import retrieval as ret_cli
@@ -266,7 +267,7 @@ def test_keep_ratio_checkpoint_on_a_pretrained_clip_uses_its_own_tower(
 
 
 def test_keep_ratio_checkpoint_on_an_aclip_run_uses_its_ema_teacher(run, data, tmp_path):
-    rows = keep_cli.checkpoint_sweep(run, data / "eval_cls", [1.0, 0.5], ["attentive"], 8)
+    rows = checkpoint_sweep(run, data / "eval_cls", [1.0, 0.5], ["attentive"], 8)
     assert [r["relevance_from"] for r in rows] == ["", "ema_teacher"]
 
 

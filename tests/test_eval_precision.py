@@ -150,6 +150,7 @@ def test_every_eval_cli_takes_precision_and_records_it(trained, data, tmp_path, 
 def test_keep_ratio_study_table_records_its_runs_precision(tmp_path, monkeypatch, capsys):
     import subprocess
 
+    from aclip.studies import keep_ratio_runs
     from evals import keep_ratio
 
     def fake_train(cmd, **kwargs):  # a finished run whose results say how it was evaluated
@@ -160,7 +161,7 @@ def test_keep_ratio_study_table_records_its_runs_precision(tmp_path, monkeypatch
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(keep_ratio.subprocess, "run", fake_train)
+    monkeypatch.setattr(keep_ratio_runs.subprocess, "run", fake_train)
     argv = ["study", "--out", str(tmp_path / "s"), "--strategies", "random", "--keep-ratios",
             "0.5", "--title", "t", *TINY_MODEL_ARGS]  # fmt: skip
     assert keep_ratio.main(argv) == 0

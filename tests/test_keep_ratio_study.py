@@ -8,7 +8,8 @@ import pytest
 from helpers import TINY_MODEL_ARGS
 from PIL import Image
 
-from evals.keep_ratio import (
+from aclip.studies.keep_ratio_report import write_outputs
+from aclip.studies.keep_ratio_runs import (
     REPO,
     GridPoint,
     equal_cost_steps,
@@ -16,7 +17,6 @@ from evals.keep_ratio import (
     grid,
     point_cost,
     summarise,
-    write_outputs,
 )
 
 
@@ -56,7 +56,7 @@ def test_summary_means_over_seeds_and_files_are_written(tmp_path):
 
 
 def test_metric_comes_from_the_named_eval_set():
-    from evals.keep_ratio import _top1
+    from aclip.studies.keep_ratio_runs import _top1
 
     results = {"step": 5, "zeroshot/eval_cls": {"top1": 0.1}, "zeroshot/eval_colour": {"top1": 0.9}}
     assert _top1(results) == pytest.approx(10.0)
@@ -174,7 +174,7 @@ def test_run_point_times_its_run_and_reuses_the_time(tmp_path, monkeypatch):
     import subprocess
     from pathlib import Path
 
-    from evals import keep_ratio
+    from aclip.studies import keep_ratio_runs as keep_ratio
 
     calls = []
 
