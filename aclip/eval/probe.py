@@ -18,8 +18,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from aclip.eval.evaluate import Template, _format
+from aclip.model.clip import CLIP
+
+FEATURES = ("joint", "pooled")  # what the probe fits: joint-space or pooled embeddings
 
 
 def stratified_split(
@@ -213,3 +218,17 @@ def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: 
     pred = torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
     model.train()
     return (pred == y).float().mean().item()
+
+
+@torch.no_grad()
+def encode_images(
+    clip: CLIP, loader: DataLoader, device: torch.device | str, progress: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(pooled [N, width], joint L2-normalised [N, embed_dim], labels [N]) on the CPU."""
+    pooled, joint, labels = [], [], []
+    for images, y in tqdm(loader, desc="images", disable=not progress):
+        p = clip.visual(images.to(device))
+        pooled.append(p.float().cpu())
+        joint.append(clip.project_image(p, normalize=True).float().cpu())
+        labels.append(torch.as_tensor(y))
+    return torch.cat(pooled), torch.cat(joint), torch.cat(labels)
