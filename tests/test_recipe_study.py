@@ -13,7 +13,9 @@ import pytest
 import yaml
 from PIL import Image
 
-import evals.recipe_study as rs
+import aclip.studies.recipe as rs
+import aclip.studies.recipe_report as rr
+import evals.recipe_study as recipe_cli
 from tests.helpers import TINY_MODEL_ARGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +90,7 @@ def _fake_run(run_dir, batch=8, rates=(100.0, 50.0), shape=(0.1, 0.3), colour=(0
 
 def test_curves_sum_training_time_from_samples_per_second(tmp_path):
     _fake_run(tmp_path)
-    curves = rs.read_curves(tmp_path, batch_size=8)
+    curves = rr.read_curves(tmp_path, batch_size=8)
     # 10 steps x 8 samples at 100/s = 0.8 s, then 80 samples at 50/s = 1.6 s more
     assert [(s, round(t, 6)) for s, t, _ in curves["eval_cls"]] == [(10, 0.8), (20, 2.4)]
     assert [round(v, 4) for *_, v in curves["eval_colour"]] == [50.0, 90.0]
@@ -103,7 +105,7 @@ def test_report_writes_table_csvs_and_plot(tmp_path, capsys):
     docs = tmp_path / "docs" / "study"
     argv = ["report", "--variants", str(variants), "--out", str(out), "--docs", str(docs),
             "--label", "eval_cls=shape", "eval_colour=colour"]  # fmt: skip
-    assert rs.main(argv) == 0
+    assert recipe_cli.main(argv) == 0
     table = (out / "results.md").read_text()
     assert "| wide | 1 | 20 × 8 | 2 | 9 | 7 | 50.0 | 90.0 |" in table
     assert "shape top-1" in table and table in capsys.readouterr().out
@@ -115,7 +117,7 @@ def test_report_writes_table_csvs_and_plot(tmp_path, capsys):
 
 def test_report_without_runs_is_an_error(tmp_path, capsys):
     argv = ["report", "--variants", str(_variants(tmp_path)), "--out", str(tmp_path / "none")]
-    assert rs.main(argv) == 2
+    assert recipe_cli.main(argv) == 2
     assert capsys.readouterr().err.startswith("error: no finished run")
 
 
@@ -152,7 +154,7 @@ def test_variant_names_that_leave_out_are_refused(tmp_path, monkeypatch, capsys,
     monkeypatch.setattr(rs.subprocess, "run", fake)
     argv = ["run", "--variants", str(variants), "--out", str(out),
             "--config", str(REPO / "configs" / "demo.yaml")]  # fmt: skip
-    assert rs.main(argv) == 2
+    assert recipe_cli.main(argv) == 2
     assert keep.read_text() == "not the study's" and fake.calls == []
     err = capsys.readouterr().err
     assert err.startswith(f"error: {variants}: variant name {name!r} is not letters"), err
@@ -194,12 +196,12 @@ def test_run_trains_times_and_resumes_a_study(tmp_path, dist_info):
     argv = ["run", "--variants", str(variants), "--out", str(out), "--config",
             str(rs.REPO / "configs" / "demo.yaml"), "--eval-every", "2",
             "--probe-set", str(data / "eval_cls"), *common]  # fmt: skip
-    assert rs.main(argv) == 0
+    assert recipe_cli.main(argv) == 0
     for name in ("a_s0", "b_s0"):
         timing = json.loads((out / name / rs.TIMING).read_text())
         assert timing["wall_s"] > 0 and timing["cpu_s"] > 0 and timing["threads"] == 1
-        assert [s for s, *_ in rs.read_curves(out / name, 16)["eval_cls"]] == [2, 4]
+        assert [s for s, *_ in rr.read_curves(out / name, 16)["eval_cls"]] == [2, 4]
         assert (out / name / rs.PROBE).is_file()
     stamp = (out / "a_s0" / rs.TIMING).stat().st_mtime_ns
-    assert rs.main(argv) == 0
+    assert recipe_cli.main(argv) == 0
     assert (out / "a_s0" / rs.TIMING).stat().st_mtime_ns == stamp
