@@ -8,12 +8,13 @@ only the easy one (colour), within a CPU budget.
         [--docs docs/recipe_study] [--plot NAME ...]
 
 The variants file maps a name to ``{overrides: [section.key=value ...], seeds: [0, 1], note:
-"..."}``. ``run`` trains every variant × seed with ``train.py`` (one process per run, in turn,
-``OMP_NUM_THREADS=--threads``), evaluating the config's zero-shot sets every ``--eval-every``
-steps (tensorboard ``eval/zeroshot/<set>/top1``); it times each run (wall and CPU seconds of the
-process and its loader workers) and, with ``--probe-set``, runs the linear probe of
-``evals.probe`` on its final checkpoint. Finished runs are skipped when the study is run again
-(an unfinished one is started afresh).
+"..."}``; ``base: OTHER`` starts a variant from OTHER's overrides (see
+configs/recipe_study.yaml). ``run`` trains every variant × seed with ``train.py`` (one process
+per run, in turn, ``OMP_NUM_THREADS=--threads``), evaluating the config's zero-shot sets every
+``--eval-every`` steps (tensorboard ``eval/zeroshot/<set>/top1``); it times each run (wall and
+CPU seconds of the process and its loader workers) and, with ``--probe-set``, runs the linear
+probe of ``evals.probe`` on its final checkpoint. Finished runs are skipped when the study is
+run again (an unfinished one is started afresh).
 
 ``report`` reads every finished run and writes ``results.md`` (one row per run: steps, samples,
 times, final shape and colour top-1, probe), ``results.csv``, ``curves.csv`` and the learning

@@ -36,6 +36,68 @@ def _variants(tmp_path, text=VARIANTS):
     return path
 
 
+INHERITING = """
+root:
+  overrides: [model.text_width=64, "optim.lr=1e-3"]
+  seeds: [0, 1]
+  group: g
+  note: the root
+child:
+  base: grandchild
+  overrides: [optim.lr=5e-3]
+grandchild:
+  base: root
+  overrides: [model.text_width=96, "mask.keep_ratio=0.75", model.text_width=80]
+"""
+
+
+def test_variant_inherits_its_bases_overrides_later_winning_in_place(tmp_path):
+    """A base chain (child -> grandchild -> root, the base named below its user): the root's
+    overrides first, each descendant replacing a key where it stands and appending new keys;
+    seeds, note and group stay the variant's own."""
+    root, child, grand = rs.load_variants(_variants(tmp_path, INHERITING))
+    assert root.overrides == ("model.text_width=64", "optim.lr=1e-3")
+    assert grand.overrides == ("model.text_width=80", "optim.lr=1e-3", "mask.keep_ratio=0.75")
+    assert child.overrides == ("model.text_width=80", "optim.lr=5e-3", "mask.keep_ratio=0.75")
+    assert (child.seeds, child.note, child.group) == ((0,), "", "")
+    assert rs.merge_overrides(["a.b=1", "c.d=2"], ["a.b = 3", "e.f=4"]) == (
+        "a.b = 3", "c.d=2", "e.f=4")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("a: {base: b}\n", r"variants.yaml: variant 'a': base 'b' is not a variant of this file"),
+        ("a: {base: a}\n", r"variants.yaml: variant 'a': its bases form a cycle \(a -> a\)"),
+        (
+            "a: {base: c}\nb: {base: a}\nc: {base: b}\nd: {base: a}\n",
+            r"variants.yaml: variant 'a': its bases form a cycle \(a -> c -> b -> a\)",
+        ),
+        ("x: {}\na: {base: b}\nb: {base: c}\n", r"variant 'b': base 'c' is not a variant"),
+    ],
+)
+def test_unknown_base_or_cycle_is_an_error_naming_file_and_variant(tmp_path, text, match):
+    with pytest.raises(ValueError, match=match):
+        rs.load_variants(_variants(tmp_path, text))
+
+
+def test_study_variants_file_expands_and_resolves():
+    """configs/recipe_study.yaml: every variant resolves on its base config; the inherited
+    ones carry their bases' overrides (clip_drop3: clip_arch's tower; img10: its image term
+    replaces the base's 5 in place)."""
+    from aclip.config import load_config
+
+    variants = {v.name: v for v in rs.load_variants(REPO / "configs" / "recipe_study.yaml")}
+    for v in variants.values():
+        load_config(REPO / "configs" / "recipe_study_base.yaml", list(v.overrides))
+    drop3 = variants["clip_drop3"].overrides
+    assert drop3 == ("model.vision_model=vit_base_patch16_clip_224", "model.text_token_drop=0.3")
+    img10 = variants["words_k75_fused_bf16_img10"].overrides
+    assert img10[6:8] == ("loss.w_caption_bow=10", "loss.w_text_bow=3") and len(img10) == 14
+    assert variants["words_k75_fused_bf16"].seeds == (0, 1)
+    assert variants["words_k75_fused_bf16_img10"].seeds == (0,)
+
+
 def test_variants_file_parsed_in_order(tmp_path):
     base, wide = rs.load_variants(_variants(tmp_path))
     assert (base.name, base.overrides, base.seeds) == ("base", (), (0,))
