@@ -6,9 +6,10 @@
 
 Rows (see ``aclip.eval.region``): full image without alpha, all-ones alpha, the region cropped to
 its box, background blacked out, the region as alpha; each with mean per-class top-1 and top-5
-(%). A checkpoint without an alpha channel has no all-ones and alpha rows. Prints a table and
-the metrics as JSON (``--json`` writes them; ``precision``: ``--precision``, fp32 by default, as
-the trainer's ``eval.precision``); bad input exits 2 with ``error: ...``.
+(%). ``--checkpoint``: an aclip run or any CLIP ``evals.common`` reads (the one model reader,
+``aclip.interop.reader``); a model without an alpha channel has no all-ones and alpha rows.
+Prints a table and the metrics as JSON (``--json`` writes them; ``precision``: ``--precision``,
+fp32 by default, as the trainer's ``eval.precision``); bad input exits 2 with ``error: ...``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from aclip.data.sets.regions import ImageNetS, WdsRegionSet, imagenet_s_classnam
 from aclip.eval.evaluate import eval_autocast, resolve_eval_precision
 from aclip.eval.region import TEMPLATE, format_table, region_zeroshot
 from aclip.tokenizer import Tokenizer
-from aclip.train.checkpoint import find_checkpoint, load_eval_model
-from evals.common import add_model_args
+from evals.common import add_model_args, check_model_source, load_model
 
 
 def region_eval(
@@ -40,6 +40,7 @@ def region_eval(
     progress: bool = True,
     workers: int = 0,
     precision: str = "fp32",
+    model_name: str | None = None,
 ) -> dict[str, object]:
     """The region rows of ``checkpoint`` on a wds region set ``data`` or an ImageNet-S root,
     at ``precision`` (``aclip.eval.evaluate.eval_autocast``, recorded in the result); the set is
@@ -47,22 +48,22 @@ def region_eval(
     precision = resolve_eval_precision(precision, device)
     if (data is None) == (imagenet_s is None):
         raise ValueError("give either a wds region set (--data) or an ImageNet-S root")
-    find_checkpoint(checkpoint)
+    check_model_source(checkpoint)
     if data is not None:
         dataset = WdsRegionSet(data, split or "test")
         names = dataset.classnames
     else:
         dataset = ImageNetS(imagenet_s, split or "validation")
         names = imagenet_s_classnames(dataset.wnids, classnames)
-    model, cfg = load_eval_model(checkpoint, use_ema=use_ema, device=device)
-    tokenizer = Tokenizer(cfg.model.context_length)
+    model = load_model(checkpoint, model_name, use_ema, device)
+    tokenizer = Tokenizer(model.context_length)
     with eval_autocast(precision, device):
-        results = region_zeroshot(model, tokenizer, dataset, names, cfg.model.image_size,
+        results = region_zeroshot(model.clip, tokenizer, dataset, names, model.preprocess.size,
                                   [template], device, batch_size, progress, workers)  # fmt: skip
     if isinstance(dataset, ImageNetS):
         results["left_out_no_region"] = len(dataset) - int(results["n"])
-    return results | {"template": template, "alpha_channel": cfg.model.alpha_channel,
-                      "precision": precision}  # fmt: skip
+    alpha = model.clip.visual.alpha_conv is not None
+    return results | {"template": template, "alpha_channel": alpha, "precision": precision}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,9 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry: the table on stdout, then the metrics as JSON."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.model_name:
-        parser.error("--model-name: region zero-shot reads aclip runs (an alpha model has no "
-                     "open_clip form); give the run as --checkpoint")  # fmt: skip
     if "{}" not in args.template:
         print(f"error: --template must hold {{}} for the class name (got {args.template!r})",
               file=sys.stderr)  # fmt: skip
@@ -98,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         results = region_eval(
             args.checkpoint, args.data, args.imagenet_s, split=args.split,
             classnames=args.classnames, template=args.template, use_ema=args.ema,
+            model_name=args.model_name,
             batch_size=args.batch_size, device=args.device, progress=not args.no_progress,
             workers=args.workers, precision=args.precision,
         )  # fmt: skip

@@ -6,7 +6,7 @@
         [--reduce-zero-label]
 
 The model is read as every eval CLI reads it (``evals.common.load_model``): an aclip run (run dir,
-checkpoints dir, tag dir) by ``aclip.train.checkpoint.load_eval_model``; anything else (an open_clip
+checkpoints dir, tag dir) by ``aclip.interop.run.load_eval_model``; anything else (an open_clip
 folder or checkpoint, an OpenAI release, an aclip export) by ``aclip.interop.load_clip``.
 Settings: ``aclip.dense.settings.SegSettings`` defaults < the settings file (default
 ``configs/dense/<dataset>.yaml``) < ``--set``. Metrics (mmseg's ``IoUMetric`` counts): ``mIoU``,

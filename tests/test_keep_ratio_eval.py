@@ -17,12 +17,12 @@ from aclip.data.sets.wds import load_wds_classification
 from aclip.data.synthetic import write_synthetic
 from aclip.data.views import eval_transform
 from aclip.eval.evaluate import zero_shot_on_wds
+from aclip.interop.run import MODEL_STATES, load_eval_model
 from aclip.methods.tokens import num_keep
 from aclip.model import build_model
 from aclip.studies.keep_ratio import checkpoint_sweep, keep_fn
 from aclip.studies.keep_ratio_report import write_checkpoint_outputs
 from aclip.tokenizer import Tokenizer
-from aclip.train.checkpoint import MODEL_STATES, load_eval_model
 from evals.keep_ratio import main
 
 RATIOS = [1.0, 0.5, 0.25]

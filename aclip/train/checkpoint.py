@@ -41,15 +41,6 @@ import torch
 
 from aclip import distributed as dist_utils
 from aclip.config import Config, ConfigError, config_from_yaml
-
-# the run reader's old path, for the command lines that import it from here
-from aclip.interop.run import (  # noqa: F401
-    MODEL_STATES,
-    find_checkpoint,
-    has_ema_teacher,
-    load_eval_model,
-    read_model_states,
-)
 from aclip.interop.safe_load import deepspeed_reads_safe, numpy_rng_globals
 from aclip.interop.safe_load import load as safe_load
 from aclip.train.checkpoint_files import (
