@@ -10,6 +10,11 @@
 ``--checkpoint``: an aclip run, or any CLIP ``aclip.interop.load_clip`` reads (see
 ``evals.common``); an imported model is evaluated with its own preprocessing (``preprocess_cfg``).
 
+``--data``: a set of any registered retrieval format, found by its layout
+(``aclip.data.sets.registry``): a CLIP_benchmark wds set, a Karpathy ``*.json`` (its images
+under ``--images``, default: the json's folder), ...; ``--karpathy-json`` names the Karpathy
+format explicitly (and needs ``--images``).
+
 ``aclip-retrieval`` (installed with the package) takes the same arguments.
 
 ``image_retrieval_recall@k`` is text -> image, ``text_retrieval_recall@k`` is image -> text;
@@ -23,25 +28,27 @@ import sys
 
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from aclip.data.sets.karpathy import KarpathyDataset, karpathy_entries
-from aclip.data.sets.wds import check_eval_set, load_wds_retrieval, retrieval_collate
+from aclip.data.sets.registry import prepare_set
+from aclip.data.sets.wds import retrieval_collate
 from aclip.eval.evaluate import eval_autocast, resolve_eval_precision
 from aclip.eval.retrieval import evaluate_retrieval
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args, check_model_source, load_model, report
 
+DEFAULT_SPLIT = "test"
+
 
 def _dataset_builder(data: str | None, karpathy_json: str | None, images: str | None, split: str):
-    """Check the data paths now (before the model loads); return ``transform -> dataset``."""
+    """Check the data paths now (before the model loads); return ``transform -> dataset``.
+    ``data``: any registered retrieval format (``aclip.data.sets.registry``), found by its
+    layout; ``karpathy_json``: a Karpathy split json, its images under ``images``."""
     if (data is None) == (karpathy_json is None):
-        raise ValueError("give either a wds set (data) or a Karpathy json (karpathy_json)")
-    if data is not None:
-        check_eval_set(data, "retrieval", split)  # kind and layout, before the model
-        return lambda transform: load_wds_retrieval(data, transform, split)
-    if images is None:
+        raise ValueError("give either an evaluation set (data) or a Karpathy json (karpathy_json)")
+    if karpathy_json is not None and images is None:
         raise ValueError("a Karpathy json needs the images folder (images)")
-    entries = karpathy_entries(karpathy_json, images, split)
-    return lambda transform: KarpathyDataset(entries, transform)
+    path, format_name = (data, None) if data is not None else (karpathy_json, "karpathy")
+    options = {"images": images, "split": None if split == DEFAULT_SPLIT else split}
+    return prepare_set(path, "retrieval", format_name, **options)
 
 
 def _loader(dataset: Dataset | IterableDataset, batch_size: int, workers: int) -> DataLoader:
@@ -66,7 +73,7 @@ def retrieval(
 ) -> dict[str, float]:
     """Recall@1/5/10 both ways of ``checkpoint`` (an aclip run or any CLIP
     ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on a
-    CLIP_benchmark wds retrieval set (``data``) or a Karpathy split (``karpathy_json`` +
+    set of any registered format (``data``) or a Karpathy split (``karpathy_json`` +
     ``images``), plus the set's size and the ``precision`` (``aclip.eval.evaluate.eval_autocast``).
 
     Every path is checked before the model is loaded.
@@ -88,10 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="CLIP_benchmark wds retrieval set")
+    source.add_argument(
+        "--data", help="evaluation set of any registered format: wds set, Karpathy json, ..."
+    )
     source.add_argument("--karpathy-json", help="dataset_flickr30k.json / dataset_coco.json")
     parser.add_argument("--images", help="image folder of the Karpathy json")
-    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--split", default=DEFAULT_SPLIT, help="split to evaluate (default: test)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_args(parser)
     return parser

@@ -10,6 +10,10 @@
 ``--checkpoint``: an aclip run, or any CLIP ``aclip.interop.load_clip`` reads (see
 ``evals.common``); an imported model is evaluated with its own preprocessing (``preprocess_cfg``).
 
+``--data``: a set of any registered classification format, found by its layout
+(``aclip.data.sets.registry``): a CLIP_benchmark wds set, an ImageFolder tree, ...;
+``--imagefolder`` names the ImageFolder format explicitly.
+
 ``aclip-zeroshot`` (installed with the package) takes the same arguments.
 
 An ImageFolder tree of the 1000 ImageNet WordNet-id folders takes open_clip's ImageNet class
@@ -27,34 +31,29 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from aclip.data.sets.imagefolder import load_imagefolder_classification
-from aclip.data.sets.wds import load_wds_classification
+from aclip.data.sets.registry import prepare_set
 from aclip.eval.evaluate import eval_autocast, resolve_eval_precision, zero_shot_evaluate
 from aclip.tokenizer import Tokenizer
 from evals.common import add_model_args, check_model_source, load_model, report
 
 # transform -> (dataset, class names, templates)
 SetBuilder = Callable[[Callable], tuple]
+DEFAULT_TEMPLATES = "openai"
 
 
 def _set_builder(
     data: str | None, imagefolder: str | None, classnames: str | None, templates: str
 ) -> SetBuilder:
-    """Check the evaluation set's paths now (before the model loads); return its builder."""
+    """Check the evaluation set's paths now (before the model loads); return its builder.
+    ``data``: any registered classification format (``aclip.data.sets.registry``), found by its
+    layout; ``imagefolder``: an ImageFolder tree."""
     if (data is None) == (imagefolder is None):
-        raise ValueError("give either a wds set (data) or an image folder (imagefolder)")
-    if data is not None:
-        load_wds_classification(data, lambda image: image)  # reads the names, checks shards
-        return lambda transform: load_wds_classification(data, transform)
-    dataset, names, prompts = load_imagefolder_classification(
-        imagefolder, None, classnames, templates
+        raise ValueError("give either an evaluation set (data) or an image folder (imagefolder)")
+    path, format_name = (data, None) if data is not None else (imagefolder, "imagefolder")
+    prompts = None if templates == DEFAULT_TEMPLATES else templates
+    return prepare_set(
+        path, "classification", format_name, classnames=classnames, templates=prompts
     )
-
-    def build(transform: Callable) -> tuple:
-        dataset.transform = transform
-        return dataset, names, prompts
-
-    return build
 
 
 def zeroshot(
@@ -73,9 +72,10 @@ def zeroshot(
     precision: str = "fp32",
 ) -> dict[str, float]:
     """Top-1 / top-5 / mean per-class recall of ``checkpoint`` (an aclip run or any CLIP
-    ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on the wds
-    set ``data`` or the ImageFolder tree ``imagefolder``, plus the number of images and the
-    ``precision`` (``aclip.eval.evaluate.eval_autocast``). Paths are checked first."""
+    ``evals.common.load_model`` reads; ``model_name`` for an open_clip weights file) on the set
+    ``data`` (any registered format) or the ImageFolder tree ``imagefolder``, plus the number
+    of images and the ``precision`` (``aclip.eval.evaluate.eval_autocast``). Paths are checked
+    first."""
     precision = resolve_eval_precision(precision, device)
     check_model_source(checkpoint)
     build_set = _set_builder(data, imagefolder, classnames, templates)
@@ -94,11 +94,15 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="CLIP_benchmark wds classification set")
+    source.add_argument(
+        "--data", help="evaluation set of any registered format: wds set, ImageFolder tree, ..."
+    )
     source.add_argument("--imagefolder", help="ImageFolder tree root/<class>/<image>")
     parser.add_argument("--classnames", help="image folder: file with one class name per line")
     parser.add_argument(
-        "--templates", default="openai", help="image folder: openai (80), simple (7) or a file"
+        "--templates",
+        default=DEFAULT_TEMPLATES,
+        help="image folder: openai (80), simple (7) or a file",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_args(parser)
@@ -109,8 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry: prints the metrics as JSON, optionally writes them to a file."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.data and (args.classnames or args.templates != "openai"):
-        parser.error("--classnames / --templates apply to --imagefolder (a wds set has its own)")
     return report(
         lambda: zeroshot(
             args.checkpoint,

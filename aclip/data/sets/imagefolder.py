@@ -22,8 +22,10 @@ from open_clip.zero_shot_metadata import (
     SIMPLE_IMAGENET_TEMPLATES,
 )
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from aclip.data.decode import load_image_file
+from aclip.data.sets.registry import SetFormat, register_set_format
 
 Template = str | Callable[[str], str]
 TEMPLATE_SETS: dict[str, Sequence[Template]] = {
@@ -91,3 +93,43 @@ def load_imagefolder_classification(
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no class folders with images under {root}: {err}") from err
     return dataset, tree_classnames(dataset.classes, classnames_file), prompts
+
+
+# --- the format, as the eval CLIs and the trainer find it (aclip.data.sets.registry) ----------
+
+
+def claims_image_tree(path: Path) -> bool:
+    """Whether ``path`` is an ImageFolder tree: a directory whose class folders hold images
+    (an extension ImageFolder reads) and no ``*.tar`` shards (a wds set's split folder)."""
+    if not path.is_dir() or any(path.glob("*/*.tar")):
+        return False
+    return any(
+        f.suffix.lower() in IMG_EXTENSIONS for folder in path.iterdir() if folder.is_dir()
+        for f in folder.iterdir()
+    )  # fmt: skip
+
+
+def _check(
+    root: str | os.PathLike,
+    classnames: str | os.PathLike | None = None,
+    templates: str | os.PathLike = "openai",
+) -> None:
+    load_imagefolder_classification(root, None, classnames, templates)
+
+
+def _load(
+    root: str | os.PathLike,
+    transform: Callable,
+    classnames: str | os.PathLike | None = None,
+    templates: str | os.PathLike = "openai",
+) -> tuple[ImageFolder, list[str], list[Template]]:
+    return load_imagefolder_classification(root, transform, classnames, templates)
+
+
+register_set_format(
+    SetFormat(
+        "imagefolder", "classification", "an ImageFolder tree root/<class folder>/<image>, no "
+        "*.tar (options: classnames, templates)", claims_image_tree, _check, _load,
+        ("classnames", "templates"),
+    )
+)  # fmt: skip

@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from aclip.data.decode import open_image_file
+from aclip.data.sets.registry import SetFormat, register_set_format
 from aclip.data.views import to_rgb
 
 SPLITS = ("train", "val", "test", "restval")
@@ -141,3 +142,41 @@ def load_karpathy(
     folder or image (checked for every image before returning).
     """
     return KarpathyDataset(karpathy_entries(json_path, images_root, split), transform)
+
+
+# --- the format, as the eval CLIs and the trainer find it (aclip.data.sets.registry) ----------
+
+
+def claims_karpathy_json(path: Path) -> bool:
+    """Whether ``path`` names a ``*.json`` file (whether or not it exists: a missing one is
+    then named by the check)."""
+    return path.suffix.lower() == ".json" and not path.is_dir()
+
+
+def _images_root(json_path: str | os.PathLike, images: str | os.PathLike | None) -> Path:
+    """The images folder: ``images``, or the json's own folder when not given."""
+    return Path(images) if images is not None else Path(json_path).parent
+
+
+def _check(
+    json_path: str | os.PathLike, images: str | os.PathLike | None = None, split: str = "test"
+) -> None:
+    karpathy_entries(json_path, _images_root(json_path, images), split)
+
+
+def _load(
+    json_path: str | os.PathLike,
+    transform: Transform,
+    images: str | os.PathLike | None = None,
+    split: str = "test",
+) -> KarpathyDataset:
+    return load_karpathy(json_path, _images_root(json_path, images), split, transform)
+
+
+register_set_format(
+    SetFormat(
+        "karpathy", "retrieval", "a Karpathy split json (dataset_flickr30k.json, "
+        "dataset_coco.json; options: images, the folder of its images (default: the json's "
+        "folder), split)", claims_karpathy_json, _check, _load, ("images", "split"),
+    )
+)  # fmt: skip

@@ -30,6 +30,7 @@ import webdataset as wds
 from PIL import Image
 
 from aclip.data.decode import check_pixels, open_image
+from aclip.data.sets.registry import SetFormat, register_set_format
 from aclip.data.tars import tarfile_to_samples
 from aclip.data.views import to_rgb
 
@@ -288,3 +289,41 @@ def retrieval_collate(
 ) -> tuple[torch.Tensor, list[list[str]]]:
     """DataLoader collate for retrieval: stacked images and the per-image caption lists."""
     return torch.stack([img for img, _ in batch]), [caps for _, caps in batch]
+
+
+# --- the format, as the eval CLIs and the trainer find it (aclip.data.sets.registry) ----------
+
+METADATA_FILES = ("classnames.txt", "zeroshot_classification_templates.txt", "dataset_type.txt")
+
+
+def claims_wds_set(path: Path) -> bool:
+    """Whether ``path`` is laid out as a CLIP_benchmark wds set: a directory holding one of its
+    metadata files, or a split folder with ``nshards.txt`` or ``*.tar`` shards."""
+    if not path.is_dir():
+        return False
+    if any((path / name).is_file() for name in METADATA_FILES):
+        return True
+    return any(path.glob("*/nshards.txt")) or any(path.glob("*/*.tar"))
+
+
+def _check_classification(root: str | os.PathLike, split: str = "test") -> None:
+    check_eval_set(root, "zeroshot", split)
+
+
+def _check_retrieval(root: str | os.PathLike, split: str = "test") -> None:
+    check_eval_set(root, "retrieval", split)
+
+
+WDS_LAYOUT = " in CLIP_benchmark's wds layout (root/test/nshards.txt, root/test/0.tar ...)"
+register_set_format(
+    SetFormat(
+        "wds", "classification", EXPECTED["zeroshot"] + WDS_LAYOUT, claims_wds_set,
+        _check_classification, load_wds_classification, ("split",),
+    )
+)  # fmt: skip
+register_set_format(
+    SetFormat(
+        "wds", "retrieval", EXPECTED["retrieval"] + WDS_LAYOUT, claims_wds_set, _check_retrieval,
+        load_wds_retrieval, ("split",),
+    )
+)  # fmt: skip
