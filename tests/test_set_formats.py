@@ -1,5 +1,5 @@
 """The evaluation-set format registry (aclip.data.sets.registry): a format from a new file is
-read by the eval CLIs; --data finds ImageFolder trees and Karpathy json by
+read by the eval CLIs and the trainer; --data finds ImageFolder trees and Karpathy json by
 their layout with the numbers of the explicit flags; unclaimed or doubly claimed paths are named."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_untrained_run, write_cli_data
+from helpers import TINY_RUN_ARGS, save_untrained_run, write_cli_data
 from PIL import Image
 
 import evals.retrieval as ret_cli
 import evals.zeroshot as zs_cli
 from aclip.data.sets.imagefolder import load_imagefolder_classification
+from aclip.data.sets.karpathy import load_karpathy
 from aclip.data.sets.registry import (
     SET_FORMATS,
     SetFormat,
@@ -24,7 +25,11 @@ from aclip.data.sets.registry import (
     get_set_format,
     register_set_format,
 )
+from aclip.data.sets.wds import retrieval_collate
 from aclip.data.views import eval_transform
+from aclip.eval.evaluate import evaluate_sets, zero_shot_evaluate, zero_shot_on_wds
+from aclip.eval.retrieval import evaluate_retrieval
+from aclip.tokenizer import Tokenizer
 
 CLASSES = ("blue_sky", "green", "red")
 PER_CLASS = 3
@@ -214,3 +219,42 @@ def test_karpathy_json_given_to_retrieval_data(run, tmp_path, capsys):
     assert ret_cli.main([*base, "--data", str(json_path)]) == 0  # images beside the json
     results.append(json.loads(capsys.readouterr().out))
     assert results[0] == results[1] == results[2] and results[0]["n_images"] == 4
+
+
+def test_trainer_evaluates_and_preflight_checks_every_format(run, tree, tmp_path, monkeypatch,
+                                                             capsys):  # fmt: skip
+    import train
+    from aclip.config import load_config
+    from aclip.train.preflight import check_paths
+
+    _, clip, cfg = run
+    data = write_cli_data(tmp_path / "sets")
+    json_path = _write_karpathy(tmp_path)
+    tokenizer = Tokenizer(cfg.model.context_length)
+    size = cfg.model.image_size
+    results = evaluate_sets(clip, tokenizer, [str(data / "eval_cls"), str(tree)], [str(json_path)],
+                            size, 4)  # fmt: skip
+    assert results["zeroshot/eval_cls"] == zero_shot_on_wds(
+        clip, tokenizer, str(data / "eval_cls"), size, batch_size=4
+    ) | {"precision": "fp32"}
+    dataset, names, templates = load_imagefolder_classification(tree, eval_transform(size))
+    want = zero_shot_evaluate(clip, tokenizer, dataset, names, templates, batch_size=4)
+    assert results[f"zeroshot/{tree.name}"] == want | {"precision": "fp32"}
+    loader = torch.utils.data.DataLoader(
+        load_karpathy(json_path, tmp_path, transform=eval_transform(size)), batch_size=4,
+        collate_fn=retrieval_collate,
+    )  # fmt: skip
+    want = evaluate_retrieval(clip, tokenizer, loader)
+    assert results["retrieval/dataset_test.json"] == want | {"precision": "fp32"}
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    overrides = [*TINY_RUN_ARGS, f"data.train_shards={data}/train/{{00000..00001}}.tar",
+                 f"train.output_dir={tmp_path / 'out'}", f"eval.zeroshot_sets=[{tree}]",
+                 f"eval.retrieval_sets=[{json_path}]"]  # fmt: skip
+    check_paths(load_config("configs/demo.yaml", overrides))  # both formats pass the pre-flight
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = ["--config", "configs/demo.yaml", *overrides, f"eval.zeroshot_sets=[{empty}]"]
+    monkeypatch.setattr(train, "run", lambda cfg: pytest.fail("the run started"))
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: eval.zeroshot_sets: no classification set format reads {empty}")

@@ -173,6 +173,31 @@ def zero_shot_evaluate(
     return classification_metrics(logits, labels, len(classnames)) | {"n": len(labels)}
 
 
+def zero_shot_on_set(
+    model: CLIP,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    root: str,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: bool = False,
+    workers: int = 0,
+    set_format: str | None = None,
+) -> dict[str, float]:
+    """Zero-shot metrics of ``model`` on the classification set at ``root``, read by the
+    registered format ``set_format`` or, when None, by the one that claims ``root``
+    (``aclip.data.sets.registry``) with its default options."""
+    from aclip.data.sets.registry import find_set_format, get_set_format
+    from aclip.data.views import eval_transform
+
+    task = "classification"
+    fmt = get_set_format(set_format, task) if set_format else find_set_format(root, task)
+    dataset, classnames, templates = fmt.load(root, eval_transform(image_size))
+    return zero_shot_evaluate(
+        model, tokenizer, dataset, classnames, templates, device, batch_size, progress, workers
+    )
+
+
 def zero_shot_on_wds(
     model: CLIP,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -184,13 +209,34 @@ def zero_shot_on_wds(
     workers: int = 0,
 ) -> dict[str, float]:
     """Zero-shot metrics of ``model`` on a CLIP_benchmark wds classification set at ``root``."""
-    from aclip.data.sets.wds import load_wds_classification
-    from aclip.data.views import eval_transform
-
-    dataset, classnames, templates = load_wds_classification(root, eval_transform(image_size))
-    return zero_shot_evaluate(
-        model, tokenizer, dataset, classnames, templates, device, batch_size, progress, workers
+    return zero_shot_on_set(
+        model, tokenizer, root, image_size, device, batch_size, progress, workers, "wds"
     )
+
+
+def retrieval_on_set(
+    model: CLIP,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    root: str,
+    image_size: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: bool = False,
+    set_format: str | None = None,
+) -> dict[str, float]:
+    """Image<->text recall@1/5/10 of ``model`` on the retrieval set at ``root``, read by the
+    registered format ``set_format`` or, when None, by the one that claims ``root``
+    (``aclip.data.sets.registry``) with its default options."""
+    from aclip.data.sets.registry import find_set_format, get_set_format
+    from aclip.data.sets.wds import retrieval_collate
+    from aclip.data.views import eval_transform
+    from aclip.eval.retrieval import evaluate_retrieval
+
+    task = "retrieval"
+    fmt = get_set_format(set_format, task) if set_format else find_set_format(root, task)
+    dataset = fmt.load(root, eval_transform(image_size))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=retrieval_collate)
+    return evaluate_retrieval(model, tokenizer, loader, device, progress=progress)
 
 
 def retrieval_on_wds(
@@ -203,13 +249,7 @@ def retrieval_on_wds(
     progress: bool = False,
 ) -> dict[str, float]:
     """Image<->text recall@1/5/10 of ``model`` on a CLIP_benchmark wds retrieval set."""
-    from aclip.data.sets.wds import load_wds_retrieval, retrieval_collate
-    from aclip.data.views import eval_transform
-    from aclip.eval.retrieval import evaluate_retrieval
-
-    dataset = load_wds_retrieval(root, eval_transform(image_size))
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=retrieval_collate)
-    return evaluate_retrieval(model, tokenizer, loader, device, progress=progress)
+    return retrieval_on_set(model, tokenizer, root, image_size, device, batch_size, progress, "wds")
 
 
 def evaluate_sets(
@@ -225,8 +265,10 @@ def evaluate_sets(
 ) -> dict[str, dict]:
     """Every set: ``zeroshot/<set name>`` and ``retrieval/<set name>`` -> its metrics and the
     ``precision`` they were computed at (:func:`eval_autocast`, as the eval CLIs'
-    ``--precision``); ``extra`` adds kinds as (kind, sets, fn) with fn called like
-    :func:`zero_shot_on_wds`.
+    ``--precision``); each set is read by the registered format that claims its path
+    (:func:`zero_shot_on_set`, :func:`retrieval_on_set`: a wds set, an ImageFolder tree, a
+    Karpathy json, ...); ``extra`` adds kinds as (kind, sets, fn) with fn called like
+    :func:`zero_shot_on_set`.
 
     A set whose evaluation raises gets ``{"error": "<type>: <message>"}`` (also printed on
     stderr) and the others still run: a failed evaluation never loses a trained run.
@@ -237,8 +279,8 @@ def evaluate_sets(
     results: dict[str, dict] = {}
     try:
         for kind, roots, fn in (
-            ("zeroshot", zeroshot_sets, zero_shot_on_wds),
-            ("retrieval", retrieval_sets, retrieval_on_wds),
+            ("zeroshot", zeroshot_sets, zero_shot_on_set),
+            ("retrieval", retrieval_sets, retrieval_on_set),
             *extra,
         ):
             for root in roots:

@@ -97,13 +97,16 @@ def _check_image_size(cfg: Config) -> None:
 
 def _check_eval_sets(cfg: Config) -> None:
     """Refuse an eval set that is missing, of the wrong kind or laid out wrong, naming the key
-    (the final evaluation would otherwise find it only after training)."""
+    (the final evaluation would otherwise find it only after training): a zero-shot or
+    retrieval set is checked by the registered format that claims it
+    (``aclip.data.sets.registry``), with that format's default options, as the evaluation
+    reads it."""
     from aclip.data.sets.regions import WdsRegionSet
-    from aclip.data.sets.wds import check_eval_set
+    from aclip.data.sets.registry import prepare_set
 
     checks = (
-        ("eval.zeroshot_sets", cfg.eval.zeroshot_sets, partial(check_eval_set, task="zeroshot")),
-        ("eval.retrieval_sets", cfg.eval.retrieval_sets, partial(check_eval_set, task="retrieval")),
+        ("eval.zeroshot_sets", cfg.eval.zeroshot_sets, partial(prepare_set, task="classification")),
+        ("eval.retrieval_sets", cfg.eval.retrieval_sets, partial(prepare_set, task="retrieval")),
         ("eval.region_sets", cfg.eval.region_sets, WdsRegionSet),
     )
     for key, roots, check in checks:
