@@ -15,7 +15,7 @@ from aclip.bench import common
 from aclip.bench.__main__ import main
 from aclip.bench.step import StepOptions, bench_config, mode_flops, open_clip_model
 from aclip.methods.flops import step_flops
-from aclip.methods.losses import aclip_loss
+from aclip.methods.losses import aclip_loss, multi_view_infonce
 from aclip.methods.tokens import TokenSelector
 from aclip.model import build_model
 
@@ -80,6 +80,33 @@ def test_analytic_forward_and_teacher_flops_equal_flop_counter(setup):
 
     assert counted(teacher) == flops.teacher
     assert flops.total == 3 * flops.student_forward + flops.teacher
+
+
+@pytest.mark.parametrize("method", ["aclip", "flip"])
+def test_gaussian_masking_flops_equal_flop_counter_and_randoms(tmp_path, method):
+    """mask.strategy=gaussian keeps as many tokens as random: the analytic count (Method.cost)
+    equals FlopCounterMode on a step with Gaussian-selected tokens, for A-CLIP and FLIP."""
+    extra = {"mask.num_views": 1, "loss.w_simclr": 0} if method == "flip" else {}
+    cfg = tiny_config(str(tmp_path), **{"method": method, "mask.strategy": "gaussian", **extra})
+    random_cfg = tiny_config(
+        str(tmp_path), **{"method": method, "mask.strategy": "random", **extra}
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss)
+    batch = fake_batch(cfg, 8, seed=0)
+    selector = TokenSelector("gaussian", cfg.mask.keep_ratio, model.clip.visual.grid_hw)
+    keep = selector.select(None, 8 * cfg.mask.num_views, torch.Generator().manual_seed(0))
+    assert keep.shape[1] == 8  # half of the 16 patches
+
+    def step():
+        if method == "aclip":  # both views, SimCLR and BYOL heads, as the setup's A-CLIP step
+            return _student_loss(cfg, model, batch, keep)
+        out = model(batch["views"].flatten(0, 1), batch["tokens"], keep)
+        return multi_view_infonce([out["image_emb"]], out["text_emb"], out["logit_scale_exp"])
+
+    flops = step_flops(model, cfg, 8)
+    assert counted(step) == flops.student_forward
+    assert flops.total == step_flops(model, random_cfg, 8).total
 
 
 def test_backward_flops_are_twice_the_forward_up_to_known_terms(setup):

@@ -1,5 +1,6 @@
 """Plain CLIP (Radford et al., 2021) and FLIP (Li et al., CVPR 2023): one view per sample and the
-symmetric InfoNCE; FLIP encodes a random ``mask.keep_ratio`` of the patch tokens.
+symmetric InfoNCE; FLIP encodes a random ``mask.keep_ratio`` of the patch tokens (or another
+relevance-free ``mask.strategy``, e.g. ``gaussian``: see :class:`FLIP`).
 
 Equal, number for number, to A-CLIP with ``mask.strategy=none`` (CLIP) or ``random`` (FLIP),
 ``mask.num_views=1`` and no SimCLR / BYOL (tests/test_methods.py), without building a teacher,
@@ -18,7 +19,7 @@ from aclip.methods.aclip import mask_generator
 from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
 from aclip.methods.losses import multi_view_infonce
 from aclip.methods.registry import register
-from aclip.methods.tokens import TokenSelector, num_keep
+from aclip.methods.tokens import STRATEGIES, TokenSelector, num_keep
 from aclip.model import build_clip, build_student, caption_word_head
 
 
@@ -45,8 +46,8 @@ class CLIP(Method):
         """The token selector of this method for the student's patch grid."""
         super().attach(student)
         mask, visual = self.cfg.mask, student.clip.visual
-        self.selector = TokenSelector(self.strategy, mask.keep_ratio, visual.grid_hw,
-                                      mask.block_size)  # fmt: skip
+        strategy = self.token_strategy(self.cfg)
+        self.selector = TokenSelector(strategy, mask.keep_ratio, visual.grid_hw, mask.block_size)
 
     def sample_views(self) -> Views:
         """One RandomResizedCrop view with colour augmentation, uint8 (no EMA view)."""
@@ -88,16 +89,36 @@ class CLIP(Method):
         return {"train/kept_fraction": kept}
 
     @classmethod
+    def token_strategy(cls, cfg: Config) -> str:
+        """The token strategy this method runs: CLIP ``none`` whatever ``mask.strategy`` says."""
+        return cls.strategy
+
+    @classmethod
     def cost(cls, cfg: Config, num_patches: int) -> Cost:
         """One view, all tokens (FLIP: ``mask.keep_ratio`` of them), no teacher, no NT-Xent."""
-        kept = None if cls.strategy == "none" else num_keep(num_patches, cfg.mask.keep_ratio)
+        strategy = cls.token_strategy(cfg)
+        kept = None if strategy == "none" else num_keep(num_patches, cfg.mask.keep_ratio)
         kept = None if kept == num_patches else kept
         return Cost(num_views=1, kept=kept, teacher=False, simclr=False)
 
 
 @register
 class FLIP(CLIP):
-    """CLIP encoding a random ``mask.keep_ratio`` of each view's patch tokens."""
+    """CLIP encoding ``mask.keep_ratio`` of each view's patch tokens (random ones by default).
+
+    The token strategy: ``mask.strategy`` when it names a registered strategy that needs no
+    relevance (FLIP has no teacher) and drops tokens (not ``none``), e.g. ``gaussian`` (GLIP);
+    otherwise ``random`` (FLIP proper). So the config default ``attentive``, which FLIP cannot
+    run, and ``none`` give ``random``, and every FLIP run from before is unchanged.
+    """
 
     name = "flip"
     strategy = "random"
+
+    @classmethod
+    def token_strategy(cls, cfg: Config) -> str:
+        """``mask.strategy`` if relevance-free and token-dropping, else ``random``."""
+        chosen = STRATEGIES.get(cfg.mask.strategy)
+        if chosen is None or chosen.needs_relevance or chosen.keeps_every_token:
+            return cls.strategy
+        return chosen.name
