@@ -13,7 +13,8 @@ class TokenSelector:
     """Chooses which patch tokens of each online view the student encodes.
 
     ``strategy``: a registered token strategy (aclip/methods/tokens/): "none" (all tokens),
-    "random" (FLIP) or "attentive" (A-CLIP, top-k relevance).
+    "random" (FLIP), "attentive" (A-CLIP, top-k relevance), "gaussian" (GLIP, centre-biased
+    random), or any strategy a newer file registers.
     """
 
     def __init__(
