@@ -26,6 +26,7 @@ kept and trimmed to k by the patches' own scores, as ``random`` does with its bl
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,6 +47,12 @@ def gaussian_pdf(grid_hw: tuple[int, int], variance: float = GLIP_VARIANCE) -> T
     return (torch.exp(-sq_HW / (2 * variance)) / (2 * math.pi * variance)).reshape(-1)
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_pdf(grid_hw: tuple[int, int], device: torch.device) -> Tensor:
+    """:func:`gaussian_pdf` on ``device``, computed once per grid and device (never modified)."""
+    return gaussian_pdf(grid_hw).to(device)
+
+
 def gaussian_keep(
     batch: int,
     k: int,
@@ -64,14 +71,14 @@ def gaussian_keep(
     check_grid(num_patches, grid_hw, k, block_size)
     draw_device = generator.device if generator is not None else device
     noise_BN = torch.rand(batch, num_patches, generator=generator, device=draw_device)
-    score_BN = noise_BN.double() + gaussian_pdf(grid_hw).to(noise_BN.device) - 1.0
+    score_BN = noise_BN.double() + _cached_pdf(grid_hw, noise_BN.device) - 1.0
     if block_size == 1:
         keep_BK = score_BN.topk(k, dim=1).indices.sort(dim=1).values
     else:
         block_hw = (grid_hw[0] // block_size, grid_hw[1] // block_size)
         block_noise_BM = torch.rand(batch, block_hw[0] * block_hw[1], generator=generator,
                                     device=draw_device)  # fmt: skip
-        pdf_M = gaussian_pdf(block_hw).to(block_noise_BM.device)
+        pdf_M = _cached_pdf(block_hw, block_noise_BM.device)
         block_score_BM = block_noise_BM.double() + pdf_M - 1.0
         keep_BK = keep_by_blocks(block_score_BM, score_BN, k, grid_hw, block_size)
     return keep_BK.to(device) if device is not None else keep_BK
