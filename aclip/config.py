@@ -45,7 +45,7 @@ class ModelConfig:
     alpha_channel: bool = False  # Alpha-CLIP: a zero-initialised alpha conv beside the patch conv
     init_from: str = ""  # pretrained weights to start from (OpenAI / open_clip / aclip run)
     init_from_name: str = ""  # open_clip model name (or open_clip_config.json) for a bare file
-    init_temperature: float = 0.07  # logit scale starts at ln(1 / init_temperature)
+    init_temperature: float = 0.07  # logit scale starts at ln(1 / init_temperature) (InfoNCE)
     text_token_drop: float = 0.0  # training: hide each caption token with this probability
     grad_checkpointing: bool = False  # recompute block activations in backward (saves memory)
     compile: bool = False  # torch.compile the student's forward (ACLIPModel)
@@ -65,6 +65,14 @@ class MaskConfig:
 class LossConfig:
     """Loss weights and self-supervised head sizes (docs/design.md, A-CLIP step 6)."""
 
+    # image-text term: infonce (CLIP's softmax, the default) or siglip (SigLIP's sigmoid loss,
+    # aclip.methods.losses.siglip: the model then gets a learnable logit bias). A siglip model
+    # starts at t = siglip_init_scale (logit_scale = ln t) and b = siglip_init_bias (open_clip's
+    # init_logit_scale ln 10 / init_logit_bias -10 for SigLIP) instead of model.init_temperature,
+    # which is InfoNCE's start only (a siglip run refuses a changed one).
+    contrastive: str = "infonce"
+    siglip_init_scale: float = 10.0
+    siglip_init_bias: float = -10.0
     w_simclr: float = 1.0
     w_byol: float = 2.0
     simclr_temperature: float = 0.1
@@ -348,6 +356,7 @@ def validate(cfg: Config) -> None:
             "model.init_temperature",
             f"must be >= 0.01, the logit scale's clamp (got {cfg.model.init_temperature})",
         ),
+        *_siglip_checks(cfg),
         (cfg.mask.block_size >= 1, "mask.block_size", "must be >= 1"),
         (cfg.model.image_size >= 1, "model.image_size", "must be >= 1 (pixels per side)"),
         (0.0 <= cfg.model.text_token_drop < 1.0, "model.text_token_drop", "must be in [0, 1)"),
@@ -411,6 +420,34 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {why}")
     _check_param_groups(cfg.optim.param_groups)
+
+
+def _siglip_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    loss, siglip = cfg.loss, cfg.loss.contrastive == "siglip"
+    return [
+        (
+            loss.contrastive in ("infonce", "siglip"),
+            "loss.contrastive",
+            f"must be infonce or siglip (got {loss.contrastive!r})",
+        ),
+        (
+            1.0 <= loss.siglip_init_scale <= 100.0,
+            "loss.siglip_init_scale",
+            f"must be in [1, 100], the logit scale's clamp (got {loss.siglip_init_scale})",
+        ),
+        (
+            not siglip or cfg.model.init_temperature == ModelConfig.init_temperature,
+            "model.init_temperature",
+            "is InfoNCE's start; a loss.contrastive=siglip run starts from "
+            "loss.siglip_init_scale / loss.siglip_init_bias (leave init_temperature at 0.07)",
+        ),
+        (
+            not siglip or cfg.method != "alpha_clip",
+            "loss.contrastive",
+            "siglip is not available for method alpha_clip: its InfoNCE has Alpha-CLIP's own "
+            "gradient rule (no-grad gathered columns), label smoothing and a fixed ln 100 scale",
+        ),
+    ]
 
 
 def _alpha_checks(alpha: AlphaConfig) -> list[tuple[bool, str, str]]:

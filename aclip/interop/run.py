@@ -85,7 +85,7 @@ def load_eval_model(
     states_file = find_checkpoint(path)
     states = read_model_states(states_file)
     cfg = config_from_yaml(states["config"])
-    clip = build_clip(cfg.model)
+    clip = build_clip(cfg.model, cfg.loss)
     module = _fp32_module(states["module"], states_file.parent)
     try:
         clip.load_state_dict({k[5:]: v.float() for k, v in module.items() if k.startswith("clip.")})

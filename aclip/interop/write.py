@@ -47,10 +47,22 @@ def refuse_alpha(clip: CLIP, fmt: str) -> None:
         )
 
 
+def refuse_logit_bias(clip: CLIP, fmt: str) -> None:
+    """A SigLIP model (``loss.contrastive=siglip``: a learnable logit bias) is refused
+    (``NotExpressible``) by the CLIP exports for now: OpenAI's layout has no bias, and the
+    open_clip route (its ``init_logit_bias`` and ``logit_bias`` key) is not written yet."""
+    if getattr(clip, "logit_bias", None) is not None:
+        raise NotExpressible(
+            f"this model has a logit bias (SigLIP, loss.contrastive=siglip): aclip does not "
+            f"write it as a {fmt} model yet; load the run with aclip (aclip.interop.load_clip)"
+        )
+
+
 def to_openai_state_dict(clip: CLIP) -> dict[str, Tensor]:
     """The model in OpenAI's (= open_clip's native) layout, fp32; refuses a tower that is not
     CLIP architecture or has an alpha channel (``NotExpressible``, with the reasons)."""
     refuse_alpha(clip, "OpenAI-layout")
+    refuse_logit_bias(clip, "OpenAI-layout")
     clip_vision_arch(clip.visual.vit)
     return convert_keys(
         {k: v.detach().float() for k, v in clip.state_dict().items()}, OPENAI_RULES, False
@@ -76,6 +88,7 @@ def open_clip_model_cfg(clip: CLIP) -> dict[str, Any]:
         NotExpressible: with the reasons for both routes.
     """
     refuse_alpha(clip, "open_clip")
+    refuse_logit_bias(clip, "open_clip")
     vit, text_act = clip.visual.vit, clip.text.act
     problems = clip_vision_problems(vit)
     if not problems:

@@ -188,6 +188,7 @@ class ACLIP(Method):
             loss.w_simclr,
             loss.w_byol,
             loss.simclr_temperature,
+            None if outputs.get("logit_bias") is None else outputs["logit_bias"].float(),
         )
         named = {"clip": terms.clip, "simclr": terms.simclr, "byol": terms.byol}
         return self.with_word_terms(StepLoss(terms.total, named), outputs, prepared["tokens"])

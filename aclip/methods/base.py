@@ -96,7 +96,7 @@ class Method:
     # micro-batches along dim 0, runs forward on each and concatenates their outputs along dim
     # 0 (but for the keys in ``whole_outputs``), so every tensor of the prepared batch and of the
     # outputs must be per sample (or per sample and view), in the batch's order.
-    whole_outputs: ClassVar[tuple[str, ...]] = ("logit_scale_exp",)
+    whole_outputs: ClassVar[tuple[str, ...]] = ("logit_scale_exp", "logit_bias")
 
     def prepare(self, batch: Mapping[str, Tensor], step: int) -> dict[str, Tensor]:
         """This rank's ``batch`` ready for the student, at optimizer step ``step`` (no grad)."""
@@ -170,7 +170,11 @@ class Method:
         fields = {
             f"model.{k}": v for k, v in vars(cfg.model).items() if k not in RUNTIME_MODEL_KEYS
         }
-        return fields | {"method": cls.name, "loss.caption_word_head": cfg.loss.caption_words}
+        return fields | {
+            "method": cls.name,
+            "loss.caption_word_head": cfg.loss.caption_words,
+            "loss.logit_bias": cfg.loss.contrastive == "siglip",  # SigLIP's extra parameter
+        }
 
     @classmethod
     def cost(cls, cfg: Config, num_patches: int) -> Cost:

@@ -17,7 +17,7 @@ from aclip.config import Config
 from aclip.data.views import model_input
 from aclip.methods.aclip import mask_generator
 from aclip.methods.base import Cost, Forward, Method, RunContext, StepLoss, Views
-from aclip.methods.losses import multi_view_infonce
+from aclip.methods.losses import contrastive_views
 from aclip.methods.registry import register
 from aclip.methods.tokens import STRATEGIES, TokenSelector, num_keep
 from aclip.model import build_clip, build_student, caption_word_head
@@ -38,7 +38,7 @@ class CLIP(Method):
     def build_student(self) -> nn.Module:
         """CLIP without SSL heads (with the caption-word head if the loss asks for it)."""
         model_cfg = self.cfg.model
-        clip = build_clip(model_cfg)
+        clip = build_clip(model_cfg, self.cfg.loss)
         head = caption_word_head(model_cfg, self.cfg.loss)
         return build_student(clip, model_cfg, bow_head=head)
 
@@ -73,12 +73,14 @@ class CLIP(Method):
         return forward(views.flatten(0, 1), prepared["tokens"], prepared.get("keep_idx"))
 
     def loss_from(self, outputs: Mapping[str, Tensor], prepared: Mapping[str, Tensor]) -> StepLoss:
-        """InfoNCE of the view against this rank's captions, gathered over ranks (+ the
-        caption-word terms when the loss asks for them)."""
-        clip = multi_view_infonce(
+        """InfoNCE (or SigLIP, ``loss.contrastive``) of the view against this rank's captions,
+        gathered over ranks (+ the caption-word terms when the loss asks for them)."""
+        bias = outputs.get("logit_bias")
+        clip = contrastive_views(
             [outputs["image_emb"].float()],
             outputs["text_emb"].float(),
             outputs["logit_scale_exp"].float(),
+            None if bias is None else bias.float(),
         )
         return self.with_word_terms(StepLoss(clip, {"clip": clip}), outputs, prepared["tokens"])
 

@@ -1,4 +1,4 @@
-"""A-CLIP losses: CLIP InfoNCE, SimCLR NT-Xent and BYOL, with cross-rank feature gathering.
+"""A-CLIP losses: CLIP InfoNCE, SigLIP, SimCLR NT-Xent and BYOL, with cross-rank feature gathering.
 
 Why the local-loss form gives the exact global gradient
 -------------------------------------------------------
@@ -131,6 +131,62 @@ def multi_view_infonce(
     return torch.stack(per_view).mean()
 
 
+def siglip(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale_exp: Tensor,
+    logit_bias: Tensor,
+    all_text: Tensor | None = None,
+) -> Tensor:
+    """SigLIP's sigmoid loss (Zhai et al. 2023) on L2-normalised embeddings, this rank's images
+    against every rank's captions.
+
+    loss = -(1/n) sum_ij logsigmoid(z_ij (t x_i . y_j + b)), i over this rank's n images, j over
+    all gathered captions, z_ij = +1 for an image's own caption and -1 for every other (other
+    ranks' captions are negatives only): open_clip ``loss.py`` ``SigLipLoss`` summed over its
+    rank blocks, the same normalisation (this rank's batch size). open_clip exchanges the text
+    blocks around a ring with gradients (``neighbour_exchange_bidir_with_grad``); the
+    ``all_gather`` with gradients here sends each caption the same sum of every rank's terms, so
+    loss and gradients are open_clip's (tests/test_siglip.py, 1 and 2 ranks). The mean over
+    ranks equals the 1-process loss on the whole batch (the module docstring's argument).
+    ``all_text`` is ``gather_with_grad(text_emb)[0]`` when the caller already has it.
+    """
+    n = image_emb.shape[0]
+    if all_text is None:
+        all_text, _ = gather_with_grad(text_emb)
+    offset = _world()[0] * text_emb.shape[0]  # this rank's captions in the gathered columns
+    logits_BN = logit_scale_exp * image_emb @ all_text.t() + logit_bias
+    rows = torch.arange(n, device=image_emb.device)
+    signs_BN = -torch.ones_like(logits_BN)
+    signs_BN[rows, rows + offset] = 1.0
+    return -F.logsigmoid(signs_BN * logits_BN).sum() / n
+
+
+def multi_view_siglip(
+    image_emb_views: list[Tensor], text_emb: Tensor, logit_scale_exp: Tensor, logit_bias: Tensor
+) -> Tensor:
+    """Mean over views of :func:`siglip` (view v's images against the captions), with one
+    gather of the text features for all views."""
+    all_text, _ = gather_with_grad(text_emb)
+    per_view = [
+        siglip(emb, text_emb, logit_scale_exp, logit_bias, all_text) for emb in image_emb_views
+    ]
+    return torch.stack(per_view).mean()
+
+
+def contrastive_views(
+    image_emb_views: list[Tensor],
+    text_emb: Tensor,
+    logit_scale_exp: Tensor,
+    logit_bias: Tensor | None = None,
+) -> Tensor:
+    """The contrastive term of ``loss.contrastive``: :func:`multi_view_siglip` when the model
+    has a logit bias (a siglip model), else :func:`multi_view_infonce`."""
+    if logit_bias is None:
+        return multi_view_infonce(image_emb_views, text_emb, logit_scale_exp)
+    return multi_view_siglip(image_emb_views, text_emb, logit_scale_exp, logit_bias)
+
+
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float = 0.1) -> Tensor:
     """SimCLR NT-Xent between two different views, gathered across ranks.
 
@@ -241,16 +297,19 @@ def aclip_loss(
     w_simclr: float,
     w_byol: float,
     simclr_temperature: float = 0.1,
+    logit_bias: Tensor | None = None,
 ) -> LossOutput:
     """A-CLIP objective (docs/design.md, A-CLIP step 6).
 
     total = mean_v InfoNCE(image_emb_views[v], text) + w_simclr * NT-Xent(z_1, z_2)
             + w_byol * mean_v BYOL(byol_pred[v], byol_target).
 
+    With a ``logit_bias`` (``loss.contrastive=siglip``) the first term is mean_v SigLIP.
+
     The SimCLR term needs at least two views (it is zero with one; with more than two it is the
     mean over all view pairs). ``simclr_z``/``byol_pred`` = None disable those terms.
     """
-    clip = multi_view_infonce(image_emb_views, text_emb, logit_scale_exp)
+    clip = contrastive_views(image_emb_views, text_emb, logit_scale_exp, logit_bias)
     zero = clip.new_zeros(())
     simclr = zero
     if simclr_z is not None and len(simclr_z) >= 2:

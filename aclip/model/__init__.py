@@ -47,8 +47,10 @@ def build_vision(model_cfg: ModelConfig) -> VisionTower:
         ) from None
 
 
-def build_clip(model_cfg: ModelConfig) -> CLIP:
-    """The CLIP of ``model_cfg``: timm vision tower, CLIP text tower, projections, temperature."""
+def build_clip(model_cfg: ModelConfig, loss_cfg: LossConfig | None = None) -> CLIP:
+    """The CLIP of ``model_cfg``: timm vision tower, CLIP text tower, projections, temperature;
+    with ``loss_cfg.contrastive == "siglip"`` SigLIP's start (``loss.siglip_init_scale``) and a
+    logit bias (``loss.siglip_init_bias``); without ``loss_cfg``: InfoNCE's model."""
     visual = build_vision(model_cfg)
     text = TextTransformer(
         context_length=model_cfg.context_length,
@@ -59,6 +61,9 @@ def build_clip(model_cfg: ModelConfig) -> CLIP:
         act=model_cfg.text_act,
         token_drop=model_cfg.text_token_drop,
     )
+    if loss_cfg is not None and loss_cfg.contrastive == "siglip":
+        return CLIP(visual, text, model_cfg.embed_dim, 1.0 / loss_cfg.siglip_init_scale,
+                    loss_cfg.siglip_init_bias)  # fmt: skip
     return CLIP(visual, text, model_cfg.embed_dim, model_cfg.init_temperature)
 
 
@@ -84,7 +89,7 @@ def build_student(
 def build_model(model_cfg: ModelConfig, loss_cfg: LossConfig) -> ACLIPModel:
     """A-CLIP's student: CLIP from ``model_cfg``, a SimCLR head if ``w_simclr > 0``, BYOL heads
     if ``w_byol > 0`` (built in this order: the same seed gives the same weights)."""
-    clip = build_clip(model_cfg)
+    clip = build_clip(model_cfg, loss_cfg)
     width = clip.visual.width
     simclr = None
     if loss_cfg.w_simclr > 0:

@@ -27,6 +27,9 @@ class CLIP(nn.Module):
     optimizer step (the trainer does it, as open_clip does), not in the forward pass: a forward
     clamp would cut its gradient above ln 100, where Adam's momentum could then leave it for
     good.
+
+    ``init_logit_bias`` (SigLIP, ``loss.contrastive=siglip``) adds a learnable ``logit_bias`` of
+    shape (1,) starting there (open_clip's ``init_logit_bias``); without it the model has none.
     """
 
     def __init__(
@@ -35,6 +38,7 @@ class CLIP(nn.Module):
         text: TextTransformer,
         embed_dim: int,
         init_temperature: float = 0.07,
+        init_logit_bias: float | None = None,
     ) -> None:
         super().__init__()
         self.visual = visual
@@ -47,6 +51,9 @@ class CLIP(nn.Module):
         if init_temperature <= 0:
             raise ValueError(f"init_temperature must be > 0, got {init_temperature}")
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
+        self.logit_bias: nn.Parameter | None = None
+        if init_logit_bias is not None:
+            self.logit_bias = nn.Parameter(torch.full((1,), float(init_logit_bias)))
 
     def project_image(self, pooled_BW: Tensor, normalize: bool = False) -> Tensor:
         """Joint-space embedding [B, embed_dim] of a vision tower's pooled output."""
@@ -108,8 +115,9 @@ class ACLIPModel(nn.Module):
         their normalised alpha masks [B*V, 1, H, W] for an alpha tower (Alpha-CLIP).
 
         Returns ``image_emb`` [B*V, embed_dim] and ``text_emb`` [B, embed_dim] (both
-        L2-normalised), ``logit_scale_exp`` (1,), ``pooled`` [B*V, width], and when the heads
-        exist ``simclr_z`` [B*V, simclr_out] and ``byol_pred`` [B*V, byol_out] (raw).
+        L2-normalised), ``logit_scale_exp`` (1,), ``logit_bias`` (1,) for a SigLIP model,
+        ``pooled`` [B*V, width], and when the heads exist ``simclr_z`` [B*V, simclr_out] and
+        ``byol_pred`` [B*V, byol_out] (raw).
         """
         pooled_BW = self.clip.visual(images_BCHW, keep_idx_BK, alpha_B1HW)
         image_BE = self.clip.project_image(pooled_BW)
@@ -120,6 +128,8 @@ class ACLIPModel(nn.Module):
             "logit_scale_exp": self.clip.logit_scale_exp(),
             "pooled": pooled_BW,
         }
+        if self.clip.logit_bias is not None:
+            out["logit_bias"] = self.clip.logit_bias
         if self.bow_head is not None:
             out["image_bow"] = self.bow_head(image_BE)
             out["text_bow"] = self.bow_head(text_BE)

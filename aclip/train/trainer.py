@@ -289,7 +289,7 @@ class Trainer:
             return clip
         params = dist_utils.fp32_parameters(clip)
         with torch.device("meta"):
-            copy = build_clip(self.cfg.model)
+            copy = build_clip(self.cfg.model, self.cfg.loss)
         copy = copy.to_empty(device=self.device)
         buffers = dict(clip.named_buffers())
         with torch.no_grad():
