@@ -255,3 +255,54 @@ def siglip_of(trainer: Trainer, batch: dict[str, torch.Tensor]) -> float:
     views = list(out["image_emb"].view(n, v, -1).unbind(1))
     return multi_view_siglip(views, out["text_emb"], out["logit_scale_exp"],
                              out["logit_bias"]).item()  # fmt: skip
+
+
+def test_a_siglip_run_reads_back_with_and_without_its_bias(tmp_path):
+    from aclip.interop import load_clip
+    from aclip.interop.fit import fit_state_dict
+    from aclip.interop.run import load_eval_model
+
+    cfg = tiny_config(str(tmp_path), **SIGLIP)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.loss).eval()
+    with torch.no_grad():
+        model.clip.logit_bias.fill_(-7.5)
+    tag = tmp_path / "checkpoints" / "global_step0"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints" / "latest").write_text("global_step0")
+    states = {"module": model.state_dict(), "config": to_yaml(cfg), "ema": None}
+    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    clip, _ = load_eval_model(tmp_path)  # the run's own model: the bias comes back
+    assert clip.logit_bias.item() == -7.5
+    plain, _, _ = load_clip(str(tmp_path))  # the generic reader: a CLIP for embeddings
+    assert plain.logit_bias is None
+    image = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size)
+    torch.testing.assert_close(plain.encode_image(image), clip.encode_image(image))
+    # an InfoNCE model's weights into a siglip model keep the model's own bias
+    infonce = build_clip(cfg.model)
+    sd, notes = fit_state_dict(infonce.state_dict(), build_clip(cfg.model, cfg.loss))
+    assert sd["logit_bias"].item() == -10.0 and any("logit bias" in n for n in notes)
+
+
+def test_micro_batches_give_the_whole_batchs_siglip_loss_and_gradients(tmp_path, dist_info):
+    """Gradient accumulation keeps the bias a whole output: 2 micro-batches give the loss and
+    gradients (the bias's included) of the whole batch."""
+    from aclip.train.accumulation import micro_losses
+
+    cfg = tiny_config(str(tmp_path), method="clip", **SIGLIP, **{"mask.num_views": 1,
+                      "train.global_batch_size": 16})  # fmt: skip
+    trainer = Trainer(cfg, dist_info)
+    model, batch = trainer.model, fake_batch(cfg, 16, seed=3)
+    results = []
+    for parts in (1, 2):
+        model.zero_grad(set_to_none=True)
+        losses = [loss.total for loss in micro_losses(trainer.method, model, batch, 0, parts)]
+        for loss in losses:
+            loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses[0].item(), grads))
+    (whole_loss, whole), (loss, grads) = results
+    assert loss == pytest.approx(whole_loss, abs=1e-5)
+    assert set(grads) == set(whole) and whole["clip.logit_bias"].abs().sum() > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, whole[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -87,8 +87,22 @@ def fit_state_dict(
     if ALPHA_KEY in target and ALPHA_KEY not in out:
         out[ALPHA_KEY] = torch.zeros_like(target[ALPHA_KEY])  # official code: zeros if absent
         notes.append("alpha conv not in the weights: zero-initialised (the base model exactly)")
+    notes += _fit_logit_bias(out, target)
     _check_keys(out, target, LAYOUT_RULES.get(layout))
     return {k: v.to(target[k].dtype) for k, v in out.items()}, notes
+
+
+def _fit_logit_bias(out: dict[str, Tensor], target: Mapping[str, Tensor]) -> list[str]:
+    """A SigLIP logit bias (``loss.contrastive=siglip``) the model has no place for is dropped
+    (embeddings and similarity rankings do not use it); one the weights lack keeps the model's
+    own start (an InfoNCE run's weights into a siglip run). ``out`` is changed in place."""
+    if "logit_bias" in out and "logit_bias" not in target:
+        del out["logit_bias"]
+        return ["logit bias (SigLIP) dropped: this model has none (embeddings do not use it)"]
+    if "logit_bias" in target and "logit_bias" not in out:
+        out["logit_bias"] = target["logit_bias"].clone()
+        return [f"logit bias not in the weights: kept at its start {target['logit_bias'].item()}"]
+    return []
 
 
 def _resample_pos(pos_1ND: Tensor, clip: CLIP) -> tuple[Tensor, str]:

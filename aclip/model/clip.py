@@ -129,7 +129,9 @@ class ACLIPModel(nn.Module):
             "pooled": pooled_BW,
         }
         if self.clip.logit_bias is not None:
-            out["logit_bias"] = self.clip.logit_bias
+            # a copy, not the Parameter: under no_grad (accumulation's cached pass) it must carry
+            # no gradient, as the computed logit_scale_exp does not
+            out["logit_bias"] = self.clip.logit_bias.clone()
         if self.bow_head is not None:
             out["image_bow"] = self.bow_head(image_BE)
             out["text_bow"] = self.bow_head(text_BE)
