@@ -306,3 +306,22 @@ def test_micro_batches_give_the_whole_batchs_siglip_loss_and_gradients(tmp_path,
     assert set(grads) == set(whole) and whole["clip.logit_bias"].abs().sum() > 0
     for name, grad in grads.items():
         torch.testing.assert_close(grad, whole[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("contrastive", ["infonce", "siglip"])
+def test_flop_model_counts_the_contrastive_logits(tmp_path, contrastive):
+    """The FLOP model's loss term equals FlopCounterMode's count of the loss function (one view,
+    no NT-Xent): SigLIP scores image->text only, half of InfoNCE's two directions."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from aclip.methods.flops import config_step_flops
+    from aclip.methods.losses import contrastive_views
+
+    cfg = tiny_config(str(tmp_path), method="clip", **{"loss.contrastive": contrastive,
+                      "mask.num_views": 1, "loss.w_simclr": 0})  # fmt: skip
+    batch, dim = 8, cfg.model.embed_dim
+    img, txt = _features(batch, dim, 0), _features(batch, dim, 1)
+    bias = torch.tensor([-10.0]) if contrastive == "siglip" else None
+    with FlopCounterMode(display=False) as counter:
+        contrastive_views([img], txt, torch.tensor([10.0]), bias)
+    assert config_step_flops(cfg, batch).loss == counter.get_total_flops()

@@ -121,7 +121,7 @@ class StepFlops:
     text: int
     projections: int  # image_proj and text_proj
     heads: int  # SimCLR head, BYOL projector and predictor; the caption-word head
-    loss: int  # InfoNCE logits and NT-Xent similarities
+    loss: int  # InfoNCE (or SigLIP) logits and NT-Xent similarities
     teacher: int  # EMA teacher pass (relevance + BYOL target), forward only
     batch: int
 
@@ -151,7 +151,8 @@ class StepFlops:
 
 def _loss_flops(cost: Cost, cfg: Config, batch: int, global_batch: int, embed_dim: int) -> int:
     views = cost.num_views
-    flops = views * 2 * (2 * batch * global_batch * embed_dim)  # image→text and text→image
+    directions = 1 if cfg.loss.contrastive == "siglip" else 2  # SigLIP: image→text only
+    flops = views * directions * (2 * batch * global_batch * embed_dim)
     if cost.simclr:
         pairs = views * (views - 1) // 2
         flops += pairs * 2 * (2 * batch) * (2 * global_batch) * cfg.loss.simclr_out
