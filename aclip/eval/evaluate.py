@@ -187,11 +187,10 @@ def zero_shot_on_set(
     """Zero-shot metrics of ``model`` on the classification set at ``root``, read by the
     registered format ``set_format`` or, when None, by the one that claims ``root``
     (``aclip.data.sets.registry``) with its default options."""
-    from aclip.data.sets.registry import find_set_format, get_set_format
+    from aclip.data.sets.registry import resolve_set_format
     from aclip.data.views import eval_transform
 
-    task = "classification"
-    fmt = get_set_format(set_format, task) if set_format else find_set_format(root, task)
+    fmt = resolve_set_format(root, "classification", set_format)
     dataset, classnames, templates = fmt.load(root, eval_transform(image_size))
     return zero_shot_evaluate(
         model, tokenizer, dataset, classnames, templates, device, batch_size, progress, workers
@@ -227,13 +226,12 @@ def retrieval_on_set(
     """Image<->text recall@1/5/10 of ``model`` on the retrieval set at ``root``, read by the
     registered format ``set_format`` or, when None, by the one that claims ``root``
     (``aclip.data.sets.registry``) with its default options."""
-    from aclip.data.sets.registry import find_set_format, get_set_format
+    from aclip.data.sets.registry import resolve_set_format
     from aclip.data.sets.wds import retrieval_collate
     from aclip.data.views import eval_transform
     from aclip.eval.retrieval import evaluate_retrieval
 
-    task = "retrieval"
-    fmt = get_set_format(set_format, task) if set_format else find_set_format(root, task)
+    fmt = resolve_set_format(root, "retrieval", set_format)
     dataset = fmt.load(root, eval_transform(image_size))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=retrieval_collate)
     return evaluate_retrieval(model, tokenizer, loader, device, progress=progress)

@@ -96,6 +96,14 @@ def find_set_format(path: str | os.PathLike, task: str) -> SetFormat:
     raise ValueError(f"no {task} set format reads {path}; expected one of: {listing}")
 
 
+def resolve_set_format(
+    path: str | os.PathLike, task: str, format_name: str | None = None
+) -> SetFormat:
+    """The ``task`` format registered as ``format_name`` when given, else the one that claims
+    ``path`` (:func:`get_set_format` / :func:`find_set_format`)."""
+    return get_set_format(format_name, task) if format_name else find_set_format(path, task)
+
+
 def set_options(fmt: SetFormat, options: Mapping[str, Any]) -> dict[str, Any]:
     """The ``options`` that are set (not None), refused when ``fmt`` does not take one."""
     given = {key: value for key, value in options.items() if value is not None}
@@ -115,7 +123,7 @@ def prepare_set(
     """Check the set at ``path`` now (before the model loads) and return ``transform -> what the
     evaluators take``. Its format is ``format_name`` when given, else the one claiming ``path``;
     ``options`` set to None are left to the format's defaults."""
-    fmt = get_set_format(format_name, task) if format_name else find_set_format(path, task)
+    fmt = resolve_set_format(path, task, format_name)
     given = set_options(fmt, options)
     fmt.check(path, **given)
     return lambda transform: fmt.load(path, transform, **given)
